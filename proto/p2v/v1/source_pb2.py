@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from p2v.v1 import common_pb2 as p2v_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13p2v/v1/source.proto\x12\x06p2v.v1\x1a\x13p2v/v1/common.proto\"\x11\n\x0f\x44iscoverRequest\"\x9f\x01\n\x03Nic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x0e\n\x06pci_id\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0b\n\x03mtu\x18\x07 \x01(\r\x12\x0e\n\x06master\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\x12\n\n\x02up\x18\n \x01(\x08\"=\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xbe\x01\n\x0b\x42lockDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x0e\n\x06pci_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x0f\n\x07holders\x18\x07 \x03(\t\x12\x11\n\tremovable\x18\x08 \x01(\x08\x12\x10\n\x08md_level\x18\t \x01(\t\x12\x12\n\nmd_members\x18\n \x03(\t\"?\n\x13\x46irmwareMemoryEntry\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\"\xe1\x02\n\tInventory\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x11\n\tcpu_model\x18\x04 \x01(\t\x12\x0c\n\x04\x63pus\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\x07 \x01(\x04\x12\x19\n\x04nics\x18\x08 \x03(\x0b\x32\x0b.p2v.v1.Nic\x12\x1d\n\x06routes\x18\t \x03(\x0b\x32\r.p2v.v1.Route\x12*\n\rblock_devices\x18\n \x03(\x0b\x32\x13.p2v.v1.BlockDevice\x12\x34\n\x0f\x66irmware_memmap\x18\x0b \x03(\x0b\x32\x1b.p2v.v1.FirmwareMemoryEntry\x12\x17\n\x0fsnapshot_device\x18\x0c \x01(\x08\x12\x10\n\x08lockdown\x18\r \x01(\t\"#\n\x0c\x43heckRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"9\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x62locking\x18\x03 \x01(\x08\"@\n\x0bPlannedPair\x12\x10\n\x08physical\x18\x01 \x01(\t\x12\x0f\n\x07virtual\x18\x02 \x01(\t\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"p\n\x0c\x43heckVerdict\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x1f\n\x07reasons\x18\x02 \x03(\x0b\x32\x0e.p2v.v1.Reason\x12!\n\x04plan\x18\x03 \x03(\x0b\x32\x13.p2v.v1.PlannedPair\x12\x10\n\x08unpaired\x18\x04 \x03(\t\"\xc2\x01\n\x0eMigrateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07streams\x18\x02 \x01(\r\x12\x19\n\x11\x64owntime_limit_ms\x18\x03 \x01(\r\x12\x1b\n\x13max_bandwidth_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eno_compression\x18\x05 \x01(\x08\x12\x12\n\nmax_rounds\x18\x06 \x01(\r\x12\x15\n\rmemory_source\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"\\\n\rRollbackReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06undone\x18\x02 \x03(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.p2v.v1.MigrationState2\xda\x02\n\x06Source\x12\x36\n\x08\x44iscover\x12\x17.p2v.v1.DiscoverRequest\x1a\x11.p2v.v1.Inventory\x12\x33\n\x05\x43heck\x12\x14.p2v.v1.CheckRequest\x1a\x14.p2v.v1.CheckVerdict\x12:\n\x07Migrate\x12\x16.p2v.v1.MigrateRequest\x1a\x17.p2v.v1.MigrationStatus\x12\x38\n\x05Watch\x12\x14.p2v.v1.MigrationRef\x1a\x17.p2v.v1.MigrationStatus0\x01\x12\x34\n\x06\x43\x61ncel\x12\x15.p2v.v1.CancelRequest\x1a\x13.p2v.v1.CancelReply\x12\x37\n\x08Rollback\x12\x14.p2v.v1.MigrationRef\x1a\x15.p2v.v1.RollbackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13p2v/v1/source.proto\x12\x06p2v.v1\x1a\x13p2v/v1/common.proto\"\x11\n\x0f\x44iscoverRequest\"\xb2\x01\n\x03Nic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x0e\n\x06pci_id\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0b\n\x03mtu\x18\x07 \x01(\r\x12\x0e\n\x06master\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\x12\n\n\x02up\x18\n \x01(\x08\x12\x11\n\tbond_mode\x18\x0b \x01(\t\"=\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xdc\x01\n\x0b\x42lockDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x0e\n\x06pci_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x0f\n\x07holders\x18\x07 \x03(\t\x12\x11\n\tremovable\x18\x08 \x01(\x08\x12\x10\n\x08md_level\x18\t \x01(\t\x12\x12\n\nmd_members\x18\n \x03(\t\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x0e\n\x06parent\x18\x0c \x01(\t\"?\n\x13\x46irmwareMemoryEntry\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\"\xe1\x02\n\tInventory\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x11\n\tcpu_model\x18\x04 \x01(\t\x12\x0c\n\x04\x63pus\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\x07 \x01(\x04\x12\x19\n\x04nics\x18\x08 \x03(\x0b\x32\x0b.p2v.v1.Nic\x12\x1d\n\x06routes\x18\t \x03(\x0b\x32\r.p2v.v1.Route\x12*\n\rblock_devices\x18\n \x03(\x0b\x32\x13.p2v.v1.BlockDevice\x12\x34\n\x0f\x66irmware_memmap\x18\x0b \x03(\x0b\x32\x1b.p2v.v1.FirmwareMemoryEntry\x12\x17\n\x0fsnapshot_device\x18\x0c \x01(\x08\x12\x10\n\x08lockdown\x18\r \x01(\t\"#\n\x0c\x43heckRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"9\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x62locking\x18\x03 \x01(\x08\"@\n\x0bPlannedPair\x12\x10\n\x08physical\x18\x01 \x01(\t\x12\x0f\n\x07virtual\x18\x02 \x01(\t\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"p\n\x0c\x43heckVerdict\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x1f\n\x07reasons\x18\x02 \x03(\x0b\x32\x0e.p2v.v1.Reason\x12!\n\x04plan\x18\x03 \x03(\x0b\x32\x13.p2v.v1.PlannedPair\x12\x10\n\x08unpaired\x18\x04 \x03(\t\"\xc2\x01\n\x0eMigrateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07streams\x18\x02 \x01(\r\x12\x19\n\x11\x64owntime_limit_ms\x18\x03 \x01(\r\x12\x1b\n\x13max_bandwidth_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eno_compression\x18\x05 \x01(\x08\x12\x12\n\nmax_rounds\x18\x06 \x01(\r\x12\x15\n\rmemory_source\x18\x08 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"\\\n\rRollbackReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06undone\x18\x02 \x03(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.p2v.v1.MigrationState2\xda\x02\n\x06Source\x12\x36\n\x08\x44iscover\x12\x17.p2v.v1.DiscoverRequest\x1a\x11.p2v.v1.Inventory\x12\x33\n\x05\x43heck\x12\x14.p2v.v1.CheckRequest\x1a\x14.p2v.v1.CheckVerdict\x12:\n\x07Migrate\x12\x16.p2v.v1.MigrateRequest\x1a\x17.p2v.v1.MigrationStatus\x12\x38\n\x05Watch\x12\x14.p2v.v1.MigrationRef\x1a\x17.p2v.v1.MigrationStatus0\x01\x12\x34\n\x06\x43\x61ncel\x12\x15.p2v.v1.CancelRequest\x1a\x13.p2v.v1.CancelReply\x12\x37\n\x08Rollback\x12\x14.p2v.v1.MigrationRef\x1a\x15.p2v.v1.RollbackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISCOVERREQUEST']._serialized_start=52
   _globals['_DISCOVERREQUEST']._serialized_end=69
   _globals['_NIC']._serialized_start=72
-  _globals['_NIC']._serialized_end=231
-  _globals['_ROUTE']._serialized_start=233
-  _globals['_ROUTE']._serialized_end=294
-  _globals['_BLOCKDEVICE']._serialized_start=297
-  _globals['_BLOCKDEVICE']._serialized_end=487
-  _globals['_FIRMWAREMEMORYENTRY']._serialized_start=489
-  _globals['_FIRMWAREMEMORYENTRY']._serialized_end=552
-  _globals['_INVENTORY']._serialized_start=555
-  _globals['_INVENTORY']._serialized_end=908
-  _globals['_CHECKREQUEST']._serialized_start=910
-  _globals['_CHECKREQUEST']._serialized_end=945
-  _globals['_REASON']._serialized_start=947
-  _globals['_REASON']._serialized_end=1004
-  _globals['_PLANNEDPAIR']._serialized_start=1006
-  _globals['_PLANNEDPAIR']._serialized_end=1070
-  _globals['_CHECKVERDICT']._serialized_start=1072
-  _globals['_CHECKVERDICT']._serialized_end=1184
-  _globals['_MIGRATEREQUEST']._serialized_start=1187
-  _globals['_MIGRATEREQUEST']._serialized_end=1381
-  _globals['_ROLLBACKREPLY']._serialized_start=1383
-  _globals['_ROLLBACKREPLY']._serialized_end=1475
-  _globals['_SOURCE']._serialized_start=1478
-  _globals['_SOURCE']._serialized_end=1824
+  _globals['_NIC']._serialized_end=250
+  _globals['_ROUTE']._serialized_start=252
+  _globals['_ROUTE']._serialized_end=313
+  _globals['_BLOCKDEVICE']._serialized_start=316
+  _globals['_BLOCKDEVICE']._serialized_end=536
+  _globals['_FIRMWAREMEMORYENTRY']._serialized_start=538
+  _globals['_FIRMWAREMEMORYENTRY']._serialized_end=601
+  _globals['_INVENTORY']._serialized_start=604
+  _globals['_INVENTORY']._serialized_end=957
+  _globals['_CHECKREQUEST']._serialized_start=959
+  _globals['_CHECKREQUEST']._serialized_end=994
+  _globals['_REASON']._serialized_start=996
+  _globals['_REASON']._serialized_end=1053
+  _globals['_PLANNEDPAIR']._serialized_start=1055
+  _globals['_PLANNEDPAIR']._serialized_end=1119
+  _globals['_CHECKVERDICT']._serialized_start=1121
+  _globals['_CHECKVERDICT']._serialized_end=1233
+  _globals['_MIGRATEREQUEST']._serialized_start=1236
+  _globals['_MIGRATEREQUEST']._serialized_end=1430
+  _globals['_ROLLBACKREPLY']._serialized_start=1432
+  _globals['_ROLLBACKREPLY']._serialized_end=1524
+  _globals['_SOURCE']._serialized_start=1527
+  _globals['_SOURCE']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

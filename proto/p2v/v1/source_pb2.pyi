@@ -12,7 +12,7 @@ class DiscoverRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Nic(_message.Message):
-    __slots__ = ("name", "mac", "driver", "pci_address", "pci_id", "addresses", "mtu", "master", "kind", "up")
+    __slots__ = ("name", "mac", "driver", "pci_address", "pci_id", "addresses", "mtu", "master", "kind", "up", "bond_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     DRIVER_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Nic(_message.Message):
     MASTER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
+    BOND_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     mac: str
     driver: str
@@ -33,7 +34,8 @@ class Nic(_message.Message):
     master: str
     kind: str
     up: bool
-    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., driver: _Optional[str] = ..., pci_address: _Optional[str] = ..., pci_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., mtu: _Optional[int] = ..., master: _Optional[str] = ..., kind: _Optional[str] = ..., up: _Optional[bool] = ...) -> None: ...
+    bond_mode: str
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., driver: _Optional[str] = ..., pci_address: _Optional[str] = ..., pci_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., mtu: _Optional[int] = ..., master: _Optional[str] = ..., kind: _Optional[str] = ..., up: _Optional[bool] = ..., bond_mode: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("destination", "gateway", "device")
@@ -46,7 +48,7 @@ class Route(_message.Message):
     def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class BlockDevice(_message.Message):
-    __slots__ = ("name", "size_bytes", "driver", "pci_address", "pci_id", "serial", "holders", "removable", "md_level", "md_members")
+    __slots__ = ("name", "size_bytes", "driver", "pci_address", "pci_id", "serial", "holders", "removable", "md_level", "md_members", "kind", "parent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DRIVER_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,8 @@ class BlockDevice(_message.Message):
     REMOVABLE_FIELD_NUMBER: _ClassVar[int]
     MD_LEVEL_FIELD_NUMBER: _ClassVar[int]
     MD_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     driver: str
@@ -67,7 +71,9 @@ class BlockDevice(_message.Message):
     removable: bool
     md_level: str
     md_members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., driver: _Optional[str] = ..., pci_address: _Optional[str] = ..., pci_id: _Optional[str] = ..., serial: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., removable: _Optional[bool] = ..., md_level: _Optional[str] = ..., md_members: _Optional[_Iterable[str]] = ...) -> None: ...
+    kind: str
+    parent: str
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., driver: _Optional[str] = ..., pci_address: _Optional[str] = ..., pci_id: _Optional[str] = ..., serial: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., removable: _Optional[bool] = ..., md_level: _Optional[str] = ..., md_members: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., parent: _Optional[str] = ...) -> None: ...
 
 class FirmwareMemoryEntry(_message.Message):
     __slots__ = ("start", "end", "type")
