@@ -1,0 +1,16 @@
+"""Protocol and software versions, and the capabilities this build offers."""
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+AGENT_VERSION = "0.1.0"
+
+# What this build can do on the wire; negotiation keeps the intersection.
+CAPABILITIES = ("zstd", "multistream", "resume", "dedup-hash", "round-sync")
+
+# gRPC metadata key every agent-to-agent call carries, so a server refuses a peer
+# speaking another protocol before it touches any state.
+PROTOCOL_METADATA_KEY = "p2v-protocol"
+
+
+def supported(version: int) -> bool:
+    return MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION

@@ -1,0 +1,238 @@
+"""p2vctl: the thin command line over the source agent's gRPC API.
+
+Exit codes: 0 ok; 1 the operation failed or the check refused; 2 usage or configuration error;
+3 the agent is unreachable; 4 the migration was cancelled or rolled back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
+
+from common.config import TlsConfig
+from common.rpc import open_channel
+
+from . import render
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CANCELLED = 0, 1, 2, 3, 4
+DEFAULT_AGENT = "unix:/run/p2v/source.sock"
+
+
+def as_dict(message: Any) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        agent = args.agent
+        if not agent.startswith("unix:") and ":" not in agent:
+            agent = f"unix:{agent}"
+        tls = TlsConfig(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name,
+                        insecure=args.insecure)
+        self.address = agent
+        self.channel = open_channel(agent, tls)
+        self.stub = source_pb2_grpc.SourceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=None if not sys.stdout.isatty() else 2, sort_keys=True))
+
+
+async def cmd_discover(client: Client, args: argparse.Namespace) -> int:
+    inventory = await client.stub.Discover(source_pb2.DiscoverRequest(), timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(inventory))
+    else:
+        render.inventory(inventory)
+    return EXIT_OK
+
+
+async def cmd_check(client: Client, args: argparse.Namespace) -> int:
+    verdict = await client.stub.Check(source_pb2.CheckRequest(destination=args.destination),
+                                      timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(verdict))
+    else:
+        render.verdict(verdict)
+    return EXIT_OK if verdict.ok else EXIT_FAILED
+
+
+def _exit_for(status: common_pb2.MigrationStatus) -> int:
+    if status.state == common_pb2.MIGRATION_STATE_COMPLETED:
+        return EXIT_OK
+    if status.state in (common_pb2.MIGRATION_STATE_CANCELLED, common_pb2.MIGRATION_STATE_ROLLED_BACK):
+        return EXIT_CANCELLED
+    return EXIT_FAILED
+
+
+async def _follow(client: Client, migration_id: str, args: argparse.Namespace) -> int:
+    last = None
+    stream = client.stub.Watch(common_pb2.MigrationRef(migration_id=migration_id))
+    if args.json:
+        async for status in stream:
+            last = status
+            emit_json(as_dict(status))
+    else:
+        last = await render.follow(stream)
+    if last is None:
+        return EXIT_FAILED
+    return _exit_for(last)
+
+
+async def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
+    request = source_pb2.MigrateRequest(
+        destination=args.destination, streams=args.streams, downtime_limit_ms=args.downtime_limit_ms,
+        max_bandwidth_bytes=args.max_bandwidth, no_compression=args.no_compression,
+        max_rounds=args.max_rounds, dry_run=args.dry_run, memory_source=args.memory_source or "")
+    status = await client.stub.Migrate(request, timeout=args.timeout)
+    if args.detach:
+        emit_json(as_dict(status)) if args.json else print(status.migration_id)
+        return EXIT_OK
+    return await _follow(client, status.migration_id, args)
+
+
+async def cmd_watch(client: Client, args: argparse.Namespace) -> int:
+    return await _follow(client, args.migration_id or "", args)
+
+
+async def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    reply = await client.stub.Cancel(common_pb2.CancelRequest(migration_id=args.migration_id or "",
+                                                              reason=args.reason), timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(reply))
+    else:
+        print(f"migration {reply.migration_id}: {common_pb2.MigrationState.Name(reply.state)}"
+              + (f" ({reply.detail})" if reply.detail else ""))
+    return EXIT_OK
+
+
+async def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
+    reply = await client.stub.Rollback(common_pb2.MigrationRef(migration_id=args.migration_id or ""),
+                                       timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(reply))
+    else:
+        print(f"migration {reply.migration_id}: rolled back "
+              f"{len(reply.undone)} configuration(s): {', '.join(reply.undone) or 'nothing to undo'}")
+    return EXIT_OK
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from common.tls import issue_cert, make_ca
+
+    out = Path(args.out)
+    ca, _ = make_ca(out)
+    made = {"ca": str(ca)}
+    for name in args.name:
+        cert, _key = issue_cert(out, name, extra_sans=args.san)
+        made[name] = str(cert)
+    if args.json:
+        emit_json(made)
+    else:
+        for name, path in made.items():
+            print(f"{name:12} {path}")
+        print(f"keys are in {out} (mode 0600); copy ca.pem plus each agent's .pem/.key to its host")
+    return EXIT_OK
+
+
+COMMANDS = {"discover": cmd_discover, "check": cmd_check, "migrate": cmd_migrate, "watch": cmd_watch,
+            "cancel": cmd_cancel, "rollback": cmd_rollback}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--agent", default=DEFAULT_AGENT,
+                        help="source agent: unix socket path or host:port (TLS) [%(default)s]")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per call [%(default)s]")
+    common.add_argument("--ca", default="/etc/p2v/tls/ca.pem")
+    common.add_argument("--cert", default="/etc/p2v/tls/p2vctl.pem")
+    common.add_argument("--key", default="/etc/p2v/tls/p2vctl.key")
+    common.add_argument("--server-name", default="p2v-source", help="name in the agent's certificate")
+    common.add_argument("--insecure", action="store_true", help="plaintext TCP (development only)")
+
+    parser = argparse.ArgumentParser(prog="p2vctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("discover", parents=[common], help="show P's devices, memory map, CPU")
+    p = sub.add_parser("check", parents=[common], help="pre-flight verdict and device plan")
+    p.add_argument("destination", help="destination agent host:port")
+    p = sub.add_parser("migrate", parents=[common], help="start a migration and follow it")
+    p.add_argument("destination", help="destination agent host:port")
+    p.add_argument("--streams", type=int, default=0)
+    p.add_argument("--downtime-limit-ms", type=int, default=0)
+    p.add_argument("--max-bandwidth", type=int, default=0, help="bytes/s, 0 = unlimited")
+    p.add_argument("--no-compression", action="store_true")
+    p.add_argument("--max-rounds", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="pre-copy only, no cutover")
+    p.add_argument("--memory-source", help='override the memory source, e.g. "file:/path"')
+    p.add_argument("--detach", action="store_true", help="print the migration id and return")
+    for name, text in (("watch", "follow a migration's progress"), ("cancel", "abort a migration"),
+                       ("rollback", "undo the redundancy a migration built")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("migration_id", nargs="?", help="default: the current or last migration")
+        if name == "cancel":
+            p.add_argument("--reason", default="cancelled by the operator")
+    p = sub.add_parser("certs", help="make a CA and agent certificates for mutual TLS")
+    p.add_argument("--out", default="/etc/p2v/tls")
+    p.add_argument("--name", action="append", default=[],
+                   help="certificate to issue (repeatable; default p2v-source, p2v-dest, p2vctl)")
+    p.add_argument("--san", action="append", default=[], help="extra DNS name or IP for the certificates")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    client = Client(args)
+    try:
+        return await COMMANDS[args.command](client, args)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        message = exc.details() or str(code)
+        if args.json:
+            emit_json({"error": message, "code": code.name})
+        else:
+            print(f"p2vctl: {args.command}: {message}", file=sys.stderr)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if not args.json:
+                print(f"p2vctl: is the source agent running and listening on {client.address}?",
+                      file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            return EXIT_USAGE
+        return EXIT_FAILED
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "certs":
+        if not args.name:
+            args.name = ["p2v-source", "p2v-dest", "p2vctl"]
+        raise SystemExit(cmd_certs(args))
+    try:
+        code = asyncio.run(run(args))
+    except ValueError as exc:  # e.g. unreadable TLS files
+        print(f"p2vctl: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Human output for p2vctl: rich tables and a live progress display."""
+
+from __future__ import annotations
+
+from p2v.v1 import common_pb2, source_pb2
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def inventory(inv: source_pb2.Inventory) -> None:
+    console.print(f"[bold]{inv.hostname or inv.host_id}[/]  kernel {inv.kernel_release}  "
+                  f"{inv.cpus} x {inv.cpu_model}  RAM {size(inv.memory_bytes)} "
+                  f"(available {size(inv.mem_available_bytes)})")
+    console.print(f"/dev/snapshot: {'yes' if inv.snapshot_device else 'no'}   "
+                  f"lockdown: {inv.lockdown or 'none'}   host id: {inv.host_id}")
+    nics = Table(title="Network interfaces")
+    for col in ("name", "kind", "mac", "driver", "pci", "addresses", "master", "up"):
+        nics.add_column(col)
+    for n in inv.nics:
+        nics.add_row(n.name, n.kind or "physical", n.mac, n.driver, f"{n.pci_address} {n.pci_id}".strip(),
+                     ", ".join(n.addresses), n.master, "up" if n.up else "down")
+    console.print(nics)
+    routes = Table(title="Routes")
+    for col in ("destination", "gateway", "device"):
+        routes.add_column(col)
+    for r in inv.routes:
+        routes.add_row(r.destination, r.gateway, r.device)
+    console.print(routes)
+    disks = Table(title="Block devices")
+    for col in ("name", "size", "driver", "pci", "serial", "md", "holders"):
+        disks.add_column(col)
+    for b in inv.block_devices:
+        md = f"{b.md_level} [{', '.join(b.md_members)}]" if b.md_level else ""
+        disks.add_row(b.name, size(b.size_bytes), b.driver, f"{b.pci_address} {b.pci_id}".strip(),
+                      b.serial, md, ", ".join(b.holders))
+    console.print(disks)
+    console.print(f"firmware memory map: {len(inv.firmware_memmap)} entries")
+
+
+def verdict(v: source_pb2.CheckVerdict) -> None:
+    if v.plan:
+        plan = Table(title="Redundancy plan")
+        for col in ("physical", "virtual", "scheme"):
+            plan.add_column(col)
+        for p in v.plan:
+            plan.add_row(p.physical, p.virtual, p.scheme)
+        console.print(plan)
+    for u in v.unpaired:
+        console.print(f"  [dim]left as is:[/] {u}")
+    for r in v.reasons:
+        mark = "[red]BLOCK[/]" if r.blocking else "[yellow]warn[/]"
+        console.print(f"  {mark} {r.code}: {r.message}")
+    console.print("[bold green]check passed[/]" if v.ok else "[bold red]check refused[/]")
+
+
+def _line(status: common_pb2.MigrationStatus) -> str:
+    s = status.stats
+    parts = [f"round {status.round}"]
+    if s.total:
+        parts.append(f"{size(s.transferred)} sent")
+        parts.append(f"{size(s.remaining)} dirty")
+    if s.mbps:
+        parts.append(f"{s.mbps:.0f} Mbit/s")
+    if s.expected_downtime_ms:
+        parts.append(f"expected downtime {s.expected_downtime_ms} ms")
+    return "  ".join(parts)
+
+
+async def follow(stream) -> common_pb2.MigrationStatus | None:
+    """Show a live progress bar until the migration ends; returns the final status."""
+    last: common_pb2.MigrationStatus | None = None
+    columns = (TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(),
+               TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("migration", total=1.0, phase="setup", info="")
+        async for status in stream:
+            last = status
+            fraction = status.progress.fraction
+            progress.update(task, completed=max(fraction, 0.0) if fraction >= 0 else None,
+                            phase=status.progress.phase or "setup",
+                            info=_line(status) or status.progress.detail)
+    if last is not None:
+        summary(last)
+    return last
+
+
+def summary(status: common_pb2.MigrationStatus) -> None:
+    s = status.stats
+    state = common_pb2.MigrationState.Name(status.state).removeprefix("MIGRATION_STATE_").lower()
+    colour = "green" if state == "completed" else "red"
+    console.print(f"[bold {colour}]migration {status.migration_id}: {state}[/]"
+                  + (f" — {status.error}" if status.error else ""))
+    table = Table(show_header=False, box=None)
+    for key, value in (("rounds", s.dirty_sync_count), ("transferred", size(s.transferred)),
+                       ("total memory", size(s.total)), ("zero pages", s.duplicate),
+                       ("full pages", s.normal), ("skipped (held)", s.skipped),
+                       ("total time", f"{s.total_time_ms / 1000:.2f} s"),
+                       ("downtime", f"{s.downtime_ms} ms" if s.downtime_ms else "-")):
+        table.add_row(key, str(value))
+    console.print(table)

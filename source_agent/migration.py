@@ -1,0 +1,159 @@
+"""One outgoing migration on P, start to end: the lifecycle phases in order.
+
+    prepare -> (check) -> pre-copy -> cutover -> resume -> cancel + unload
+
+Each phase lives in its own module; this file only sequences them, publishes status and
+guarantees the invariant that any failure before the point of no return leaves P running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from p2v.v1 import common_pb2, destination_pb2, source_pb2
+
+from common.atomicfile import write_json_atomic
+from common.config import SourceConfig
+from common.rpc import open_channel
+
+from . import prepare
+from .status_feed import StatusFeed
+
+log = logging.getLogger(__name__)
+
+
+class MigrationAborted(RuntimeError):
+    pass
+
+
+class SourceMigration:
+    def __init__(self, config: SourceConfig, request: source_pb2.MigrateRequest,
+                 inventory: Callable[[], source_pb2.Inventory], host_id: str) -> None:
+        self.config = config
+        self.request = request
+        self.inventory_fn = inventory
+        self.host_id = host_id
+        self.id = uuid.uuid4().hex[:16]
+        self.feed = StatusFeed(self.id)
+        self.task: asyncio.Task | None = None
+        self.started = time.monotonic()
+        self.session: prepare.Session | None = None
+        self.journal_path = Path(config.agent.state_dir) / "migrations" / f"{self.id}.json"
+
+    # -- status ----------------------------------------------------------------------------
+    async def _phase(self, phase: str, detail: str = "", fraction: float = -1.0, **fields) -> None:
+        log.info("phase", extra={"migration": self.id, "phase": phase, "detail": detail})
+        await self.feed.publish(progress=common_pb2.Progress(phase=phase, fraction=fraction, detail=detail),
+                                **fields)
+
+    def _journal(self, **extra) -> None:
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.journal_path, {
+            "id": self.id, "destination": self.request.destination,
+            "state": common_pb2.MigrationState.Name(self.feed.status.state),
+            "error": self.feed.status.error, "updated": time.time(), **extra})
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"migration-{self.id}")
+
+    async def run(self) -> None:
+        address = self.request.destination
+        channel = None
+        try:
+            self._journal()
+            await self._phase("prepare", f"negotiating with {address}")
+            channel = open_channel(address, self.config.tls)
+            self.session = await prepare.open_session(channel, address, self.host_id)
+            memory = self._open_memory()
+            inventory = await asyncio.to_thread(self.inventory_fn)
+            streams = self.request.streams or self.config.migration.streams
+            reply = await prepare.reserve(
+                self.session,
+                prepare.prepare_request(inventory, max_pfn=memory.max_pfn, streams=streams,
+                                        migration_id=self.id),
+                address)
+            self._journal(remote_id=reply.migration_id)
+            await self._phase("precopy", f"{reply.streams} streams, window {reply.window}",
+                              state=common_pb2.MIGRATION_STATE_ACTIVE)
+            result = await self._precopy(memory, reply)
+            if not self.request.dry_run:
+                raise MigrationAborted(
+                    "cutover is not available in this build; pre-copy finished and P runs on "
+                    "(use --dry-run to rehearse pre-copy only)")
+            await self._phase("precopy", "dry run complete: destination holds a consistent copy",
+                              fraction=1.0, state=common_pb2.MIGRATION_STATE_COMPLETED,
+                              stats=result.stats if hasattr(result, "stats") else self.feed.status.stats)
+        except asyncio.CancelledError:
+            await self._abort_remote("cancelled on the source")
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_CANCELLED,
+                                    error="cancelled on the source")
+            self._journal()
+            raise
+        except (prepare.PeerError, MigrationAborted, ValueError, OSError, grpc.RpcError) as exc:
+            message = prepare.describe_rpc_error(exc, address) if isinstance(exc, grpc.RpcError) else str(exc)
+            log.error("migration failed", extra={"migration": self.id, "error": message})
+            await self._abort_remote(message)
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=message)
+        except Exception as exc:  # a bug: still leave P running and say so
+            log.exception("migration crashed", extra={"migration": self.id})
+            await self._abort_remote(f"source error: {exc}")
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=f"internal error: {exc!r}")
+        finally:
+            self._journal()
+            if channel is not None:
+                await channel.close()
+
+    def _open_memory(self):
+        from source_agent.memory import open_memory_source
+
+        spec = self.request.memory_source or self.config.agent.memory_source
+        return open_memory_source(spec)
+
+    async def _precopy(self, memory, reply: destination_pb2.PrepareReply):
+        from source_agent.precopy import PrecopyConfig, run_precopy
+
+        m = self.config.migration
+        cfg = PrecopyConfig(
+            streams=reply.streams,
+            window=reply.window,
+            max_batch_bytes=reply.max_batch_bytes,
+            downtime_limit_ms=self.request.downtime_limit_ms or m.downtime_limit_ms,
+            max_bandwidth_bytes=self.request.max_bandwidth_bytes or m.max_bandwidth_bytes,
+            zstd_level=None if (self.request.no_compression or not m.compression) else m.zstd_level,
+            max_rounds=self.request.max_rounds or m.max_rounds,
+        )
+
+        async def on_status(stats: common_pb2.MigrationStats, round_no: int, fraction: float) -> None:
+            await self.feed.publish(stats=stats, round=round_no,
+                                    progress=common_pb2.Progress(phase="precopy", fraction=fraction,
+                                                                 detail=f"round {round_no}"))
+
+        return await run_precopy(memory, self.session.channel, reply.migration_id, reply, cfg, on_status)
+
+    async def _abort_remote(self, reason: str) -> None:
+        if self.session is None:
+            return
+        try:
+            await self.session.stub.Cancel(common_pb2.CancelRequest(migration_id=self.id, reason=reason),
+                                           timeout=5)
+        except grpc.RpcError as exc:
+            log.warning("could not cancel on the destination",
+                        extra={"migration": self.id, "error": str(exc.details() if hasattr(exc, "details")
+                                                                  else exc)})
+        except asyncio.CancelledError:
+            pass
+
+    async def cancel(self) -> None:
+        if self.task and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass

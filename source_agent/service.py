@@ -1,0 +1,105 @@
+"""The source agent's gRPC service (host P), used by p2vctl and other tooling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
+
+from common.config import SourceConfig
+from common.rpc import require_peer
+
+from .check import run_check
+from .migration import SourceMigration
+
+log = logging.getLogger(__name__)
+
+
+def _discover() -> source_pb2.Inventory:
+    from source_agent.discovery import discover
+
+    return discover()
+
+
+class SourceService(source_pb2_grpc.SourceServicer):
+    def __init__(self, config: SourceConfig, host_id: str) -> None:
+        self.config = config
+        self.host_id = host_id
+        self.migrations: dict[str, SourceMigration] = {}
+
+    async def _peer(self, context: grpc.aio.ServicerContext) -> None:
+        await require_peer(context, self.config.tls)
+
+    def _active(self) -> SourceMigration | None:
+        return next((m for m in self.migrations.values() if not m.feed.finished), None)
+
+    async def _migration(self, migration_id: str, context) -> SourceMigration:
+        if not migration_id:
+            active = self._active() or (list(self.migrations.values())[-1] if self.migrations else None)
+            if active is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no migration has been started")
+            return active
+        migration = self.migrations.get(migration_id)
+        if migration is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown migration {migration_id!r}")
+        return migration
+
+    async def Discover(self, request, context):
+        await self._peer(context)
+        return await asyncio.to_thread(_discover)
+
+    async def Check(self, request: source_pb2.CheckRequest, context):
+        await self._peer(context)
+        if not request.destination:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination (host:port) is required")
+        inventory = await asyncio.to_thread(_discover)
+        return await run_check(self.config, request.destination, self.host_id, inventory)
+
+    async def Migrate(self, request: source_pb2.MigrateRequest, context):
+        await self._peer(context)
+        if not request.destination:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination (host:port) is required")
+        active = self._active()
+        if active is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"migration {active.id} is already running")
+        migration = SourceMigration(self.config, request, _discover, self.host_id)
+        self.migrations[migration.id] = migration
+        migration.start()
+        return migration.feed.status
+
+    async def Watch(self, request: common_pb2.MigrationRef, context):
+        await self._peer(context)
+        migration = await self._migration(request.migration_id, context)
+        async for status in migration.feed.follow():
+            yield status
+
+    async def Cancel(self, request: common_pb2.CancelRequest, context):
+        await self._peer(context)
+        migration = await self._migration(request.migration_id, context)
+        if migration.feed.status.point_of_no_return:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "past the point of no return: the migration can only go forward")
+        await migration.cancel()
+        return common_pb2.CancelReply(migration_id=migration.id, state=migration.feed.status.state,
+                                      detail=migration.feed.status.error)
+
+    async def Rollback(self, request: common_pb2.MigrationRef, context):
+        await self._peer(context)
+        migration = await self._migration(request.migration_id, context)
+        if not migration.feed.finished:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"migration {migration.id} is still running: cancel it first")
+        # Redundancy (bond, md leg, drivers) is undone from its journal in reverse order.
+        from source_agent.redundancy.rollback import rollback_all
+
+        undone = await asyncio.to_thread(rollback_all, self.config.agent.state_dir)
+        await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
+        return source_pb2.RollbackReply(migration_id=migration.id, undone=undone,
+                                        state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
+
+    async def shutdown(self) -> None:
+        for migration in list(self.migrations.values()):
+            await migration.cancel()
