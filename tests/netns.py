@@ -1,0 +1,61 @@
+"""Network namespaces for tests: two test hosts joined by a veth pair. Root only.
+
+Only addresses inside namespaces a test created are ever used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+def can_use_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+@dataclass
+class NetnsPair:
+    left: str
+    right: str
+    left_if: str
+    right_if: str
+    left_ip: str
+    right_ip: str
+
+    def exec_prefix(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def link(self, side: str, state: str) -> None:
+        ns, ifname = (self.left, self.left_if) if side == "left" else (self.right, self.right_if)
+        ip("-n", ns, "link", "set", ifname, state)
+
+
+@contextlib.contextmanager
+def netns_pair(tag: str, subnet: str = "10.78.0") -> Iterator[NetnsPair]:
+    """Namespaces p2vt-<tag>-a / -b with <subnet>.1 and <subnet>.2 on a veth pair."""
+    left, right = f"p2vt-{tag}-a", f"p2vt-{tag}-b"
+    pair = NetnsPair(left, right, f"p2vt{tag[:6]}a", f"p2vt{tag[:6]}b", f"{subnet}.1", f"{subnet}.2")
+    for ns in (left, right):
+        ip("netns", "del", ns, check=False)
+    try:
+        for ns in (left, right):
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", pair.left_if, "netns", left, "type", "veth", "peer", "name", pair.right_if,
+           "netns", right)
+        ip("-n", left, "addr", "add", f"{pair.left_ip}/24", "dev", pair.left_if)
+        ip("-n", right, "addr", "add", f"{pair.right_ip}/24", "dev", pair.right_if)
+        ip("-n", left, "link", "set", pair.left_if, "up")
+        ip("-n", right, "link", "set", pair.right_if, "up")
+        yield pair
+    finally:
+        for ns in (left, right):
+            ip("netns", "del", ns, check=False)
