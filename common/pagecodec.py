@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import xxhash
 import zstandard
+
 from p2v.v1 import destination_pb2
 
 PAGE_SIZE = 4096

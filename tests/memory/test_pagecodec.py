@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xxhash
-from p2v.v1 import destination_pb2
 
 from common.pagecodec import (
     MAX_PAGES_PER_BATCH,
@@ -16,6 +15,7 @@ from common.pagecodec import (
     encode_batch,
     page_hashes,
 )
+from p2v.v1 import destination_pb2
 
 MAX_PFN = 1 << 20
 LIMIT = 1 << 20

@@ -1,0 +1,52 @@
+"""Dirty tracking: which pages differ from what the destination holds.
+
+HashTracker keeps one xxh3-64 per PFN: the hash of the content the destination was sent
+(0 = nothing sent). A page is dirty when its current hash differs. It needs no kernel support
+and doubles as dedup at cutover (the destination's HeldHashes use the same hash).
+
+A kernel-assisted tracker (soft-dirty bits, PAGEMAP_SCAN) narrows the pages to look at:
+it implements `candidates()` and the scan then reads and hashes only those; `dirty()` still
+compares hashes, so both kinds agree on what was sent.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from common.pagecodec import page_hashes
+
+
+class DirtyTracker(abc.ABC):
+    def __init__(self, max_pfn: int) -> None:
+        self.max_pfn = max_pfn
+        self.sent = np.zeros(max_pfn, dtype=np.uint64)  # hash of the content sent, 0 = none
+
+    def begin_round(self, round_no: int) -> None:  # noqa: B027 - optional hook
+        """Called before each round's scan (a soft-dirty tracker reads and clears its bits here)."""
+
+    def candidates(self, pfn: int, count: int) -> np.ndarray | None:
+        """Indices (relative to pfn) of pages that may have changed; None = any of them."""
+        return None
+
+    @abc.abstractmethod
+    def dirty(self, pfn: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the (n, 4096) pages starting at pfn: (indices of changed pages, their hashes)."""
+
+    def mark_sent(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
+        self.sent[pfns] = hashes
+
+    def seed(self, start_pfn: int, held: np.ndarray) -> None:
+        """Start from what the destination already holds (its HeldHashes)."""
+        self.sent[start_pfn : start_pfn + held.size] = held
+
+    def pages_known(self) -> int:
+        return int(np.count_nonzero(self.sent))
+
+
+class HashTracker(DirtyTracker):
+    def dirty(self, pfn: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hashes = page_hashes(pages)
+        changed = np.flatnonzero(hashes != self.sent[pfn : pfn + hashes.size])
+        return changed, hashes[changed]
