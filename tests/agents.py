@@ -21,7 +21,7 @@ class AgentProcess:
         cmd = [sys.executable, "-m", module, *args, "--ready-file", str(self.ready_file)]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 

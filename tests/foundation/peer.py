@@ -15,13 +15,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import version  # noqa: E402
-from common.config import TlsConfig  # noqa: E402
-from common.pagecodec import encode_batch, page_hashes  # noqa: E402
-from common.rpc import open_channel  # noqa: E402
-from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc  # noqa: E402
+from common import version
+from common.config import TlsConfig
+from common.pagecodec import encode_batch, page_hashes
+from common.rpc import open_channel
+from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
 MAX_PFN = 2048
 
@@ -160,7 +158,7 @@ async def push_forever(stub) -> dict:
                                    seq=seq, round=1, batch_id=seq, zstd_level=None)
 
     try:
-        async for ack in stub.PushPages(gen()):
+        async for _ack in stub.PushPages(gen()):
             acked += 1
             if acked == 20:
                 print("PUSHING", flush=True)

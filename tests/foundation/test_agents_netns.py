@@ -67,14 +67,14 @@ def test_untrusted_client_is_refused(two_hosts, tls_dir, scenario, cert):
 
 def test_unknown_peer_identity_is_refused(two_hosts, tls_dir):
     """Signed by our CA but not an allowed agent identity (p2vctl's certificate)."""
-    pair, dest, address = two_hosts
+    pair, _dest, address = two_hosts
     out = run_peer(pair, "unknown-peer", address, tls_dir, "p2vctl")
     assert out["negotiate"]["code"] == "PERMISSION_DENIED"
     assert "not an allowed p2v agent" in out["negotiate"]["details"]
 
 
 def test_unsupported_protocol_version(two_hosts, tls_dir):
-    pair, dest, address = two_hosts
+    pair, _dest, address = two_hosts
     out = run_peer(pair, "version", address, tls_dir)
     assert out["negotiate"]["code"] == "FAILED_PRECONDITION"
     assert "unsupported protocol version 99" in out["negotiate"]["details"]

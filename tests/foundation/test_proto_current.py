@@ -30,7 +30,8 @@ def test_generated_code_matches_proto(tmp_path):
 
 
 def test_grpc_tools_pinned_to_grpcio():
-    import grpc
     from importlib.metadata import version
+
+    import grpc
 
     assert version("grpcio-tools") == grpc.__version__
