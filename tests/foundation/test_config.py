@@ -51,3 +51,15 @@ def test_daemon_exits_2_on_bad_config(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "unknown key(s) lisen" in proc.stderr
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    from dest_agent.catalog import CatalogSpec
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    source = load(SourceConfig, deploy / "source.toml")
+    assert source.tls.server_name == "p2v-dest"
+    dest = load(DestConfig, deploy / "dest.toml")
+    assert [d.name for d in CatalogSpec.from_dict(dest.catalog).devices] == ["vnet0", "vda"]
