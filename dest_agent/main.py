@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from p2v.v1 import destination_pb2, destination_pb2_grpc
-
 from common.agent_cli import base_parser, load_config, machine_id
 from common.config import DestConfig
 from common.log import setup_logging
 from common.rpc import MAX_MESSAGE_BYTES, AgentServer, run
+from p2v.v1 import destination_pb2, destination_pb2_grpc
 
 from .service import DestinationService
 

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2v.v1 import common_pb2
-
 from common.atomicfile import read_json, write_json_atomic
+from p2v.v1 import common_pb2
 
 MIGRATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

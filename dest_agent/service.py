@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
 from common import version
 from common.config import DestConfig
 from common.rpc import require_peer
+from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
 from .migration_record import MigrationRecord
 

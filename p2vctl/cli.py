@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from common.config import TlsConfig
 from common.rpc import open_channel
+from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from . import render
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from p2v.v1 import common_pb2, source_pb2
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from p2v.v1 import common_pb2, source_pb2
 
 console = Console()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from p2v.v1 import source_pb2
-
 from common.config import SourceConfig
 from common.planning import plan
 from common.rpc import open_channel
+from p2v.v1 import source_pb2
 
 from . import prepare
 

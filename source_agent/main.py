@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from p2v.v1 import source_pb2, source_pb2_grpc
-
 from common.agent_cli import base_parser, load_config, machine_id
 from common.config import SourceConfig
 from common.log import setup_logging
 from common.rpc import AgentServer, run
+from p2v.v1 import source_pb2, source_pb2_grpc
 
 from .service import SourceService
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from p2v.v1 import common_pb2, destination_pb2, source_pb2
 
 from common.atomicfile import write_json_atomic
 from common.config import SourceConfig
 from common.rpc import open_channel
+from p2v.v1 import common_pb2, destination_pb2, source_pb2
 
 from . import prepare
 from .status_feed import StatusFeed

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
-from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2
 
 from common import version
+from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2
 
 
 class PeerError(RuntimeError):

@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 import grpc
-from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from common.config import SourceConfig
 from common.rpc import require_peer
+from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
 from .migration import SourceMigration
