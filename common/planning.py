@@ -54,6 +54,7 @@ class Pair:
     device_id: str = ""  # the virtual device's PCI vendor:device
     export_uri: str = ""  # disk: V's NBD export
     size_bytes: int = 0  # disk: virtual disk size (0 = sized to fit)
+    serial: str = ""  # disk: the virtual disk's serial (finds it inside the VM)
     existing: bool = False  # joins a configuration the administrator made (never cancelled)
 
     @property
@@ -100,9 +101,7 @@ class _Pool:
     def __init__(self, devices: list[destination_pb2.VirtualDevice]) -> None:
         self.free = list(devices)
 
-    def take(
-        self, dev_type: int, want_mac: str = "", min_size: int = 0
-    ) -> destination_pb2.VirtualDevice | None:
+    def take(self, dev_type: int, want_mac: str = "", min_size: int = 0) -> destination_pb2.VirtualDevice | None:
         candidates = [d for d in self.free if d.type == dev_type and d.scheme == EXPECTED_SCHEME[dev_type]]
         if dev_type == NIC and want_mac:
             exact = [d for d in candidates if d.mac.lower() == want_mac.lower()]
@@ -137,9 +136,7 @@ def plan(
     policy = policy or PlanPolicy()
     out = Plan()
     _check_catalog(catalog, out)
-    pool = _Pool(
-        [d for d in catalog.devices if d.type in EXPECTED_SCHEME and d.scheme == EXPECTED_SCHEME[d.type]]
-    )
+    pool = _Pool([d for d in catalog.devices if d.type in EXPECTED_SCHEME and d.scheme == EXPECTED_SCHEME[d.type]])
     _plan_nics(inventory, pool, policy, out)
     _plan_disks(inventory, pool, policy, out)
     for d in pool.free:
@@ -171,9 +168,7 @@ def _check_catalog(catalog: destination_pb2.VirtualDeviceCatalog, out: Plan) -> 
             )
         elif d.scheme == NONE:
             out.reasons.append(
-                Reason(
-                    "virtual-no-redundancy", f"virtual device {d.name} asks for no redundancy", False, d.name
-                )
+                Reason("virtual-no-redundancy", f"virtual device {d.name} asks for no redundancy", False, d.name)
             )
         elif d.scheme != EXPECTED_SCHEME[d.type]:
             kind = "NIC" if d.type == NIC else "disk"
@@ -234,9 +229,7 @@ def _plan_nics(inv: source_pb2.Inventory, pool: _Pool, policy: PlanPolicy, out: 
                 continue
             if master.name in bonds_done:
                 continue  # the bond's virtual NIC is already planned
-            slaves = tuple(
-                sorted(s.name for s in inv.nics if s.master == master.name and _is_physical_nic(s))
-            )
+            slaves = tuple(sorted(s.name for s in inv.nics if s.master == master.name and _is_physical_nic(s)))
             if master.name in policy.ignore:
                 _leave(out, policy, master.name, "ignored", "bond left behind", False)
                 bonds_done.add(master.name)
@@ -334,6 +327,7 @@ def _plan_disks(inv: source_pb2.Inventory, pool: _Pool, policy: PlanPolicy, out:
                 device_id=v.device_id,
                 export_uri=v.export_uri,
                 size_bytes=v.size_bytes,
+                serial=v.serial,
             )
         )
     for disk in physical:
@@ -342,9 +336,7 @@ def _plan_disks(inv: source_pb2.Inventory, pool: _Pool, policy: PlanPolicy, out:
         units = parts or [disk]
         if b.removable:
             out.unpaired.append(f"{disk}: removable, left as it is")
-            out.reasons.append(
-                Reason("disk-removable", f"{disk} is removable and is not migrated", False, disk)
-            )
+            out.reasons.append(Reason("disk-removable", f"{disk} is removable and is not migrated", False, disk))
             continue
         loose = [u for u in units if u not in covered and not (u != disk and disk in covered)]
         if disk in covered or not loose:

@@ -133,9 +133,7 @@ class CatalogSpec:
             raise ValueError("catalog.schemes: expected a table like {nic = 'bond-active-backup'}")
         for type_name, scheme in raw_schemes.items():
             if type_name not in TYPE_NAMES:
-                raise ValueError(
-                    f"catalog.schemes: unknown device type {type_name!r}; known: {sorted(TYPE_NAMES)}"
-                )
+                raise ValueError(f"catalog.schemes: unknown device type {type_name!r}; known: {sorted(TYPE_NAMES)}")
             _check_scheme(type_name, scheme, f"catalog.schemes.{type_name}")
             schemes[type_name] = scheme
 
@@ -170,8 +168,7 @@ def _check_scheme(type_name: str, scheme: Any, where: str) -> None:
         raise ValueError(f"{where}: unknown redundancy scheme {scheme!r}; known: {sorted(SCHEME_NAMES)}")
     if scheme not in ALLOWED_SCHEMES[type_name]:
         raise ValueError(
-            f"{where}: scheme {scheme!r} does not apply to a {type_name}; "
-            f"allowed: {sorted(ALLOWED_SCHEMES[type_name])}"
+            f"{where}: scheme {scheme!r} does not apply to a {type_name}; allowed: {sorted(ALLOWED_SCHEMES[type_name])}"
         )
 
 
@@ -193,9 +190,7 @@ def _device_from_dict(i: int, dev: Any) -> VirtualDeviceSpec:
         if key in dev and not isinstance(dev[key], str):
             raise ValueError(f"{where}: {key} must be a string")
     if not _PCI_ID_RE.match(dev["device_id"]):
-        raise ValueError(
-            f"{where}: device_id {dev['device_id']!r} is not a PCI vendor:device like '1af4:1000'"
-        )
+        raise ValueError(f"{where}: device_id {dev['device_id']!r} is not a PCI vendor:device like '1af4:1000'")
     if not _NAME_RE.match(dev["name"]):
         raise ValueError(f"{where}: name {dev['name']!r} must be 1-15 characters of [A-Za-z0-9_.-]")
     if not _DRIVER_RE.match(dev["driver"]):

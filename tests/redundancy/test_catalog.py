@@ -3,9 +3,9 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from p2v.v1 import destination_pb2 as d
 
 from dest_agent.catalog import CatalogSpec, build_catalog, parse_size
+from p2v.v1 import destination_pb2 as d
 
 GOOD = """
 [catalog]

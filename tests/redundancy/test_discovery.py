@@ -43,9 +43,7 @@ def fake_root(tmp_path: Path) -> Path:
         "processor\t: 0\nmodel name\t: QEMU Virtual CPU version 2.5+\n\n"
         "processor\t: 1\nmodel name\t: QEMU Virtual CPU version 2.5+\n",
     )
-    fs.write(
-        root, "/proc/meminfo", "MemTotal:         493580 kB\nMemFree:  1 kB\nMemAvailable:     400000 kB\n"
-    )
+    fs.write(root, "/proc/meminfo", "MemTotal:         493580 kB\nMemFree:  1 kB\nMemAvailable:     400000 kB\n")
     fs.write(root, "/etc/machine-id", "0123456789abcdef0123456789abcdef\n")
     fs.write(root, "/sys/kernel/security/lockdown", "[none] integrity confidentiality\n")
     return root
@@ -124,9 +122,7 @@ def test_real_host_discovery() -> None:
     shown = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True).stdout
     if shown.strip():
         words = shown.split()
-        assert any(
-            r.destination == "default" and r.gateway == words[2] and r.device == words[4] for r in inv.routes
-        )
+        assert any(r.destination == "default" and r.gateway == words[2] and r.device == words[4] for r in inv.routes)
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from p2v.v1 import destination_pb2 as d
-from p2v.v1 import source_pb2 as s
-
 from common.planning import Plan, PlanPolicy, plan
 from dest_agent.catalog import CatalogSpec, build_catalog
+from p2v.v1 import destination_pb2 as d
+from p2v.v1 import source_pb2 as s
 
 GiB = 1 << 30
 
@@ -39,9 +38,7 @@ def inventory(*, nics: list[s.Nic] | None = None, blocks: list[s.BlockDevice] | 
                 pci_address="0000:00:01.1",
                 holders=["md0"],
             ),
-            s.BlockDevice(
-                name="md0", kind="md", md_level="raid1", md_members=["sda"], size_bytes=4 * GiB - (1 << 20)
-            ),
+            s.BlockDevice(name="md0", kind="md", md_level="raid1", md_members=["sda"], size_bytes=4 * GiB - (1 << 20)),
             s.BlockDevice(name="loop0", kind="loop"),
         ]
     )
@@ -212,9 +209,7 @@ def test_bad_catalog_entries() -> None:
     cat = d.VirtualDeviceCatalog(host_id="v")
     cat.devices.add(type=d.DEVICE_TYPE_UNSPECIFIED, name="x", device_id="1234:5678")
     cat.devices.add(type=d.DEVICE_TYPE_NIC, name="vnet0", scheme=d.REDUNDANCY_SCHEME_MD_RAID1)
-    cat.devices.add(
-        type=d.DEVICE_TYPE_DISK, name="vdb", scheme=d.REDUNDANCY_SCHEME_MD_RAID1, size_bytes=8 * GiB
-    )
+    cat.devices.add(type=d.DEVICE_TYPE_DISK, name="vdb", scheme=d.REDUNDANCY_SCHEME_MD_RAID1, size_bytes=8 * GiB)
     p = plan(inventory(), cat)
     assert not p.ok
     assert {"catalog-unknown-type", "catalog-scheme-mismatch", "catalog-no-export"} <= set(codes(p))
