@@ -55,7 +55,9 @@ class SourceAgentSection:
 @dataclasses.dataclass
 class SourceConfig:
     agent: SourceAgentSection = dataclasses.field(default_factory=SourceAgentSection)
-    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    tls: TlsConfig = dataclasses.field(default_factory=lambda: TlsConfig(
+        cert="/etc/p2v/tls/p2v-source.pem", key="/etc/p2v/tls/p2v-source.key", server_name="p2v-dest",
+        allowed_peers=["p2v-dest", "p2vctl"]))
     migration: MigrationDefaults = dataclasses.field(default_factory=MigrationDefaults)
 
 
@@ -78,7 +80,9 @@ class DestLimits:
 @dataclasses.dataclass
 class DestConfig:
     agent: DestAgentSection = dataclasses.field(default_factory=DestAgentSection)
-    tls: TlsConfig = dataclasses.field(default_factory=lambda: TlsConfig(server_name="p2v-source"))
+    tls: TlsConfig = dataclasses.field(default_factory=lambda: TlsConfig(
+        cert="/etc/p2v/tls/p2v-dest.pem", key="/etc/p2v/tls/p2v-dest.key", server_name="p2v-source",
+        allowed_peers=["p2v-source"]))
     limits: DestLimits = dataclasses.field(default_factory=DestLimits)
     # Virtual device catalog spec, validated by dest_agent.catalog.
     catalog: dict[str, Any] = dataclasses.field(default_factory=dict)
