@@ -1,0 +1,380 @@
+"""Page batches to the destination over N parallel PushPages streams (like QEMU's multifd).
+
+Per stream: a bounded window of unacknowledged batches, acks read concurrently with writes.
+All streams share one token bucket (the bandwidth cap) and one queue of batches.
+
+Resumption: a batch belongs to the stream that first sent it, with its seq, until it is
+acknowledged. When a stream fails (the call errors, the server ends it early, or no ack
+arrives for ack_timeout_s while batches are outstanding) the stream opens a new call and
+writes its unacknowledged batches again, unchanged and in seq order, then carries on. The
+destination acknowledges a batch it had already written as DUPLICATE, so nothing is written
+twice, nothing acknowledged is sent again, and at most `window` batches per stream are
+resent per failure (counted in resent_bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from p2v.v1 import destination_pb2, destination_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Channel options that make a dropped connection noticed and re-dialled within seconds
+# (gRPC's default reconnect backoff grows to 120 s). Pass them when opening the channel.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+# Status codes after which retrying cannot help: the destination refuses us.
+FATAL_CODES = frozenset({
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+})
+
+
+class TransportError(RuntimeError):
+    pass
+
+
+class BatchRejected(TransportError):
+    def __init__(self, ack: destination_pb2.BatchAck) -> None:
+        super().__init__(f"destination rejected batch {ack.batch_id} (stream {ack.stream_id} seq {ack.seq}): "
+                         f"{ack.error}")
+        self.ack = ack
+
+
+class _StreamBroken(Exception):
+    """This call is unusable; reconnect and resend the window."""
+
+
+class TokenBucket:
+    """Average rate_Bps with bursts up to burst_bytes. A request larger than the burst is let
+    through as soon as the bucket is full and leaves a debt, so the long-run rate holds."""
+
+    def __init__(self, rate_Bps: float, burst_bytes: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = float(rate_Bps)
+        self.burst = float(max(burst_bytes, 1))
+        self.clock = clock
+        self.tokens = self.burst
+        self.stamp = clock()
+
+    def delay(self, nbytes: int) -> float:
+        """Seconds to wait before nbytes may go; 0 = take them now (and they are taken)."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        need = min(float(nbytes), self.burst)
+        if self.tokens >= need:
+            self.tokens -= nbytes
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+    async def take(self, nbytes: int) -> None:
+        for _ in range(10_000):  # bounded; each wait is exactly what the bucket lacks
+            wait = self.delay(nbytes)
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+        raise TransportError("token bucket never filled (clock not advancing?)")
+
+
+@dataclass
+class OutgoingBatch:
+    msg: destination_pb2.PageBatch
+    pages: int
+    zero_pages: int
+    raw_bytes: int
+    wire_bytes: int = 0
+    sends: int = 0
+    stream_id: int = 0
+
+
+@dataclass
+class TransportConfig:
+    streams: int = 3
+    window: int = 8
+    max_bandwidth_Bps: float = 0.0
+    burst_bytes: int = 0  # 0 = a tenth of a second at the capped rate (at least 64 KiB)
+    ack_timeout_s: float = 30.0  # no ack for this long while batches are outstanding: stream is dead
+    resume_timeout_s: float = 120.0  # a stream that cannot make progress for this long fails the transfer
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+
+@dataclass
+class TransportCounters:
+    batches_acked: int = 0
+    duplicates: int = 0
+    wire_bytes_acked: int = 0
+    resent_bytes: int = 0
+    resent_batches: int = 0
+    stream_failures: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class PageTransport:
+    """Submit batches, flush to wait for their acks, close at the end."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        config: TransportConfig,
+        *,
+        on_ack: Callable[[OutgoingBatch, destination_pb2.BatchAck], None] | None = None,
+        on_resend: Callable[[OutgoingBatch], None] | None = None,
+        stub: Any = None,
+    ) -> None:
+        if config.streams < 1 or config.window < 1:
+            raise ValueError("need at least one stream and a window of at least one batch")
+        self.config = config
+        self.stub = stub or destination_pb2_grpc.DestinationStub(channel)
+        self.on_ack = on_ack
+        self.on_resend = on_resend
+        self.counters = TransportCounters()
+        burst = config.burst_bytes or max(config.max_bandwidth_Bps * 0.1, 64 << 10)
+        self.bucket = TokenBucket(config.max_bandwidth_Bps, burst)
+        self._queue: asyncio.Queue[OutgoingBatch | None] = asyncio.Queue(maxsize=config.streams * config.window)
+        self._outstanding = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failed: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.last_progress = time.monotonic()
+
+    # -- public ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._failed = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._stream_main(sid), name=f"push-pages-{sid}")
+            for sid in range(1, self.config.streams + 1)
+        ]
+
+    def _raise_if_failed(self) -> None:
+        assert self._failed is not None, "start() first"
+        if self._failed.done():
+            raise self._failed.exception() or TransportError("transport failed")
+
+    async def submit(self, batch: OutgoingBatch) -> None:
+        """Queue a batch; waits while every stream's window and the queue are full."""
+        self._raise_if_failed()
+        batch.wire_bytes = batch.msg.ByteSize()
+        self._outstanding += 1
+        self._idle.clear()
+        if not self._queue.full():
+            self._queue.put_nowait(batch)
+            return
+        await self._wait_or_fail(self._queue.put(batch))
+
+    async def flush(self) -> None:
+        """Wait until every submitted batch is acknowledged."""
+        self._raise_if_failed()
+        if self._outstanding:
+            await self._wait_or_fail(self._idle.wait())
+
+    async def close(self) -> None:
+        """Flush, then end every stream cleanly."""
+        try:
+            await self.flush()
+        finally:
+            self._closing = True
+            for _ in self._tasks:
+                try:
+                    self._queue.put_nowait(None)
+                except asyncio.QueueFull:
+                    break  # a failed flush left batches queued: the streams are cancelled below
+            _done, pending = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def abort(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _wait_or_fail(self, aw: Any) -> None:
+        assert self._failed is not None
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task, self._failed}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            self._raise_if_failed()
+        task.result()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(exc)
+            self._failed.exception()  # mark retrieved: callers see it through submit/flush
+
+    async def _stream_main(self, sid: int) -> None:
+        unacked: dict[int, OutgoingBatch] = {}  # seq -> batch, in seq order
+        state = {"next_seq": 1, "closing": False}
+        backoff = self.config.backoff_initial_s
+        stuck_since: float | None = None
+        try:
+            for attempt in range(1_000_000):  # bounded below by resume_timeout_s
+                call = self.stub.PushPages(wait_for_ready=True)
+                progress = {"acks": 0}
+                try:
+                    await self._run_call(sid, call, unacked, state, progress, resend=attempt > 0)
+                    return
+                except _StreamBroken as exc:
+                    reason = str(exc)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in FATAL_CODES:
+                        raise TransportError(
+                            f"stream {sid}: destination refused: {exc.code().name}: {exc.details()}"
+                        ) from None
+                    reason = f"{exc.code().name}: {exc.details()}"
+                finally:
+                    call.cancel()
+                self.counters.stream_failures += 1
+                self.counters.failures.append(f"stream {sid}: {reason}")
+                now = time.monotonic()
+                if progress["acks"]:
+                    stuck_since, backoff = None, self.config.backoff_initial_s
+                if stuck_since is None:
+                    stuck_since = now
+                elif now - stuck_since > self.config.resume_timeout_s:
+                    raise TransportError(
+                        f"stream {sid}: no progress for {now - stuck_since:.0f} s after failures; last: {reason}"
+                    )
+                log.warning("page stream failed, resuming", extra={
+                    "stream": sid, "reason": reason, "unacked": len(unacked), "attempt": attempt + 1})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+            raise TransportError(f"stream {sid}: too many reconnections")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    async def _run_call(self, sid: int, call: Any, unacked: dict[int, OutgoingBatch], state: dict,
+                        progress: dict, *, resend: bool) -> None:
+        space = asyncio.Event()
+        space.set()
+        last_ack = [time.monotonic()]
+        writer_done = asyncio.Event()
+
+        async def writer() -> None:
+            for seq in sorted(unacked):  # the window of the broken call, unchanged
+                batch = unacked[seq]
+                await self.bucket.take(batch.wire_bytes)
+                batch.sends += 1
+                self.counters.resent_bytes += batch.wire_bytes
+                self.counters.resent_batches += 1
+                if self.on_resend is not None:
+                    self.on_resend(batch)
+                await call.write(batch.msg)
+            last_ack[0] = time.monotonic()
+            while not state["closing"]:
+                while len(unacked) >= self.config.window:
+                    space.clear()
+                    await space.wait()
+                batch = await self._queue.get()
+                if batch is None:
+                    state["closing"] = True
+                    break
+                seq = state["next_seq"]
+                state["next_seq"] += 1
+                batch.msg.stream_id = sid
+                batch.msg.seq = seq
+                batch.stream_id = sid
+                if not unacked:
+                    last_ack[0] = time.monotonic()  # the ack clock starts with the first outstanding batch
+                unacked[seq] = batch
+                await self.bucket.take(batch.wire_bytes)
+                batch.sends += 1
+                await call.write(batch.msg)
+            await call.done_writing()
+            writer_done.set()
+
+        async def reader() -> None:
+            while True:
+                ack = await call.read()
+                if ack is grpc.aio.EOF:
+                    if unacked:
+                        raise _StreamBroken(f"destination ended the stream with {len(unacked)} batches unacknowledged")
+                    if not writer_done.is_set():
+                        raise _StreamBroken("destination ended the stream early")
+                    return
+                batch = unacked.get(ack.seq)
+                if batch is None or batch.msg.batch_id != ack.batch_id:
+                    continue  # an ack for a batch we no longer wait for
+                if ack.status == destination_pb2.ACK_STATUS_REJECTED:
+                    raise BatchRejected(ack)
+                if ack.status not in (destination_pb2.ACK_STATUS_OK, destination_pb2.ACK_STATUS_DUPLICATE):
+                    raise _StreamBroken(f"unexpected ack status {ack.status} for batch {ack.batch_id}")
+                del unacked[ack.seq]
+                last_ack[0] = self.last_progress = time.monotonic()
+                progress["acks"] += 1
+                self.counters.batches_acked += 1
+                self.counters.wire_bytes_acked += batch.wire_bytes
+                if ack.status == destination_pb2.ACK_STATUS_DUPLICATE:
+                    self.counters.duplicates += 1
+                if self.on_ack is not None:
+                    self.on_ack(batch, ack)
+                self._outstanding -= 1
+                if self._outstanding == 0:
+                    self._idle.set()
+                space.set()
+
+        async def watchdog() -> None:
+            timeout = self.config.ack_timeout_s
+            while True:
+                await asyncio.sleep(min(1.0, timeout / 4))
+                if unacked and time.monotonic() - last_ack[0] > timeout:
+                    raise _StreamBroken(f"no acknowledgement for {timeout:.1f} s with {len(unacked)} outstanding")
+
+        writer_task = asyncio.create_task(writer())
+        reader_task = asyncio.create_task(reader())
+        watchdog_task = asyncio.create_task(watchdog())
+        pending = {writer_task, reader_task, watchdog_task}
+        try:
+            # The call is over when the reader has seen the server's end; the writer and the
+            # watchdog can only end it early (by failing).
+            while reader_task in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # re-raises a failure
+        finally:
+            for task in (writer_task, reader_task, watchdog_task):
+                task.cancel()
+            await asyncio.gather(writer_task, reader_task, watchdog_task, return_exceptions=True)
