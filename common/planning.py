@@ -19,7 +19,7 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from p2v.v1 import destination_pb2, source_pb2
 
@@ -85,6 +85,26 @@ class Plan:
             if p.driver and p.driver not in out:
                 out.append(p.driver)
         return out
+
+    def to_dict(self) -> dict:
+        return {
+            "pairs": [{**asdict(p), "members": list(p.members)} for p in self.pairs],
+            "reasons": [asdict(r) for r in self.reasons],
+            "unpaired": list(self.unpaired),
+            "ok": self.ok,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        """Inverse of :meth:`to_dict` (a saved plan; ``build`` re-checks it against the system)."""
+        try:
+            return cls(
+                pairs=[Pair(**{**p, "members": tuple(p.get("members", ()))}) for p in d.get("pairs", [])],
+                reasons=[Reason(**r) for r in d.get("reasons", [])],
+                unpaired=list(d.get("unpaired", [])),
+            )
+        except TypeError as e:
+            raise ValueError(f"not a saved plan: {e}") from None
 
     def to_verdict(self) -> source_pb2.CheckVerdict:
         v = source_pb2.CheckVerdict(ok=self.ok, unpaired=self.unpaired)

@@ -96,11 +96,13 @@ def build(
     try:
         mods = plan.drivers()
         disks = [p for p in plan.pairs if p.kind == "disk"]
+        if any(p.kind == "nic" and not p.existing for p in plan.pairs):
+            mods = [*mods, "bonding"]
         if disks:
             mods = [*mods, "nbd"]
         at("drivers")
         if mods:
-            e = drivers.load(journal, mods)
+            e = drivers.load(journal, mods, options={"bonding": ["max_bonds=0"]})
             if e:
                 result.entries.append(e)
         if opts.initramfs and plan.drivers():

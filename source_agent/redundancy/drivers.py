@@ -88,17 +88,22 @@ def _check_names(modules: Iterable[str]) -> list[str]:
     return out
 
 
-def load(journal: Journal, modules: Iterable[str]) -> Entry | None:
-    """Load the modules that are not there yet; journal what appeared. None if nothing to do."""
-    wanted = [m for m in _check_names(modules) if m not in loaded_modules() and not is_builtin(m)]
+def load(journal: Journal, modules: Iterable[str], options: dict[str, list[str]] | None = None) -> Entry | None:
+    """Load the modules that are not there yet; journal what appeared. None if nothing to do.
+    ``options``: module parameters, e.g. {"bonding": ["max_bonds=0"]} (no bond0 of its own)."""
+    options = options or {}
+    mods = list(modules)
+    wanted = [m for m in _check_names(mods) if m not in loaded_modules() and not is_builtin(m)]
     if not wanted:
-        log.info("drivers: %s already present", ", ".join(modules) or "-")
+        log.info("drivers: %s already present", ", ".join(mods) or "-")
         return None
     before = loaded_modules()
     entry = journal.begin("driver-load", modules=wanted, before=before, new_modules=[])
+    new: list[str] = []
     try:
         for m in wanted:
-            sysops.run(["modprobe", m], timeout=60)
+            opts = [o for o in options.get(m, []) if re.match(r"^[A-Za-z0-9_]+=[A-Za-z0-9_,.-]*$", o)]
+            sysops.run(["modprobe", m, *opts], timeout=60)
     finally:
         new = [m for m in reversed(loaded_modules()) if m not in before]  # /proc/modules lists newest first
         journal.update(entry, new_modules=new)

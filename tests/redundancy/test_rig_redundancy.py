@@ -1,0 +1,222 @@
+"""Device redundancy for real, on the rig: P is a QEMU guest with Debian's kernel (bonding, md, nbd),
+V's NBD export runs in the destination namespace, the TCP client in the client namespace."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dest_agent import disk_export
+from rig import config as C
+from rig import workloads
+from rig.core import Rig
+from tests.redundancy import rigutil as u
+
+pytestmark = pytest.mark.rig
+
+EXPORT_PORT = 10809
+
+
+def catalog_toml(nic: bool, disk: bool, serial: str = "p2v-local") -> str:
+    out = "[catalog]\n"
+    if nic:
+        out += '[[catalog.devices]]\ntype = "nic"\ndevice_id = "1af4:1000"\nname = "vnet0"\ndriver = "virtio_net"\n'
+    if disk:
+        out += (
+            '[[catalog.devices]]\ntype = "disk"\ndevice_id = "1af4:1001"\nname = "vdb"\n'
+            f'driver = "virtio_blk"\nserial = "{serial}"\n'
+            f'export_uri = "nbd://{C.DEST_IP}:{EXPORT_PORT}/vdb"\n'
+        )
+    return out
+
+
+@pytest.fixture
+def p(rig: Rig) -> Iterator[dict]:
+    """Names in P, and a journal path that is rolled back whatever the test did."""
+    info = {
+        "nic": u.p_nic(rig),
+        "data": u.disk_by_model(rig, C.DISK_MODEL_DATA),
+        "root": u.disk_by_model(rig, "P2V-ROOT"),
+        "spare": u.disk_by_model(rig, C.DISK_MODEL_SPARE),
+        "md": u.md_name(rig),
+        "journal": f"{u.WORK}/journal-{time.time_ns()}.json",
+    }
+    u.sh(rig, f"mkdir -p {u.WORK}")
+    workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=5, timeout_s=60)
+    yield info
+    # whatever happened: put P back (a no-op when the test rolled back itself)
+    rig.run(
+        f"test -f {info['journal']} && cd {C.P_PROJECT_DIR} && "
+        f"python3 -m source_agent.redundancy rollback --journal {info['journal']}",
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def export(rig: Rig) -> Iterator[disk_export.DiskExport]:
+    """V's export of the VM's disk image, in the destination namespace, as big as P's data disk."""
+    image = rig.run_dir / "p2vt-red-vdb.raw"
+    image.unlink(missing_ok=True)
+    disk_export.create_image(image, rig.cfg.data_disk_mib << 20)
+    exp = disk_export.start_export(image, C.DEST_IP, EXPORT_PORT, "vdb", state_dir=rig.run_dir, netns=C.NS_DEST)
+    yield exp
+    disk_export.stop_export(exp)
+    image.unlink(missing_ok=True)
+
+
+def _ignore(p: dict, *keys: str) -> str:
+    return ",".join(p[k] for k in keys)
+
+
+def test_bond_keeps_tcp_session_and_rollback_restores(rig: Rig, p: dict) -> None:
+    u.wait_settled(rig, p["nic"])
+    net_before, mods_before = u.net_dump(rig), u.modules(rig)
+    u.put(rig, f"{u.WORK}/cat-nic.toml", catalog_toml(nic=True, disk=False))
+    t0 = time.time()
+    out = u.red_json(
+        rig,
+        f"build --catalog {u.WORK}/cat-nic.toml --ignore {_ignore(p, 'root', 'data', 'spare', 'md')} "
+        f"--journal {p['journal']} --migration-id bondtest --no-initramfs",
+    )
+    kinds = [e["kind"] for e in out["journal"]["entries"]]
+    assert kinds == ["driver-load", "bond"], kinds
+    bond = out["journal"]["entries"][1]["detail"]["bond"]
+    info = u.sh(rig, f"cat /proc/net/bonding/{bond}")
+    assert "Bonding Mode: fault-tolerance (active-backup)" in info
+    assert "(fail_over_mac none)" in info or "fail_over_mac" not in info
+    assert "MII Polling Interval (ms): 100" in info
+    assert f"Currently Active Slave: {p['nic']}" in info and f"Primary Slave: {p['nic']}" in info
+    assert u.sh(rig, f"cat /sys/class/net/{bond}/bonding/num_grat_arp").strip() == "5"
+    assert u.sh(rig, f"cat /sys/class/net/{bond}/address").strip() == C.P_MAC
+    assert f"{C.P_IP}/{C.PREFIX_LEN}" in u.sh(rig, f"ip -o addr show dev {bond}")
+    assert f"{C.P_IP}/" not in u.sh(rig, f"ip -o addr show dev {p['nic']}")
+    time.sleep(3)  # traffic over the bond
+    t1 = time.time()
+    rb = u.red_json(rig, f"rollback --journal {p['journal']}")
+    assert rb["failed"] == [] and len(rb["undone"]) == 2
+    time.sleep(3)
+    u.wait_settled(rig, p["nic"])
+    tcp = rig.tcp_stats(since=t0 - 1)
+    assert tcp.connects == 1 and tcp.reconnects == 0 and tcp.lost == 0 and tcp.bad == 0, tcp
+    assert tcp.last_recv is not None and tcp.last_recv > t1, "the session must flow on after rollback"
+    print(
+        f"bond build+rollback: longest TCP gap {tcp.max_gap_s * 1000:.0f} ms; "
+        f"netlink gap {out['journal']['entries'][1]['detail']['netlink_gap_ms']} ms"
+    )
+    assert tcp.max_gap_s < 5.0
+    assert u.net_dump(rig) == net_before
+    assert u.modules(rig) == mods_before
+
+
+def test_md_leg_syncs_under_writer_matches_export_and_rolls_back(
+    rig: Rig, p: dict, export: disk_export.DiskExport
+) -> None:
+    md = p["md"]
+    md_before, mods_before = u.md_dump(rig, md), u.modules(rig)
+    u.put(rig, f"{u.WORK}/cat-disk.toml", catalog_toml(nic=False, disk=True))
+    u.sh(rig, f"echo 50000 > /sys/block/{md}/md/sync_speed_min")  # the writer must not throttle recovery
+    try:
+        out = u.red_json(
+            rig,
+            f"build --catalog {u.WORK}/cat-disk.toml --ignore "
+            f"{_ignore(p, 'root', 'spare', 'nic')} --journal {p['journal']} "
+            "--migration-id mdtest --no-initramfs --wait 900",
+            timeout=960,
+        )
+    finally:
+        u.sh(rig, f"echo system > /sys/block/{md}/md/sync_speed_min")
+    kinds = [e["kind"] for e in out["journal"]["entries"]]
+    assert kinds == ["driver-load", "nbd", "md-leg"], kinds
+    (mirror,) = out["mirrors"]
+    assert mirror["in_sync"] and mirror["write_mostly"] and mirror["bitmap"] and not mirror["faulty"]
+    leg = mirror["leg"]
+    assert "write_mostly" in u.sh(rig, f"cat /sys/block/{md}/md/dev-{leg}/state")
+    assert u.sh(rig, f"cat /sys/block/{md}/md/bitmap/location").strip() != "none"
+    # block for block: pause the writer, flush, compare the data areas of both members on the host
+    pid = u.sh(rig, f"cat {C.P_STATE_DIR}/filewriter.pid").strip()
+    u.sh(rig, f"kill -STOP {pid} && sync && echo idle > /sys/block/{md}/md/sync_action; mdadm --wait /dev/{md}; sync")
+    try:
+        size = int(u.sh(rig, f"cat /sys/block/{md}/md/component_size")) * 1024
+        off_data = u.data_offset_bytes(rig, p["data"])
+        off_leg = u.data_offset_bytes(rig, leg)
+        a = u.sha_range(rig.machine.disks.data, off_data, size)
+        b = u.sha_range(export.image, off_leg, size)
+        assert a == b, "the export's data differ from the data disk's"
+    finally:
+        u.sh(rig, f"kill -CONT {pid}")
+    files = rig.verify_files()
+    assert files.ok, files
+    rb = u.red_json(rig, f"rollback --journal {p['journal']}")
+    assert rb["failed"] == [] and len(rb["undone"]) == 3
+    assert u.md_dump(rig, md) == md_before
+    assert u.modules(rig) == mods_before
+    assert rig.run(f"test -e /sys/block/{leg}/pid").rc != 0, "nbd still connected"
+
+
+def test_export_gone_mid_sync_clear_error_p_runs_rollback_works(
+    rig: Rig, p: dict, export: disk_export.DiskExport
+) -> None:
+    md = p["md"]
+    md_before, mods_before = u.md_dump(rig, md), u.modules(rig)
+    u.put(rig, f"{u.WORK}/cat-disk.toml", catalog_toml(nic=False, disk=True))
+    u.sh(rig, f"echo 2000 > /sys/block/{md}/md/sync_speed_max")  # slow: the export goes while it syncs
+    try:
+        u.red_json(
+            rig,
+            f"build --catalog {u.WORK}/cat-disk.toml --ignore {_ignore(p, 'root', 'spare', 'nic')} "
+            f"--journal {p['journal']} --migration-id gonetest --no-initramfs",
+        )
+        for _ in range(60):
+            st = u.red_json(rig, f"status --journal {p['journal']}")["mirrors"][0]
+            if st["fraction"] > 0:
+                break
+            time.sleep(1)
+        assert st["recovering"] and not st["in_sync"], st
+        assert disk_export.stop_export(export)
+        res = u.red(rig, f"wait --journal {p['journal']} --timeout 180", timeout=240)
+    finally:
+        u.sh(rig, f"echo system > /sys/block/{md}/md/sync_speed_max")
+    assert res.rc == 2, res
+    assert "error:" in res.err and ("failed (faulty)" in res.err or "no longer a member" in res.err), res.err
+    # P runs on, on its own disk
+    assert u.sh(rig, f"cat /sys/block/{md}/md/array_state").strip() in ("clean", "active", "active-idle")
+    pids_before = rig.workload_pids()
+    time.sleep(2)
+    assert rig.workload_pids() == pids_before and all(pids_before.values())
+    rb = u.red_json(rig, f"rollback --journal {p['journal']}")
+    assert rb["failed"] == [], rb
+    assert u.md_dump(rig, md) == md_before
+    assert u.modules(rig) == mods_before
+    assert rig.verify_files().ok
+
+
+def test_bad_input_changes_nothing(rig: Rig, p: dict) -> None:
+    net_before, md_before, mods_before = u.net_dump(rig), u.md_dump(rig, p["md"]), u.modules(rig)
+    u.put(
+        rig,
+        f"{u.WORK}/cat-bad.toml",
+        '[catalog]\n[[catalog.devices]]\ntype = "gpu"\ndevice_id = "10de:1234"\nname = "g0"\ndriver = "nv"\n',
+    )
+    res = u.red(rig, f"plan --catalog {u.WORK}/cat-bad.toml")
+    assert res.rc == 2 and "unknown device type 'gpu'" in res.err, res
+    # a plan made for a NIC that has vanished since
+    u.put(rig, f"{u.WORK}/cat-nic.toml", catalog_toml(nic=True, disk=False))
+    saved = f"{u.WORK}/plan.json"
+    u.red_json(
+        rig, f"plan --catalog {u.WORK}/cat-nic.toml --ignore {_ignore(p, 'root', 'data', 'spare', 'md')} --save {saved}"
+    )
+    plan = json.loads(u.sh(rig, f"cat {saved}"))
+    assert plan["ok"] and plan["pairs"][0]["physical"] == p["nic"]
+    plan["pairs"][0]["physical"] = "eth9"
+    plan["pairs"][0]["members"] = ["eth9"]
+    u.put(rig, saved, json.dumps(plan))
+    res = u.red(rig, f"build --plan {saved} --journal {p['journal']} --migration-id vanished --no-initramfs")
+    assert res.rc == 2 and "NIC eth9 vanished since the plan was made" in res.err, res
+    assert rig.run(f"test -e {p['journal']}").rc != 0 or "entries" in u.sh(rig, f"cat {p['journal']}")
+    if rig.run(f"test -e {p['journal']}").rc == 0:
+        assert json.loads(u.sh(rig, f"cat {p['journal']}"))["entries"] == []
+    assert u.net_dump(rig) == net_before and u.md_dump(rig, p["md"]) == md_before and u.modules(rig) == mods_before
+    assert rig.run("true").ok
