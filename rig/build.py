@@ -29,6 +29,7 @@ from pathlib import Path
 
 from rig import config as C
 from rig.config import RigConfig
+from rig.lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def image_inputs(cfg: RigConfig, base_hash: str, project_hash: str) -> dict:
         "guest": _hash_tree(GUEST_DIR),
         "identity": _identity_files(cfg),
         "initramfs_modules": INITRAMFS_MODULES,
+        "salt": cfg.image_salt,
     }
 
 
@@ -271,8 +273,17 @@ def build(cfg: RigConfig | None = None, force_base: bool = False, force_image: b
     """Build (or find in the cache) P's kernel, initramfs and root image."""
     cfg = cfg or RigConfig()
     t0 = time.monotonic()
-    base_root, base_hash, base_cached, base_seconds = build_base(cfg, force=force_base)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(cfg.cache_dir / "build.lock")  # concurrent builds would race on the cache
+    lock.acquire(timeout_s=1800)
+    try:
+        return _build_locked(cfg, t0, force_base, force_image)
+    finally:
+        lock.release()
+
+
+def _build_locked(cfg: RigConfig, t0: float, force_base: bool, force_image: bool) -> BuildResult:
+    base_root, base_hash, base_cached, base_seconds = build_base(cfg, force=force_base)
     with tempfile.TemporaryDirectory(prefix="project-", dir=cfg.cache_dir) as tmp:
         # hash a private copy so that edits made meanwhile by others cannot split hash and content
         project_copy = Path(tmp) / "p2v"
@@ -306,7 +317,7 @@ def _build_image(cfg: RigConfig, base_root: Path, project_copy: Path, inputs: di
         for src in GUEST_DIR.iterdir():
             if src.is_file():
                 shutil.copy2(src, rig_dst / src.name)
-        for name in ("rc.sh", "init"):
+        for name in ("rc.sh", "services.sh", "init"):
             os.chmod(rig_dst / name, 0o755)
         for rel, content in _identity_files(cfg).items():
             _put(staging / rel, content)
@@ -400,7 +411,12 @@ def _make_initramfs(root: Path, kver: str, out: Path) -> None:
 
 
 def _prune_old(cfg: RigConfig, keep: set[str], keep_images: int = 3) -> None:
-    """Drop stale cached layers (and leftovers of interrupted builds)."""
+    """Drop stale cached layers (and leftovers of interrupted builds), never the running rig's."""
+    try:
+        in_use = json.loads((cfg.run_dir / "state.json").read_text())["build"]["root_image"]
+        keep = keep | {Path(in_use).parent.name}
+    except (OSError, ValueError, KeyError):
+        pass
     entries = sorted(cfg.cache_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
     images_kept = 0
     for p in entries:

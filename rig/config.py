@@ -111,6 +111,9 @@ class RigConfig:
     with_libvirt: bool = True
     #: Start the long-lived TCP client in the client namespace.
     with_client: bool = True
+    #: Extra input of the image hash (tests use it to force a new project layer without touching
+    #: the image a running rig uses).
+    image_salt: str = ""
 
     @property
     def cache_dir(self) -> Path:

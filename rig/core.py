@@ -13,6 +13,7 @@ from rig import config as C
 from rig import libvirtd, net, observers, teardown, workloads
 from rig.build import BuildResult, build
 from rig.config import RigConfig
+from rig.lock import FileLock
 from rig.machine import CommandResult, Disks, Machine, create_disks
 from rig.procs import PidRegistry, spawn
 
@@ -51,6 +52,8 @@ class Rig:
         self.tcp_log: Path = self.run_dir / "tcp-client.log"
         self.timings = Timings()
         self.started_at: float | None = None
+        self.lock = FileLock(self.cfg.rig_dir / "rig.lock")
+        self.attached_only = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def build(self) -> BuildResult:
@@ -59,7 +62,9 @@ class Rig:
         return self.build_result
 
     def start(self, wait_agent: bool = True) -> None:
-        """Bring the whole rig up. On failure everything started so far is removed again."""
+        """Bring the whole rig up. On failure everything started so far is removed again.
+        Waits (bounded, P2V_RIG_LOCK_TIMEOUT) while another process has a rig up on this box."""
+        self.lock.acquire()
         t0 = time.monotonic()
         teardown.teardown(self.run_dir)  # a clean slate: leftovers of a crashed run go first
         try:
@@ -95,10 +100,15 @@ class Rig:
 
     def stop(self) -> dict[str, list]:
         """Remove everything (idempotent). Returns what was removed."""
-        if self.p is not None:
-            self.p.stop(timeout_s=5)
-        removed = teardown.teardown(self.run_dir)
-        (self.run_dir / "state.json").unlink(missing_ok=True)
+        if self.attached_only:
+            raise RuntimeError("this Rig was attached to another process's rig: use `python -m rig down`")
+        try:
+            if self.p is not None:
+                self.p.stop(timeout_s=5)
+            removed = teardown.teardown(self.run_dir)
+            (self.run_dir / "state.json").unlink(missing_ok=True)
+        finally:
+            self.lock.release()
         return removed
 
     def __enter__(self) -> Rig:
@@ -112,6 +122,7 @@ class Rig:
     def attach(cls, cfg: RigConfig | None = None) -> Rig:
         """A Rig object for a rig that another process started (CLI `status`, `shell`)."""
         rig = cls(cfg)
+        rig.attached_only = True
         state_path = rig.run_dir / "state.json"
         if not state_path.exists():
             raise RuntimeError(f"no running rig ({state_path} missing)")

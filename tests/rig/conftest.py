@@ -1,0 +1,50 @@
+"""Fixtures for tests on the rig (P as a QEMU guest, V and a client in namespaces).
+
+`rig` (session): a started rig.Rig; it is stopped (everything removed) at the end of the session,
+also when starting it failed half-way. Tests that migrate P use it and its observers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from rig import Rig, RigConfig
+
+
+def rig_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the rig needs root (network namespaces, taps, QEMU, libvirtd)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} missing: run rig/host-setup.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def rig_config() -> RigConfig:
+    reason = rig_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return RigConfig()
+
+
+@pytest.fixture(scope="session")
+def rig(rig_config: RigConfig) -> Iterator[Rig]:
+    # SIGTERM (e.g. a CI job timeout) would skip fixture finalizers: turn it into KeyboardInterrupt,
+    # which pytest answers by tearing fixtures down
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    instance = Rig(rig_config)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        signal.signal(signal.SIGTERM, previous)
