@@ -307,6 +307,7 @@ async def _run_round(round_no: int, final: bool, memory: MemorySource, scanner: 
     counters = stats.start_round(round_no, final=final)
     scanner.tracker.begin_round(round_no)
     started = time.monotonic()
+    busy_before = transport.busy_s
     chunks = list(memory.chunks(config.chunk_pages))
     total = max(1, sum(count for _, count in chunks))
     scanned = 0
@@ -337,8 +338,10 @@ async def _run_round(round_no: int, final: bool, memory: MemorySource, scanner: 
     stats.finish_round()
     duration = time.monotonic() - started
     counters.scanned_pages = scanned
+    send_s = transport.busy_s - busy_before
     return RoundReport(round=round_no, dirty_pages=pages, zero_pages=zero_pages, raw_bytes=raw_bytes,
-                       wire_bytes=wire_bytes, duration_s=duration, send_s=duration, scanned_pages=scanned)
+                       wire_bytes=wire_bytes, duration_s=duration, send_s=send_s if send_s > 0 else duration,
+                       scanned_pages=scanned)
 
 
 async def _end_round(stub: Any, migration_id: str, round_no: int, batches: int, final: bool) -> None:

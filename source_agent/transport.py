@@ -144,11 +144,14 @@ class PageTransport:
         on_ack: Callable[[OutgoingBatch, destination_pb2.BatchAck], None] | None = None,
         on_resend: Callable[[OutgoingBatch], None] | None = None,
         stub: Any = None,
+        extra_channels: Any = (),
     ) -> None:
         if config.streams < 1 or config.window < 1:
             raise ValueError("need at least one stream and a window of at least one batch")
         self.config = config
         self.stub = stub or destination_pb2_grpc.DestinationStub(channel)
+        # Stream i uses stubs[i % len]: extra channels mean extra TCP connections (multifd-like).
+        self._stubs = [self.stub, *(destination_pb2_grpc.DestinationStub(c) for c in extra_channels)]
         self.on_ack = on_ack
         self.on_resend = on_resend
         self.counters = TransportCounters()
@@ -156,6 +159,10 @@ class PageTransport:
         self.bucket = TokenBucket(config.max_bandwidth_Bps, burst)
         self._queue: asyncio.Queue[OutgoingBatch | None] = asyncio.Queue(maxsize=config.streams * config.window)
         self._outstanding = 0
+        # Time with at least one batch outstanding: what the link was busy for, so that
+        # bandwidth = bytes / busy time is not diluted by time spent scanning.
+        self._busy_since: float | None = None
+        self._busy_total = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
         self._failed: asyncio.Future[None] | None = None
@@ -181,6 +188,8 @@ class PageTransport:
         """Queue a batch; waits while every stream's window and the queue are full."""
         self._raise_if_failed()
         batch.wire_bytes = batch.msg.ByteSize()
+        if self._outstanding == 0:
+            self._busy_since = time.monotonic()
         self._outstanding += 1
         self._idle.clear()
         if not self._queue.full():
@@ -224,6 +233,12 @@ class PageTransport:
                 pass
 
     @property
+    def busy_s(self) -> float:
+        """Seconds so far with at least one batch outstanding."""
+        extra = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_total + extra
+
+    @property
     def outstanding(self) -> int:
         return self._outstanding
 
@@ -250,7 +265,7 @@ class PageTransport:
         stuck_since: float | None = None
         try:
             for attempt in range(1_000_000):  # bounded below by resume_timeout_s
-                call = self.stub.PushPages(wait_for_ready=True)
+                call = self._stubs[(sid - 1) % len(self._stubs)].PushPages(wait_for_ready=True)
                 progress = {"acks": 0}
                 try:
                     await self._run_call(sid, call, unacked, state, progress, resend=attempt > 0)
@@ -354,6 +369,9 @@ class PageTransport:
                 self._outstanding -= 1
                 if self._outstanding == 0:
                     self._idle.set()
+                    if self._busy_since is not None:
+                        self._busy_total += time.monotonic() - self._busy_since
+                        self._busy_since = None
                 space.set()
 
         async def watchdog() -> None:
