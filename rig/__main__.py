@@ -26,6 +26,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.memory_mib = args.memory
     rig = Rig(cfg)
     rig.start()
+    rig.keep_reserved()  # until `python -m rig down`; other rig users wait for it
     agent = rig.agent_state()
     print(json.dumps({"timings": vars(rig.timings), "agent": agent.state,
                       "console_log": str(rig.machine.console_log), "tcp_log": str(rig.tcp_log),

@@ -111,6 +111,12 @@ class Rig:
             self.lock.release()
         return removed
 
+    def keep_reserved(self, max_hours: float = 24.0) -> None:
+        """Keep the rig reserved after this process exits (CLI `up`): a holder process inherits the
+        lock; teardown (`python -m rig down`) stops it."""
+        proc = self.lock.hand_over(["sleep", str(int(max_hours * 3600))])
+        self.pids.record(teardown.LOCK_HOLDER, proc.pid)
+
     def __enter__(self) -> Rig:
         self.start()
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,20 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode())
         self._fd = fd
+
+    def hand_over(self, argv: list[str]) -> subprocess.Popen:
+        """Start argv (a long sleep) holding this lock, and let go of it here without unlocking:
+        the lock lives as long as that process (how `python -m rig up` keeps the rig reserved
+        after it exits; `python -m rig down` stops the holder)."""
+        if self._fd is None:
+            raise RuntimeError("lock not held")
+        os.lseek(self._fd, 0, os.SEEK_END)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, pass_fds=(self._fd,), start_new_session=True)
+        os.write(self._fd, f"held for the CLI by pid {proc.pid}\n".encode())
+        os.close(self._fd)  # closing our descriptor does not unlock: the child shares the lock
+        self._fd = None
+        return proc
 
     def release(self) -> None:
         if self._fd is None:

@@ -13,6 +13,8 @@ from rig import libvirtd, net
 from rig.procs import PidRegistry, kill_pid, proc_cmdline
 
 log = logging.getLogger(__name__)
+#: pid-registry name of the process that keeps the rig lock for a rig started by `python -m rig up`
+LOCK_HOLDER = "rig-lock-holder"
 
 
 def rig_qemu_pids() -> list[int]:
@@ -48,8 +50,10 @@ def teardown(run_dir: Path | None = None) -> dict[str, list]:
     registry = PidRegistry((run_dir or C.RigConfig().run_dir) / "pids")
     removed: dict[str, list] = {"processes": [], "qemu_pids": [], "namespaces": [], "links": [],
                                 "domains": []}
-    # host-side helpers first (the TCP client would log P's disappearance as an error otherwise)
-    for name in sorted(registry.names(), key=lambda n: n.startswith(C.NAME_PREFIX)):
+    # host-side helpers first (the TCP client would log P's disappearance as an error otherwise),
+    # the holder of the rig lock (CLI `up`) only at the very end, after everything is gone
+    names = [n for n in registry.names() if n != LOCK_HOLDER]
+    for name in sorted(names, key=lambda n: n.startswith(C.NAME_PREFIX)):
         if registry.stop(name):
             removed["processes"].append(name)
     for pid in rig_qemu_pids():
@@ -65,4 +69,6 @@ def teardown(run_dir: Path | None = None) -> dict[str, list]:
                 removed["processes"].append(pid)
     removed["namespaces"] = net.teardown_namespaces()
     removed["links"] = net.teardown_links()
+    if registry.stop(LOCK_HOLDER):
+        removed["processes"].append(LOCK_HOLDER)
     return removed
