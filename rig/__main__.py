@@ -1,4 +1,4 @@
-"""python -m rig build|up|down|status|shell [command...]"""
+"""python -m rig build|up|demo|down|status|shell [command...]"""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from rig import teardown
 from rig.build import build
@@ -32,6 +33,37 @@ def cmd_up(args: argparse.Namespace) -> int:
                       "console_log": str(rig.machine.console_log), "tcp_log": str(rig.tcp_log),
                       "image": rig.build_result.image_hash if rig.build_result else None}, indent=1))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Boot the rig, show the workloads living in P, and migrate P when the project can: the
+    migration is delegated to `p2vctl.demo.migrate_on_rig(rig) -> int` once that exists."""
+    rig = Rig(RigConfig())
+    print("rig: building P's image and booting P (QEMU/TCG) ...", flush=True)
+    rig.start()
+    try:
+        t = rig.timings
+        print(f"rig: P ready in {t.boot_to_ready_s:.1f}s, source agent: {rig.agent_state().state}"
+              f" ({t.boot_to_agent_ready_s and round(t.boot_to_agent_ready_s, 1)}s)", flush=True)
+        for _ in range(int(args.observe)):
+            time.sleep(1)
+            c, tcp = rig.counter_stats(), rig.tcp_stats()
+            print(f"  counter pid {c.pids} value {c.last_value} | tcp echoes {tcp.received} "
+                  f"reconnects {tcp.reconnects} longest gap {tcp.max_gap_s:.2f}s", flush=True)
+        files = rig.verify_files()
+        print(f"rig: files on md verified: {files.checked} ok={files.ok}", flush=True)
+        try:
+            from p2vctl.demo import migrate_on_rig  # type: ignore[import-not-found]
+        except ImportError:
+            print("rig: the migration is not wired into the demo yet (p2vctl.demo.migrate_on_rig)")
+            return 0
+        return int(migrate_on_rig(rig))
+    finally:
+        if args.keep:
+            rig.keep_reserved()
+            print("rig: left running (python -m rig status|shell|down)")
+        else:
+            rig.stop()
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -99,6 +131,10 @@ def main() -> int:
     u = sub.add_parser("up", help="build, network, libvirtd, boot P, start the workloads and client")
     u.add_argument("--memory", type=int, help="P's memory in MiB (default 1024)")
     u.set_defaults(func=cmd_up)
+    d = sub.add_parser("demo", help="boot the rig, show the workloads, migrate P (when available)")
+    d.add_argument("--observe", type=float, default=5, help="seconds of workload display before the move")
+    d.add_argument("--keep", action="store_true", help="leave the rig running afterwards")
+    d.set_defaults(func=cmd_demo)
     sub.add_parser("down", help="remove everything the rig started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="state of P, agent, workloads, leftovers").set_defaults(func=cmd_status)
     s = sub.add_parser("shell", help="run commands inside P")
