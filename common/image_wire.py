@@ -1,0 +1,70 @@
+"""Framing of the plain image socket between P's cutover helper and V's image receiver.
+
+Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames in order:
+
+    P -> V  HELLO   json {"migration_id", "token" (hex), "release", "version"}
+    V -> P  OK      json {}                  | NACK utf-8 reason (and V closes)
+    P -> V  HEADER  the image's header page + its PFN metadata pages (raw)
+    P -> V  CHUNK   u32 first data page index, u32 count, count flag bytes (1 = page follows,
+                    0 = V takes the page from its store by PFN), then the pages that follow
+    ...
+    P -> V  END     u64 image bytes, u64 xxh3-64 of the whole image as P read it
+    V -> P  ACK     json {"pages", "loaded"}  | NACK reason   (ACK: V holds the exact image, loaded
+                    into the waiting VM; P may power off — the point of no return)
+    P -> V  COMMIT  empty: P will power off now and never unfreeze (V may start the VM)
+    P -> V  ABORT   utf-8 reason, at any time before COMMIT (P unfreezes and runs on)
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+HELLO, OK, NACK, HEADER, CHUNK, END, ACK, COMMIT, ABORT = (b"h", b"o", b"n", b"H", b"C", b"E", b"A", b"M", b"X")
+NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", HEADER: "HEADER", CHUNK: "CHUNK", END: "END", ACK: "ACK",
+         COMMIT: "COMMIT", ABORT: "ABORT"}
+_FRAME = struct.Struct("<cI")
+CHUNK_HEAD = struct.Struct("<II")
+END_BODY = struct.Struct("<QQ")
+#: Largest payload a receiver accepts (a chunk of 256 pages is 1 MiB + flags).
+MAX_FRAME = 64 << 20
+
+
+class WireError(RuntimeError):
+    pass
+
+
+def frame(kind: bytes, payload: bytes | bytearray | memoryview = b"") -> list[bytes | memoryview]:
+    return [_FRAME.pack(kind, len(payload)), memoryview(payload)]
+
+
+def send_frame(sock: socket.socket, kind: bytes, payload: bytes | bytearray | memoryview = b"") -> int:
+    head = _FRAME.pack(kind, len(payload))
+    if len(payload) < 65536:
+        sock.sendall(head + bytes(payload))
+    else:
+        sock.sendall(head)
+        sock.sendall(payload)
+    return len(head) + len(payload)
+
+
+def recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray:
+    buf = into if into is not None else bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:n], n - got)
+        if r == 0:
+            raise WireError(f"connection closed after {got} of {n} bytes")
+        got += r
+    return buf
+
+
+def recv_frame(sock: socket.socket, max_payload: int = MAX_FRAME) -> tuple[bytes, bytearray]:
+    head = recv_exact(sock, _FRAME.size)
+    kind, length = _FRAME.unpack(head)
+    if kind not in NAMES:
+        raise WireError(f"unknown frame type {kind!r}")
+    if length > max_payload:
+        raise WireError(f"{NAMES[kind]} frame of {length} bytes exceeds {max_payload}")
+    return kind, recv_exact(sock, length)

@@ -1,0 +1,296 @@
+"""V's end of the plain image socket (lifecycle step 5): assemble P's exact hibernation image.
+
+P's cutover helper sends the header, the PFN metadata and only the data pages V does not hold; V
+takes the others from its page store by PFN, forwards the assembled image to the waiting VM as it
+goes (the VM writes it into /dev/snapshot, whose kernel checks header and PFN list on the way),
+keeps a copy on disk, and compares P's checksum of the image with its own over the assembled bytes.
+Only when the image is byte-identical, loaded in the VM and durable does V send ACK. The VM is told
+GO only after P's COMMIT (P will power off and never unfreeze): there are never two live copies.
+
+Authentication: a one-time token (from the Cutover RPC, over mutual TLS) is the first thing on the
+socket; a wrong token gets NACK and changes nothing; the right one is consumed by its first use.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import xxhash
+
+from common import image_wire as W
+from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
+
+log = logging.getLogger(__name__)
+
+MAX_AUTH_ATTEMPTS = 5
+MAX_CHUNK_PAGES = 4096
+
+
+class ReceiveError(RuntimeError):
+    """The image was not accepted; P was told so (NACK) and the waiting VM discarded it."""
+
+
+class VmFeed(Protocol):
+    """Where the assembled image goes (the waiting VM's restore program, or a test double)."""
+
+    def begin(self, size: int) -> None: ...
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def finish(self) -> int: ...  # the VM holds the whole image loaded: returns its page count
+
+    def go(self) -> None: ...  # the VM restores P's image (never called before P's COMMIT)
+
+    def abort(self, reason: str) -> None: ...  # the VM discards the image
+
+
+class PageSource(Protocol):
+    max_pfn: int
+
+    def read(self, pfn: int, count: int) -> bytes: ...
+
+
+@dataclass
+class ReceiveResult:
+    migration_id: str
+    image_bytes: int = 0
+    image_pages: int = 0  # data pages
+    pages_sent: int = 0  # data pages that came over the wire
+    pages_from_store: int = 0
+    wire_bytes: int = 0  # bytes received on the image socket
+    checksum: int = 0
+    acked: bool = False
+    committed: bool = False
+    started_at: float = 0.0
+    acked_at: float = 0.0
+    committed_at: float = 0.0
+    go_at: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExpectedKernel:
+    release: str
+    version: str
+
+
+class ImageReceiver:
+    def __init__(self, migration_id: str, token: bytes, store: PageSource, feed: VmFeed, image_path: Path,
+                 expected_kernel: ExpectedKernel | None = None, bind: tuple[str, int] = ("127.0.0.1", 0),
+                 accept_timeout_s: float = 600.0, io_timeout_s: float = 120.0,
+                 commit_timeout_s: float = 60.0) -> None:
+        self.migration_id = migration_id
+        self._token: bytes | None = token
+        self.store = store
+        self.feed = feed
+        self.image_path = image_path
+        self.expected_kernel = expected_kernel
+        self.accept_timeout_s = accept_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self.commit_timeout_s = commit_timeout_s
+        self.listener = socket.create_server(bind, reuse_port=False)
+        self.listener.settimeout(accept_timeout_s)
+        self.result = ReceiveResult(migration_id)
+        self._closed = False
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:  # shutdown wakes a thread blocked in accept(); close alone does not
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                self.listener.close()
+            except OSError:
+                pass
+
+    # -- the one connection ---------------------------------------------------------------------
+    def serve(self) -> ReceiveResult:
+        """Accept P's helper, receive, ACK, wait for COMMIT, tell the VM to GO. Blocking; raises
+        ReceiveError when the image is refused or P aborts (the VM then discards it)."""
+        try:
+            for _ in range(MAX_AUTH_ATTEMPTS):
+                try:
+                    conn, peer = self.listener.accept()
+                except TimeoutError:
+                    raise ReceiveError(f"no cutover helper connected within {self.accept_timeout_s:.0f}s") from None
+                except OSError as exc:
+                    raise ReceiveError(f"image socket closed: {exc}") from None
+                with conn:
+                    conn.settimeout(self.io_timeout_s)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if not self._authenticate(conn, peer):
+                        continue
+                    return self._receive(conn)
+            raise ReceiveError(f"{MAX_AUTH_ATTEMPTS} connections without the right token")
+        finally:
+            self.close()
+
+    def _nack(self, conn: socket.socket, reason: str) -> None:
+        try:
+            W.send_frame(conn, W.NACK, reason.encode())
+        except OSError:
+            pass
+
+    def _authenticate(self, conn: socket.socket, peer: tuple) -> bool:
+        try:
+            kind, payload = W.recv_frame(conn, max_payload=64 << 10)
+            if kind != W.HELLO:
+                raise W.WireError(f"expected HELLO, got {W.NAMES[kind]}")
+            hello = json.loads(payload)
+            token = bytes.fromhex(str(hello.get("token", "")))
+        except (W.WireError, ValueError, OSError) as exc:
+            log.warning("image socket: bad hello from %s: %s", peer, exc)
+            self._nack(conn, f"bad hello: {exc}")
+            return False
+        if self._token is None or not hmac.compare_digest(token, self._token) \
+                or hello.get("migration_id") != self.migration_id:
+            log.warning("image socket: wrong token or migration from %s", peer)
+            self._nack(conn, "wrong token or migration id")
+            return False
+        self._token = None  # one-time: consumed by its first use
+        if self.expected_kernel is not None and (
+                hello.get("release") != self.expected_kernel.release
+                or hello.get("version") != self.expected_kernel.version):
+            reason = (f"the waiting VM runs kernel {self.expected_kernel.release} "
+                      f"{self.expected_kernel.version!r}, P runs {hello.get('release')} {hello.get('version')!r}")
+            self._nack(conn, reason)
+            raise ReceiveError(reason)
+        W.send_frame(conn, W.OK, b"{}")
+        return True
+
+    def _receive(self, conn: socket.socket) -> ReceiveResult:
+        res = self.result
+        res.started_at = time.time()
+        hasher = xxhash.xxh3_64()
+        fd = os.open(self.image_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        began = False
+        try:
+            try:
+                kind, payload = self._next(conn)
+                if kind != W.HEADER:
+                    raise ReceiveError(f"expected HEADER, got {W.NAMES[kind]}")
+                try:
+                    header = parse_header(bytes(payload[:PAGE_SIZE]))
+                    pfns = parse_pfns(bytes(payload[PAGE_SIZE:]), header.image_pages, max_pfn=self.store.max_pfn)
+                except ImageFormatError as exc:
+                    raise ReceiveError(f"image refused: {exc}") from None
+                res.image_bytes, res.image_pages = header.size, header.image_pages
+                self.feed.begin(header.size)
+                began = True
+                self._emit(fd, hasher, payload)
+                next_index = 0
+                while True:
+                    kind, payload = self._next(conn)
+                    if kind == W.END:
+                        break
+                    if kind != W.CHUNK:
+                        raise ReceiveError(f"expected CHUNK or END, got {W.NAMES[kind]}")
+                    next_index = self._chunk(fd, hasher, payload, pfns, next_index)
+                size, checksum = W.END_BODY.unpack(bytes(payload))
+                if next_index != header.image_pages:
+                    raise ReceiveError(f"END after {next_index} of {header.image_pages} data pages")
+                if size != header.size or checksum != hasher.intdigest():
+                    raise ReceiveError(f"assembled image differs from P's: size {size} vs {header.size}, "
+                                       f"checksum {checksum:#x} vs {hasher.intdigest():#x}")
+                res.checksum = checksum
+                res.steps["received"] = time.time()
+                loaded = self.feed.finish()
+                res.steps["loaded"] = time.time()
+                os.fdatasync(fd)
+                res.steps["durable"] = time.time()
+            except (ReceiveError, W.WireError, OSError, RuntimeError) as exc:
+                reason = str(exc) if isinstance(exc, ReceiveError) else f"image transfer failed: {exc}"
+                self._nack(conn, reason)
+                if began:
+                    self.feed.abort(reason)
+                raise ReceiveError(reason) from None
+            W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
+            res.acked, res.acked_at = True, time.time()
+            log.info("image acknowledged", extra={"migration": self.migration_id, "pages": header.pages})
+            self._await_commit(conn)
+            return res
+        finally:
+            os.close(fd)
+
+    def _await_commit(self, conn: socket.socket) -> None:
+        res = self.result
+        conn.settimeout(self.commit_timeout_s)
+        try:
+            kind, payload = W.recv_frame(conn, max_payload=1 << 16)
+        except (W.WireError, OSError) as exc:
+            # P may or may not have received the ACK: starting the VM could make a second live copy.
+            self.feed.abort("no COMMIT from P")
+            raise ReceiveError(f"no COMMIT from P after ACK ({exc}); the waiting VM was not started — "
+                               "check whether P still runs before anything else") from None
+        if kind != W.COMMIT:
+            self.feed.abort(f"P sent {W.NAMES[kind]} instead of COMMIT")
+            raise ReceiveError(f"P sent {W.NAMES[kind]} after ACK: {bytes(payload)[:200]!r}")
+        res.committed, res.committed_at = True, time.time()
+        self.feed.go()
+        res.go_at = time.time()
+
+    def _next(self, conn: socket.socket) -> tuple[bytes, bytearray]:
+        kind, payload = W.recv_frame(conn)
+        self.result.wire_bytes += 5 + len(payload)
+        if kind == W.ABORT:
+            raise ReceiveError(f"P aborted the cutover: {bytes(payload).decode(errors='replace')}")
+        return kind, payload
+
+    def _emit(self, fd: int, hasher, data: bytes | bytearray | memoryview) -> None:
+        hasher.update(data)
+        self.feed.write(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def _chunk(self, fd: int, hasher, payload: bytearray, pfns: np.ndarray, next_index: int) -> int:
+        if len(payload) < W.CHUNK_HEAD.size:
+            raise ReceiveError("short CHUNK")
+        first, count = W.CHUNK_HEAD.unpack_from(payload, 0)
+        if first != next_index or count == 0 or count > MAX_CHUNK_PAGES or first + count > pfns.size:
+            raise ReceiveError(f"CHUNK of pages {first}+{count} out of order or range "
+                               f"(expected {next_index}, image has {pfns.size})")
+        flags = np.frombuffer(payload, dtype=np.uint8, count=count, offset=W.CHUNK_HEAD.size)
+        if np.any(flags > 1):
+            raise ReceiveError("CHUNK flags must be 0 or 1")
+        literal = int(np.count_nonzero(flags))
+        data_off = W.CHUNK_HEAD.size + count
+        if len(payload) != data_off + literal * PAGE_SIZE:
+            raise ReceiveError(f"CHUNK carries {len(payload) - data_off} bytes for {literal} pages")
+        out = bytearray(count * PAGE_SIZE)
+        src = memoryview(payload)[data_off:]
+        chunk_pfns = pfns[first:first + count]
+        i = 0
+        lit = 0
+        while i < count:
+            if flags[i]:
+                out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = src[lit * PAGE_SIZE:(lit + 1) * PAGE_SIZE]
+                lit += 1
+                i += 1
+                continue
+            j = i + 1  # a run of held pages with consecutive PFNs: one read
+            while j < count and not flags[j] and int(chunk_pfns[j]) == int(chunk_pfns[j - 1]) + 1:
+                j += 1
+            out[i * PAGE_SIZE:j * PAGE_SIZE] = self.store.read(int(chunk_pfns[i]), j - i)
+            i = j
+        self.result.pages_sent += literal
+        self.result.pages_from_store += count - literal
+        self._emit(fd, hasher, out)
+        return first + count

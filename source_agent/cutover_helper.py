@@ -1,0 +1,341 @@
+"""The cutover helper: one single-threaded process that takes the snapshot of P and sends it.
+
+    python3 -m source_agent.cutover_helper < config.json
+
+Everything else on P gets frozen by SNAPSHOT_FREEZE (the agent and its gRPC threads included), so
+this process depends on nothing but its own memory, /dev/snapshot and one plain TCP socket to V's
+image receiver, negotiated by the agent beforehand (endpoint + one-time token in the config).
+
+    connect + authenticate  -> block traffic -> FREEZE -> CREATE_IMAGE
+    in P  (in_suspend == 1): read the image, send header + PFN metadata + the data pages whose hash
+                             differs from V's, END with the image checksum, wait for ACK
+                             ACK  -> COMMIT, POWER_OFF (the point of no return has passed)
+                             else -> FREE, UNFREEZE, lift the block: P runs on as before
+    in the VM (in_suspend == 0): resume actions while everything is still frozen, UNFREEZE
+
+The outcome is one JSON line on stdout ("aborted" / "resumed"; a powered-off P prints nothing
+after "committed").
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import xxhash
+
+from common import image_wire as W
+from common.hibernate_image import (
+    PAGE_SIZE,
+    SNAPSHOT_CREATE_IMAGE,
+    SNAPSHOT_FREE,
+    SNAPSHOT_FREEZE,
+    SNAPSHOT_POWER_OFF,
+    SNAPSHOT_PREF_IMAGE_SIZE,
+    SNAPSHOT_UNFREEZE,
+    meta_pages_for,
+    parse_header,
+    parse_pfns,
+    plan_dedup,
+)
+from common.pagecodec import page_hashes
+from source_agent import resume, traffic_block
+
+CHUNK_PAGES = 256
+RB_POWER_OFF = 0x4321FEDC
+
+
+class CutoverAborted(RuntimeError):
+    """Before the point of no return: P was (or will be) unfrozen and runs on."""
+
+
+# --- the snapshot device ------------------------------------------------------------------------
+
+class Snapshot(Protocol):
+    def freeze(self) -> None: ...
+
+    def create_image(self) -> int: ...  # in_suspend
+
+    def read_page(self, buf: memoryview) -> int: ...
+
+    def free(self) -> None: ...
+
+    def unfreeze(self) -> None: ...
+
+    def power_off(self) -> None: ...
+
+
+class SnapshotDevice:
+    """/dev/snapshot through its ioctls (kernel/power/user.c)."""
+
+    def __init__(self, path: str = "/dev/snapshot") -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        try:  # a large preferred size: the kernel must not try to shrink memory (no swap)
+            fcntl.ioctl(self.fd, SNAPSHOT_PREF_IMAGE_SIZE, 1 << 40)
+        except OSError:
+            pass
+
+    def freeze(self) -> None:
+        fcntl.ioctl(self.fd, SNAPSHOT_FREEZE)
+
+    def create_image(self) -> int:
+        arg = array.array("i", [0])
+        fcntl.ioctl(self.fd, SNAPSHOT_CREATE_IMAGE, arg, True)
+        return arg[0]
+
+    def read_page(self, buf: memoryview) -> int:
+        return os.readv(self.fd, [buf])
+
+    def free(self) -> None:
+        fcntl.ioctl(self.fd, SNAPSHOT_FREE)
+
+    def unfreeze(self) -> None:
+        fcntl.ioctl(self.fd, SNAPSHOT_UNFREEZE)
+
+    def power_off(self) -> None:
+        try:
+            fcntl.ioctl(self.fd, SNAPSHOT_POWER_OFF)
+        finally:  # only reached when the ioctl failed
+            os.sync()
+            ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class HelperConfig:
+    migration_id: str
+    endpoint: str  # host:port of V's image socket
+    token: str  # hex
+    held_hashes: str = ""  # .npy of V's per-PFN hashes ("" = send every page)
+    block_interfaces: list[str] = field(default_factory=list)
+    resume_actions: list[dict[str, Any]] = field(default_factory=list)
+    snapshot_device: str = "/dev/snapshot"
+    connect_timeout_s: float = 15.0
+    ack_timeout_s: float = 120.0
+    #: rehearsal (tests): after ACK do not power off; send ABORT, unfreeze and run on
+    rehearse: bool = False
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.endpoint.rpartition(":")
+        return host, int(port)
+
+
+@dataclass
+class Figures:
+    frozen_at: float = 0.0
+    image_created_at: float = 0.0
+    image_bytes: int = 0
+    image_pages: int = 0
+    pages_sent: int = 0
+    pages_skipped: int = 0
+    wire_bytes: int = 0
+    sent_at: float = 0.0
+    acked_at: float = 0.0
+    resumed_at: float = 0.0
+    unfrozen_at: float = 0.0
+    resume_steps: list[str] = field(default_factory=list)
+
+
+def emit(outcome: str, figures: Figures, **extra: Any) -> None:
+    line = json.dumps({"outcome": outcome, **figures.__dict__, **extra})
+    os.write(1, line.encode() + b"\n")
+
+
+# --- the helper -----------------------------------------------------------------------------------
+
+class Helper:
+    def __init__(self, cfg: HelperConfig, snapshot: Snapshot, held: np.ndarray,
+                 block: Any = traffic_block, resume_runner: Any = None, uname: os.uname_result | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.snap = snapshot
+        self.held = held
+        self.block = block
+        self.resume_runner = resume_runner or (lambda actions: resume.run_resume(
+            [resume.ResumeAction(a["name"], a.get("args", {})) for a in actions]))
+        self.uname = uname or os.uname()
+        self.fig = Figures()
+        self.sock: socket.socket | None = None
+        self.blocked: list[str] = []
+        self.frozen = False
+
+    def run(self) -> str:
+        """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
+        try:
+            self._connect()
+            host, port = self.cfg.host_port
+            if self.cfg.block_interfaces:
+                self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
+            self.snap.freeze()
+            self.frozen = True
+            self.fig.frozen_at = time.time()
+            in_suspend = self._create_image()
+            if not in_suspend:
+                return self._resumed()
+            self.fig.image_created_at = time.time()
+            self._send_image()
+            self._await_ack()
+        except (CutoverAborted, OSError, W.WireError, ValueError) as exc:
+            self._abort(str(exc))
+            return "aborted"
+        if self.cfg.rehearse:
+            self._abort("rehearsal: not powering off")
+            return "rehearsed"
+        self._commit_and_power_off()
+        return "powered-off"  # only a test double's power_off returns
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        host, port = self.cfg.host_port
+        try:
+            self.sock = socket.create_connection((host, port), timeout=self.cfg.connect_timeout_s)
+        except OSError as exc:
+            raise CutoverAborted(f"cannot reach V's image socket {self.cfg.endpoint}: {exc}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(self.cfg.ack_timeout_s)
+        hello = {"migration_id": self.cfg.migration_id, "token": self.cfg.token,
+                 "release": self.uname.release, "version": self.uname.version}
+        W.send_frame(self.sock, W.HELLO, json.dumps(hello).encode())
+        kind, payload = W.recv_frame(self.sock, max_payload=1 << 16)
+        if kind != W.OK:
+            raise CutoverAborted(f"V refused the helper: {bytes(payload).decode(errors='replace')}")
+
+    def _create_image(self) -> int:
+        try:
+            return self.snap.create_image()
+        except OSError as exc:
+            hint = " (the image does not fit in free RAM)" if exc.errno == 12 else ""
+            raise CutoverAborted(f"CREATE_IMAGE failed: {exc}{hint}") from None
+
+    def _read_pages(self, count: int) -> bytearray:
+        buf = bytearray(count * PAGE_SIZE)
+        view = memoryview(buf)
+        for i in range(count):
+            page = view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            got = 0
+            while got < PAGE_SIZE:  # /dev/snapshot hands out at most one page per read
+                n = self.snap.read_page(page[got:])
+                if n <= 0:
+                    raise CutoverAborted(f"/dev/snapshot ended early (page {i} of {count})")
+                got += n
+        return buf
+
+    def _send(self, kind: bytes, payload: bytes | bytearray | memoryview) -> None:
+        assert self.sock is not None
+        self.fig.wire_bytes += W.send_frame(self.sock, kind, payload)
+
+    def _send_image(self) -> None:
+        whole = xxhash.xxh3_64()
+        head = self._read_pages(1)
+        header = parse_header(bytes(head))
+        meta = self._read_pages(meta_pages_for(header.image_pages))
+        pfns = parse_pfns(bytes(meta), header.image_pages)
+        self.fig.image_bytes, self.fig.image_pages = header.size, header.image_pages
+        whole.update(head)
+        whole.update(meta)
+        self._send(W.HEADER, head + meta)
+        for first in range(0, header.image_pages, CHUNK_PAGES):
+            count = min(CHUNK_PAGES, header.image_pages - first)
+            data = self._read_pages(count)
+            whole.update(data)
+            plan = plan_dedup(pfns[first:first + count], page_hashes(data), self.held)
+            pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
+            flags = plan.send.astype(np.uint8)
+            body = W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + pages[plan.send].tobytes()
+            self._send(W.CHUNK, body)
+            self.fig.pages_sent += plan.sent_pages
+            self.fig.pages_skipped += plan.skipped_pages
+        self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()))
+        self.fig.sent_at = time.time()
+
+    def _await_ack(self) -> None:
+        assert self.sock is not None
+        try:
+            kind, payload = W.recv_frame(self.sock, max_payload=1 << 16)
+        except (TimeoutError, W.WireError, OSError) as exc:
+            raise CutoverAborted(f"no acknowledgement from V: {exc}") from None
+        if kind != W.ACK:
+            raise CutoverAborted(f"V did not accept the image: {bytes(payload).decode(errors='replace')}")
+        self.fig.acked_at = time.time()
+
+    def _commit_and_power_off(self) -> None:
+        # The point of no return: V holds the exact image, loaded into the waiting VM.
+        emit("committed", self.fig)
+        try:
+            assert self.sock is not None
+            W.send_frame(self.sock, W.COMMIT)
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.close()
+        except OSError:
+            pass  # V starts the VM only on COMMIT: if it is lost, V keeps the VM waiting (no 2nd copy)
+        self.snap.power_off()
+
+    def _abort(self, reason: str) -> None:
+        """Back to P running as it was; never raises."""
+        if self.sock is not None:
+            try:
+                W.send_frame(self.sock, W.ABORT, reason.encode()[:4000])
+            except OSError:
+                pass
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        if self.frozen:
+            for step in (self.snap.free, self.snap.unfreeze):
+                try:
+                    step()
+                except OSError:
+                    pass
+            self.frozen = False
+            self.fig.unfrozen_at = time.time()
+        if self.blocked:
+            self.block.lift(self.blocked)
+        emit("aborted", self.fig, reason=reason)
+
+    def _resumed(self) -> str:
+        self.fig.resumed_at = time.time()
+        if self.sock is not None:  # P's image connection does not exist in this world
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        results = self.resume_runner(self.cfg.resume_actions)
+        self.fig.resume_steps = resume.describe(results)
+        for step in (self.snap.free, self.snap.unfreeze):
+            try:
+                step()
+            except OSError:
+                pass
+        self.frozen = False
+        self.fig.unfrozen_at = time.time()
+        emit("resumed", self.fig)
+        return "resumed"
+
+
+def main() -> int:
+    raw = json.loads(sys.stdin.read())
+    cfg = HelperConfig(**raw)
+    held = np.load(cfg.held_hashes) if cfg.held_hashes else np.zeros(0, dtype=np.uint64)
+    try:
+        snap = SnapshotDevice(cfg.snapshot_device)
+    except OSError as exc:
+        emit("aborted", Figures(), reason=f"cannot open {cfg.snapshot_device}: {exc}")
+        return 2
+    outcome = Helper(cfg, snap, held.astype(np.uint64)).run()
+    return 0 if outcome in ("resumed", "rehearsed") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

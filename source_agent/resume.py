@@ -1,0 +1,245 @@
+"""Lifecycle step 6, resume: inside the VM, right after CREATE_IMAGE returned with in_suspend == 0,
+while every other task is still frozen. Only in-process work (sysfs writes, netlink, a raw socket):
+no child processes and no module loading, because user-mode helpers are disabled while frozen.
+
+The steps are data: `plan_resume` (pure) turns what the agent knew before cutover into a list of
+named actions; `run_resume` executes them in order, each bounded in time, each failure recorded
+and the rest still attempted (the OS is in the VM now: the only way is forward).
+
+    fail-md-leg       md member on a physical disk -> faulty, then removed from the array
+    prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone)
+    rescan-pci        probe the VM's devices (drivers were loaded on P beforehand)
+    remove-feed-nic   the restore program's NIC is not P's: remove its PCI function
+    adopt-nic         bond: enslave the virtual NIC (found by MAC); no bond: move the addresses and
+                      routes the physical NIC had onto the virtual NIC
+    lift-block        remove the traffic block
+    announce          gratuitous ARP for P's addresses from the NIC that now carries them
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SYS = Path("/sys")
+
+
+@dataclass
+class ResumeAction:
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ActionResult:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class NicFacts:
+    """What the agent knew about one of P's NICs before cutover (for adopt-nic)."""
+    name: str  # the physical NIC (e.g. eth0)
+    mac: str
+    bond: str = ""  # the p2v bond the NIC is a slave of ("" = not bonded)
+    addresses: list[tuple[str, int]] = field(default_factory=list)  # on the NIC itself (no bond)
+    routes: list[tuple[str, int, str]] = field(default_factory=list)  # (dst, dst_len, gateway)
+
+
+def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: list[str], feed_mac: str,
+                announce_ips: list[tuple[str, str]]) -> list[ResumeAction]:
+    """The resume steps, in order. Pure.
+
+    md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
+    announce_ips: (interface as it will be after adopt, IPv4) to announce."""
+    actions = [ResumeAction("fail-md-leg", {"md": md, "member": member}) for md, member in md_legs]
+    actions.append(ResumeAction("prune-stale-pci"))
+    actions.append(ResumeAction("rescan-pci"))
+    if feed_mac:
+        actions.append(ResumeAction("remove-feed-nic", {"mac": feed_mac}))
+    for nic in nics:
+        actions.append(ResumeAction("adopt-nic", asdict(nic)))
+    actions.append(ResumeAction("lift-block", {"interfaces": list(blocked)}))
+    for ifname, ip in announce_ips:
+        actions.append(ResumeAction("announce", {"interface": ifname, "ip": ip}))
+    return actions
+
+
+# --- actions ---------------------------------------------------------------------------------------
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def fail_md_leg(md: str, member: str) -> str:
+    state = SYS / "block" / md / "md" / f"dev-{member}" / "state"
+    if not state.exists():
+        return f"{member} is no member of {md} any more"
+    _write(state, "faulty")
+    try:
+        _write(state, "remove")
+    except OSError as exc:  # still busy with in-flight I/O: md removes it later on its own
+        return f"{member} of {md} failed (remove deferred: {exc.strerror})"
+    return f"{member} of {md} failed and removed"
+
+
+def _config_dead(dev: Path) -> bool:
+    try:
+        with open(dev / "config", "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head == b"\xff\xff\xff\xff"
+
+
+def prune_stale_pci() -> str:
+    removed = []
+    for dev in sorted((SYS / "bus/pci/devices").iterdir()):
+        if _config_dead(dev):
+            try:
+                _write(dev / "remove", "1")
+                removed.append(dev.name)
+            except OSError as exc:
+                log.warning("removing %s: %s", dev.name, exc)
+    return "removed " + (", ".join(removed) if removed else "nothing")
+
+
+def rescan_pci() -> str:
+    _write(SYS / "bus/pci/rescan", "1")
+    return "rescanned"
+
+
+def _netdev_by_mac(mac: str, exclude_masters: bool = True) -> str | None:
+    for d in sorted((SYS / "class/net").iterdir()):
+        try:
+            addr = (d / "address").read_text().strip().lower()
+        except OSError:
+            continue
+        is_physical = (d / "device").exists()
+        if addr == mac.lower() and (is_physical or not exclude_masters):
+            # a bond's slaves report the bond's MAC: the VM's NIC is the one not yet enslaved
+            if not (d / "master").exists():
+                return d.name
+    return None
+
+
+def wait_netdev_by_mac(mac: str, timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        name = _netdev_by_mac(mac)
+        if name:
+            return name
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no new NIC with MAC {mac} appeared within {timeout_s:.0f}s")
+        time.sleep(0.05)
+
+
+def remove_feed_nic(mac: str) -> str:
+    name = _netdev_by_mac(mac)
+    if not name:
+        try:
+            name = wait_netdev_by_mac(mac, timeout_s=3)
+        except TimeoutError:
+            return "feed NIC not present"
+    dev = (SYS / "class/net" / name / "device").resolve()
+    _write(dev / "remove", "1")
+    return f"removed {name} ({dev.name})"
+
+
+def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None,
+              routes: list | None = None) -> str:
+    new = wait_netdev_by_mac(mac)
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=new)[0]
+        if bond:
+            ipr.link("set", index=idx, state="down")
+            _write(SYS / "class/net" / bond / "bonding/slaves", f"+{new}")
+            ipr.link("set", index=idx, state="up")
+            return f"{new} enslaved in {bond}"
+        ipr.link("set", index=idx, state="up")
+        for address, prefixlen in addresses or []:
+            try:
+                ipr.addr("add", index=idx, address=address, prefixlen=int(prefixlen))
+            except Exception as exc:
+                log.info("address %s/%s on %s: %s", address, prefixlen, new, exc)
+        for dst, dst_len, gateway in routes or []:
+            try:
+                kw = {"dst": f"{dst}/{dst_len}"} if dst else {"dst": "0.0.0.0/0"}
+                ipr.route("replace", oif=idx, gateway=gateway or None, **kw)
+            except Exception as exc:
+                log.info("route %s via %s on %s: %s", dst, gateway, new, exc)
+        return f"{new} carries {name}'s addresses"
+
+
+def lift_block(interfaces: list[str]) -> str:
+    from source_agent import traffic_block
+
+    lifted = traffic_block.lift(interfaces)
+    return "lifted on " + (", ".join(lifted) if lifted else "nothing")
+
+
+def garp_frame(mac: str, ip: str) -> bytes:
+    """An ARP request announcing ip at mac (sender = target = ip), broadcast."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    addr = socket.inet_aton(ip)
+    eth = b"\xff" * 6 + hw + struct.pack("!H", 0x0806)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + addr + b"\x00" * 6 + addr
+    return eth + arp
+
+
+def announce(interface: str, ip: str, count: int = 3) -> str:
+    mac = (SYS / "class/net" / interface / "address").read_text().strip()
+    frame = garp_frame(mac, ip)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((interface, 0))
+        for _ in range(count):
+            s.send(frame)
+    return f"{count} gratuitous ARP for {ip} from {interface} ({mac})"
+
+
+ACTIONS: dict[str, Callable[..., str]] = {
+    "fail-md-leg": fail_md_leg, "prune-stale-pci": prune_stale_pci, "rescan-pci": rescan_pci,
+    "remove-feed-nic": remove_feed_nic, "adopt-nic": adopt_nic, "lift-block": lift_block,
+    "announce": announce,
+}
+
+
+def run_resume(actions: list[ResumeAction], registry: dict[str, Callable[..., str]] | None = None
+               ) -> list[ActionResult]:
+    registry = registry or ACTIONS
+    results = []
+    for action in actions:
+        t0 = time.monotonic()
+        fn = registry.get(action.name)
+        if fn is None:
+            results.append(ActionResult(action.name, False, "unknown action", 0.0))
+            continue
+        try:
+            detail = fn(**action.args)
+            results.append(ActionResult(action.name, True, detail, time.monotonic() - t0))
+        except Exception as exc:
+            results.append(ActionResult(action.name, False, f"{type(exc).__name__}: {exc}",
+                                        time.monotonic() - t0))
+    return results
+
+
+def describe(results: list[ActionResult]) -> list[str]:
+    return [f"{r.name}: {'ok' if r.ok else 'FAILED'} {r.detail} ({r.seconds * 1000:.0f} ms)" for r in results]
+
+
+def pid_is_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")

@@ -1,0 +1,272 @@
+"""The image socket for real: P's cutover helper (with a snapshot device that plays back a synthetic
+image) against V's image receiver over TCP on loopback, with a real page store holding part of the
+image from "pre-copy". What the waiting VM would get must be byte-identical to the image; every
+failure before the point of no return must end with P unfrozen and the block lifted."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from common.pagecodec import decode_batch, encode_batch
+from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError
+from dest_agent.page_store import PageStore
+from source_agent.cutover_helper import Helper, HelperConfig
+from tests.cutover.imagegen import make_image
+
+MAX_PFN = 8192
+TOKEN = bytes(range(32))
+
+
+class PlaybackSnapshot:
+    """A /dev/snapshot double: FREEZE/CREATE_IMAGE/read()/FREE/UNFREEZE/POWER_OFF on a byte string."""
+
+    def __init__(self, image: bytes, in_suspend: int = 1, create_errno: int | None = None) -> None:
+        self.image = image
+        self.pos = 0
+        self.in_suspend = in_suspend
+        self.create_errno = create_errno
+        self.calls: list[str] = []
+
+    def freeze(self) -> None:
+        self.calls.append("freeze")
+
+    def create_image(self) -> int:
+        self.calls.append("create_image")
+        if self.create_errno:
+            raise OSError(self.create_errno, "Cannot allocate memory")
+        return self.in_suspend
+
+    def read_page(self, buf: memoryview) -> int:
+        n = min(len(buf), 4096, len(self.image) - self.pos)  # one page per read, like the kernel
+        buf[:n] = self.image[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def free(self) -> None:
+        self.calls.append("free")
+
+    def unfreeze(self) -> None:
+        self.calls.append("unfreeze")
+
+    def power_off(self) -> None:
+        self.calls.append("power_off")
+
+
+class RecordingBlock:
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.lifted: list[str] = []
+
+    def apply(self, interfaces, host, port):
+        self.applied = list(interfaces)
+        return list(interfaces)
+
+    def lift(self, interfaces):
+        self.lifted = list(interfaces)
+        return list(interfaces)
+
+
+class RecordingFeed:
+    def __init__(self, refuse_at_finish: str = "") -> None:
+        self.data = bytearray()
+        self.size = 0
+        self.events: list[str] = []
+        self.refuse_at_finish = refuse_at_finish
+
+    def begin(self, size: int) -> None:
+        self.size = size
+        self.events.append("begin")
+
+    def write(self, data) -> None:
+        self.data += data
+
+    def finish(self) -> int:
+        if self.refuse_at_finish:
+            raise RuntimeError(self.refuse_at_finish)
+        self.events.append("loaded")
+        return len(self.data) // 4096
+
+    def go(self) -> None:
+        self.events.append("go")
+
+    def abort(self, reason: str) -> None:
+        self.events.append("abort")
+
+
+UNAME = type("U", (), {"release": "6.1.0-56-amd64", "version": "#1 SMP Debian 6.1.158-1"})()
+
+
+def precopied_store(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, held_fraction: float) -> PageStore:
+    """A page store holding the first `held_fraction` of the image's pages as they are, and an older
+    version of a few others (pages that changed after pre-copy)."""
+    store = PageStore(tmp_path / "memory.img", MAX_PFN)
+    n_held = int(pfns.size * held_fraction)
+    stale = data[n_held:n_held + 5].copy()
+    stale[:, 0] ^= 0xFF
+    held_pfns = np.concatenate([pfns[:n_held], pfns[n_held:n_held + 5]])
+    held_data = np.concatenate([data[:n_held], stale])
+    msg = encode_batch(held_pfns, held_data.tobytes(), migration_id="m", stream_id=1, seq=1, round=1,
+                       batch_id=1, zstd_level=None)
+    store.write(decode_batch(msg, max_pfn=MAX_PFN, max_raw_bytes=1 << 26))
+    store.sync()
+    return store
+
+
+def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
+             snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
+             expected: ExpectedKernel | None = None):
+    receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
+    host, port = receiver.endpoint
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["result"] = receiver.serve()
+        except ReceiveError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    snap = snapshot or PlaybackSnapshot(image)
+    block = RecordingBlock()
+    cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
+                       block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20)
+    held = store.hashes(0, MAX_PFN)
+    helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
+    result = helper.run()
+    if result == "aborted" and t.is_alive():
+        receiver.close()
+    t.join(30)
+    assert not t.is_alive()
+    return result, helper, snap, block, outcome
+
+
+def test_full_cutover_sends_only_changed_pages(tmp_path: Path) -> None:
+    pfns = np.array(sorted(set(range(100, 1100)) | set(range(4000, 4600))), dtype=np.uint64)
+    image, pfns, data = make_image(pfns, seed=1)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.9)
+    feed = RecordingFeed()
+    result, helper, snap, block, outcome = run_pair(
+        tmp_path, image, store, feed, expected=ExpectedKernel(UNAME.release, UNAME.version))
+    assert result == "powered-off"
+    assert snap.calls == ["freeze", "create_image", "power_off"]  # never unfrozen after the ACK
+    assert block.lifted == []
+    assert bytes(feed.data) == image  # the VM gets P's exact image
+    assert (tmp_path / "image.bin").read_bytes() == image
+    assert feed.events == ["begin", "loaded", "go"]
+    res = outcome["result"]
+    assert res.committed and res.acked
+    n_held = int(pfns.size * 0.9)
+    assert res.pages_sent == pfns.size - n_held  # the 5 stale pages and the never-sent ones
+    assert res.pages_from_store == n_held
+    assert helper.fig.pages_sent == res.pages_sent and helper.fig.pages_skipped == n_held
+    assert helper.fig.wire_bytes < len(image) * 0.2
+
+
+def test_wrong_token_is_refused_and_p_runs_on(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, _, snap, block, _outcome = run_pair(tmp_path, image, store, feed, token=b"x" * 32)
+    assert result == "aborted"
+    assert snap.calls == []  # refused before anything was frozen
+    assert block.applied == []
+    assert feed.events == []
+
+
+def test_kernel_mismatch_is_refused_before_freezing(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, _, snap, _, outcome = run_pair(tmp_path, image, store, feed,
+                                           expected=ExpectedKernel("6.1.0-57-amd64", UNAME.version))
+    assert result == "aborted" and snap.calls == []
+    assert "6.1.0-57-amd64" in outcome["error"]
+
+
+def test_store_page_that_differs_from_its_hash_fails_the_checksum(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 300), seed=3)
+    store = precopied_store(tmp_path, pfns, data, 1.0)
+    # the store's data for one PFN rots after its hash was recorded: V would assemble a wrong image
+    with open(tmp_path / "memory.img", "r+b") as f:
+        f.seek(int(pfns[7]) * 4096)
+        f.write(b"\x00" * 16)
+    feed = RecordingFeed()
+    result, _, snap, block, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "aborted"
+    assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
+    assert block.lifted == ["eth0", "p2vbond0"]
+    assert "checksum" in outcome["error"]
+    assert feed.events == ["begin", "abort"]
+
+
+def test_vm_refusing_the_image_aborts_the_cutover(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 300), seed=4)
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed(refuse_at_finish="waiting VM: /dev/snapshot refused page 0: memory size")
+    result, _, snap, _block, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "aborted"
+    assert snap.calls[-2:] == ["free", "unfreeze"] and "power_off" not in snap.calls
+    assert "memory size" in outcome["error"]
+    assert feed.events == ["begin", "abort"]
+
+
+def test_create_image_enomem_unfreezes(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, _helper, snap, block, outcome = run_pair(
+        tmp_path, image, store, feed, snapshot=PlaybackSnapshot(image, create_errno=12))
+    assert result == "aborted"
+    assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
+    assert block.lifted == ["eth0", "p2vbond0"]
+    assert "does not fit in free RAM" in outcome["error"]
+
+
+def test_ack_without_commit_never_starts_the_vm(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 200))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, _, snap, _, outcome = run_pair(tmp_path, image, store, feed, rehearse=True)
+    assert result == "rehearsed"
+    assert snap.calls[-2:] == ["free", "unfreeze"]
+    assert "go" not in feed.events and feed.events[-1] == "abort"
+    assert "after ACK" in outcome["error"]
+
+
+def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    receiver = ImageReceiver("mig1", TOKEN, store, RecordingFeed(), tmp_path / "i.bin", accept_timeout_s=5)
+    host, port = receiver.endpoint
+    errors: list[str] = []
+
+    def serve() -> None:
+        try:
+            receiver.serve()
+        except ReceiveError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    ran: list[str] = []
+    snap = PlaybackSnapshot(image, in_suspend=0)
+    cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
+                       resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}])
+    from source_agent import resume
+
+    def runner(actions):
+        ran.extend(a["name"] for a in actions)
+        return [resume.ActionResult(a["name"], True, "done", 0.0) for a in actions]
+
+    helper = Helper(cfg, snap, np.zeros(0, np.uint64), block=RecordingBlock(), resume_runner=runner,
+                    uname=UNAME)  # type: ignore[arg-type]
+    assert helper.run() == "resumed"
+    assert ran == ["rescan-pci", "lift-block"]
+    assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
+    receiver.close()
+    t.join(10)
