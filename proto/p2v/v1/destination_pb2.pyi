@@ -47,10 +47,12 @@ ACK_STATUS_DUPLICATE: AckStatus
 ACK_STATUS_REJECTED: AckStatus
 
 class CatalogRequest(_message.Message):
-    __slots__ = ("migration_id",)
+    __slots__ = ("migration_id", "memory_bytes")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
-    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, migration_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class VirtualDevice(_message.Message):
     __slots__ = ("type", "device_id", "name", "mac", "serial", "size_bytes", "scheme", "driver", "export_uri")
@@ -75,16 +77,24 @@ class VirtualDevice(_message.Message):
     def __init__(self, type: _Optional[_Union[DeviceType, str]] = ..., device_id: _Optional[str] = ..., name: _Optional[str] = ..., mac: _Optional[str] = ..., serial: _Optional[str] = ..., size_bytes: _Optional[int] = ..., scheme: _Optional[_Union[RedundancyScheme, str]] = ..., driver: _Optional[str] = ..., export_uri: _Optional[str] = ...) -> None: ...
 
 class VirtualDeviceCatalog(_message.Message):
-    __slots__ = ("host_id", "devices", "max_memory_bytes", "free_disk_bytes")
+    __slots__ = ("host_id", "devices", "max_memory_bytes", "free_disk_bytes", "vm_firmware_memmap", "kernel_releases", "vm_cpu_model", "cutover_supported")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VM_FIRMWARE_MEMMAP_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_RELEASES_FIELD_NUMBER: _ClassVar[int]
+    VM_CPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CUTOVER_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     devices: _containers.RepeatedCompositeFieldContainer[VirtualDevice]
     max_memory_bytes: int
     free_disk_bytes: int
-    def __init__(self, host_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[VirtualDevice, _Mapping]]] = ..., max_memory_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ...) -> None: ...
+    vm_firmware_memmap: _containers.RepeatedCompositeFieldContainer[MemoryRange]
+    kernel_releases: _containers.RepeatedScalarFieldContainer[str]
+    vm_cpu_model: str
+    cutover_supported: bool
+    def __init__(self, host_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[VirtualDevice, _Mapping]]] = ..., max_memory_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ..., vm_firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_releases: _Optional[_Iterable[str]] = ..., vm_cpu_model: _Optional[str] = ..., cutover_supported: _Optional[bool] = ...) -> None: ...
 
 class MemoryRange(_message.Message):
     __slots__ = ("start", "end", "type")
@@ -97,7 +107,7 @@ class MemoryRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., type: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("source_host_id", "memory_bytes", "page_size", "max_pfn", "firmware_memmap", "kernel_release", "cpu_model", "migration_id", "streams")
+    __slots__ = ("source_host_id", "memory_bytes", "page_size", "max_pfn", "firmware_memmap", "kernel_release", "cpu_model", "migration_id", "streams", "nic_macs", "kernel_version", "waiting_vm")
     SOURCE_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +117,9 @@ class PrepareRequest(_message.Message):
     CPU_MODEL_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NIC_MACS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WAITING_VM_FIELD_NUMBER: _ClassVar[int]
     source_host_id: str
     memory_bytes: int
     page_size: int
@@ -116,7 +129,10 @@ class PrepareRequest(_message.Message):
     cpu_model: str
     migration_id: str
     streams: int
-    def __init__(self, source_host_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., max_pfn: _Optional[int] = ..., firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_release: _Optional[str] = ..., cpu_model: _Optional[str] = ..., migration_id: _Optional[str] = ..., streams: _Optional[int] = ...) -> None: ...
+    nic_macs: _containers.RepeatedScalarFieldContainer[str]
+    kernel_version: str
+    waiting_vm: bool
+    def __init__(self, source_host_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., max_pfn: _Optional[int] = ..., firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_release: _Optional[str] = ..., cpu_model: _Optional[str] = ..., migration_id: _Optional[str] = ..., streams: _Optional[int] = ..., nic_macs: _Optional[_Iterable[str]] = ..., kernel_version: _Optional[str] = ..., waiting_vm: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("migration_id", "max_batch_bytes", "window", "streams")
@@ -257,11 +273,55 @@ class CutoverRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[_Union[CutoverRequest.Phase, str]] = ...) -> None: ...
 
 class CutoverReply(_message.Message):
-    __slots__ = ("endpoint", "token", "ready")
+    __slots__ = ("endpoint", "token", "ready", "detail")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     token: bytes
     ready: bool
-    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ...) -> None: ...
+    detail: str
+    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ResumedRequest(_message.Message):
+    __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
+    UNFROZEN_AT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CUTOVER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PAGES_SENT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PAGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    host_id: str
+    resumed_at: float
+    unfrozen_at: float
+    resume_steps: _containers.RepeatedScalarFieldContainer[str]
+    cutover_bytes: int
+    image_bytes: int
+    image_pages_sent: int
+    image_pages_skipped: int
+    def __init__(self, migration_id: _Optional[str] = ..., host_id: _Optional[str] = ..., resumed_at: _Optional[float] = ..., unfrozen_at: _Optional[float] = ..., resume_steps: _Optional[_Iterable[str]] = ..., cutover_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_pages_sent: _Optional[int] = ..., image_pages_skipped: _Optional[int] = ...) -> None: ...
+
+class ResumedReply(_message.Message):
+    __slots__ = ("cancel_ids", "unload")
+    CANCEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    cancel_ids: _containers.RepeatedScalarFieldContainer[str]
+    unload: bool
+    def __init__(self, cancel_ids: _Optional[_Iterable[str]] = ..., unload: _Optional[bool] = ...) -> None: ...
+
+class CompletionReport(_message.Message):
+    __slots__ = ("migration_id", "cancelled", "failed", "detail")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    cancelled: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    detail: str
+    def __init__(self, migration_id: _Optional[str] = ..., cancelled: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -75,6 +75,16 @@ class DestinationStub:
                 request_serializer=p2v_dot_v1_dot_destination__pb2.CutoverRequest.SerializeToString,
                 response_deserializer=p2v_dot_v1_dot_destination__pb2.CutoverReply.FromString,
                 _registered_method=True)
+        self.Resumed = channel.unary_unary(
+                '/p2v.v1.Destination/Resumed',
+                request_serializer=p2v_dot_v1_dot_destination__pb2.ResumedRequest.SerializeToString,
+                response_deserializer=p2v_dot_v1_dot_destination__pb2.ResumedReply.FromString,
+                _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/p2v.v1.Destination/Complete',
+                request_serializer=p2v_dot_v1_dot_destination__pb2.CompletionReport.SerializeToString,
+                response_deserializer=p2v_dot_v1_dot_common__pb2.MigrationStatus.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/p2v.v1.Destination/Status',
                 request_serializer=p2v_dot_v1_dot_common__pb2.MigrationRef.SerializeToString,
@@ -147,6 +157,20 @@ class DestinationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resumed(self, request, context):
+        """The agent inside the VM after resume: reports in, gets the ids to cancel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Complete(self, request, context):
+        """The agent inside the VM: cancellation done; V records the completion with its figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -201,6 +225,16 @@ def add_DestinationServicer_to_server(servicer, server):
                     servicer.Cutover,
                     request_deserializer=p2v_dot_v1_dot_destination__pb2.CutoverRequest.FromString,
                     response_serializer=p2v_dot_v1_dot_destination__pb2.CutoverReply.SerializeToString,
+            ),
+            'Resumed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resumed,
+                    request_deserializer=p2v_dot_v1_dot_destination__pb2.ResumedRequest.FromString,
+                    response_serializer=p2v_dot_v1_dot_destination__pb2.ResumedReply.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=p2v_dot_v1_dot_destination__pb2.CompletionReport.FromString,
+                    response_serializer=p2v_dot_v1_dot_common__pb2.MigrationStatus.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -429,6 +463,60 @@ class Destination:
             '/p2v.v1.Destination/Cutover',
             p2v_dot_v1_dot_destination__pb2.CutoverRequest.SerializeToString,
             p2v_dot_v1_dot_destination__pb2.CutoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resumed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2v.v1.Destination/Resumed',
+            p2v_dot_v1_dot_destination__pb2.ResumedRequest.SerializeToString,
+            p2v_dot_v1_dot_destination__pb2.ResumedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2v.v1.Destination/Complete',
+            p2v_dot_v1_dot_destination__pb2.CompletionReport.SerializeToString,
+            p2v_dot_v1_dot_common__pb2.MigrationStatus.FromString,
             options,
             channel_credentials,
             insecure,
