@@ -18,8 +18,8 @@ LOCK_HOLDER = "rig-lock-holder"
 
 
 def rig_qemu_pids() -> list[int]:
-    """QEMU processes named with the rig prefix (`-name p2vrig-...,process=p2vrig-...`) that libvirt did
-    not start (libvirt's own are removed through libvirt)."""
+    """QEMU processes named with the rig prefix: the rig's own (`-name p2vrig-...`) and libvirt's
+    (`-name guest=p2vrig-...`; normally removed through libvirt, this catches them if libvirtd died)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -28,7 +28,7 @@ def rig_qemu_pids() -> list[int]:
         if pid == os.getpid():
             continue
         cmd = proc_cmdline(pid)
-        if "qemu-system" in cmd and f"-name {C.NAME_PREFIX}" in cmd:
+        if "qemu-system" in cmd and (f"-name {C.NAME_PREFIX}" in cmd or f"-name guest={C.NAME_PREFIX}" in cmd):
             pids.append(pid)
     return sorted(pids)
 
@@ -56,11 +56,11 @@ def teardown(run_dir: Path | None = None) -> dict[str, list]:
     for name in sorted(names, key=lambda n: n.startswith(C.NAME_PREFIX)):
         if registry.stop(name):
             removed["processes"].append(name)
+    if libvirtd.available():
+        removed["domains"] = libvirtd.remove_domains(C.NAME_PREFIX)
     for pid in rig_qemu_pids():
         kill_pid(pid, 5)
         removed["qemu_pids"].append(pid)
-    if libvirtd.available():
-        removed["domains"] = libvirtd.remove_domains(C.NAME_PREFIX)
     # anything still running inside our namespaces was started by us or by a test on the rig
     for ns in net.NAMESPACES:
         if net.netns_exists(ns):
