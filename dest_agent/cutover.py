@@ -1,0 +1,188 @@
+"""V's side of cutover, resume and completion for every migration (the service delegates here).
+
+    prepared     -> the waiting VM is built and booted in the background (Prepare with waiting_vm)
+    Cutover ANNOUNCE -> the VM is checked against P; an image socket with a one-time token opens
+    image in     -> ACK (point of no return once P COMMITs), the VM restores P
+    Resumed      -> the agent inside the VM reports; V answers with the redundancy ids to cancel
+    Complete     -> V records the completion and its figures
+An aborted or failed cutover puts the migration back to ACTIVE (P runs on) and re-arms the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import DestConfig
+from dest_agent import vm_builder
+from p2v.v1 import common_pb2, destination_pb2
+
+from .image_receiver import ReceiveError, ReceiveResult
+from .migration_record import MigrationRecord
+from .waiting_vm import SourceFacts, WaitingVm, available_kernels, host_has_libvirt
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 240.0
+
+
+@dataclass
+class CutoverState:
+    vm: WaitingVm | None = None
+    vm_start: asyncio.Task | None = None
+    vm_start_error: str = ""
+    receive: asyncio.Task | None = None
+    result: ReceiveResult | None = None
+    last_error: str = ""
+    point_of_no_return: bool = False
+    resumed: destination_pb2.ResumedRequest | None = None
+    resumed_received_at: float = 0.0
+    completion: destination_pb2.CompletionReport | None = None
+    completed_at: float = 0.0
+    attempts: int = 0
+    figures: dict = field(default_factory=dict)
+
+
+class CutoverDesk:
+    def __init__(self, config: DestConfig, work_root: Path) -> None:
+        self.config = config
+        self.work_root = Path(config.vm.work_dir) if config.vm.work_dir else work_root / "vm"
+        self.states: dict[str, CutoverState] = {}
+
+    # -- facts for check ---------------------------------------------------------------------------
+    def catalog_facts(self, catalog: destination_pb2.VirtualDeviceCatalog, memory_bytes: int) -> None:
+        c = self.config.vm
+        catalog.cutover_supported = bool(c.enabled and host_has_libvirt() and c.image_address and c.feed_vm_ip)
+        catalog.kernel_releases.extend(available_kernels(c.kernel_dir, c.modules_base))
+        catalog.vm_cpu_model = c.cpu_model_name
+        if memory_bytes and memory_bytes % (1 << 20) == 0:
+            catalog.vm_firmware_memmap.extend(
+                destination_pb2.MemoryRange(start=e.start, end=e.end, type=e.type)
+                for e in vm_builder.predict_memmap(memory_bytes))
+
+    def state(self, migration_id: str) -> CutoverState:
+        return self.states.setdefault(migration_id, CutoverState())
+
+    # -- the waiting VM ------------------------------------------------------------------------------
+    def prepare(self, record: MigrationRecord, request: destination_pb2.PrepareRequest) -> None:
+        """Start building and booting the waiting VM (returns at once)."""
+        if not (request.waiting_vm and self.config.vm.enabled):
+            return
+        st = self.state(record.id)
+        if st.vm is not None:
+            return  # idempotent Prepare retry
+        facts = SourceFacts.from_prepare(request)
+        facts.reserved_slots = frozenset(s for s in (vm_builder.slot_of(a) for a in request.pci_addresses)
+                                         if s is not None)
+        st.vm = WaitingVm(self.config.vm, record.id, facts, self.work_root)
+        st.vm_start = asyncio.create_task(self._start_vm(st), name=f"waiting-vm-{record.id}")
+
+    async def _start_vm(self, st: CutoverState) -> None:
+        assert st.vm is not None
+        try:
+            await asyncio.to_thread(st.vm.start)
+        except Exception as exc:  # reported to P through readiness: P runs on
+            st.vm_start_error = f"building the waiting VM failed: {exc}"
+            log.error("waiting VM", extra={"error": st.vm_start_error})
+
+    async def announce(self, record: MigrationRecord) -> destination_pb2.CutoverReply:
+        st = self.state(record.id)
+        if st.point_of_no_return:
+            return destination_pb2.CutoverReply(ready=False, detail="this migration has passed its point of no return")
+        if st.receive is not None and not st.receive.done():
+            return destination_pb2.CutoverReply(ready=False, detail="a cutover is in progress already")
+        if st.vm is None:
+            return destination_pb2.CutoverReply(
+                ready=False, detail="no waiting VM: Prepare with waiting_vm (and vm.enabled on V) first")
+        if st.vm_start is not None:
+            await st.vm_start
+        if st.vm_start_error:
+            return destination_pb2.CutoverReply(ready=False, detail=st.vm_start_error)
+        ok, why = await asyncio.to_thread(st.vm.wait_ready, READY_TIMEOUT_S)
+        if not ok:
+            return destination_pb2.CutoverReply(ready=False, detail=why)
+        if record.store is None:
+            return destination_pb2.CutoverReply(ready=False, detail="the page store is closed")
+        token = secrets.token_bytes(32)
+        try:
+            receiver = st.vm.receiver(record.store, record.dir / "hibernation.img", token)
+        except OSError as exc:
+            return destination_pb2.CutoverReply(ready=False, detail=f"cannot open the image socket: {exc}")
+        st.attempts += 1
+        record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
+        host, port = receiver.endpoint
+        st.receive = asyncio.create_task(self._receive(record, st, receiver), name=f"image-{record.id}")
+        log.info("image socket open", extra={"migration": record.id, "endpoint": f"{host}:{port}"})
+        return destination_pb2.CutoverReply(endpoint=f"{host}:{port}", token=token, ready=True)
+
+    async def _receive(self, record: MigrationRecord, st: CutoverState, receiver) -> None:
+        try:
+            st.result = await asyncio.to_thread(receiver.serve)
+            st.point_of_no_return = True
+            log.info("P committed; the waiting VM restores P", extra={"migration": record.id})
+        except ReceiveError as exc:
+            st.last_error = str(exc)
+            st.result = receiver.result
+            if receiver.result.acked and not receiver.result.committed:
+                # ACK sent, COMMIT never came: P might run on or be off. Never start the VM here.
+                record.set_state(common_pb2.MIGRATION_STATE_FAILED, f"cutover undecided: {exc}")
+                return
+            log.warning("cutover failed before the point of no return; P runs on",
+                        extra={"migration": record.id, "error": str(exc)})
+            record.set_state(common_pb2.MIGRATION_STATE_ACTIVE)
+            if st.vm is not None:
+                st.vm.rearm()
+        finally:
+            await asyncio.to_thread(record.journal)
+
+    def abort(self, record: MigrationRecord) -> None:
+        st = self.states.get(record.id)
+        if st is None or st.point_of_no_return:
+            return
+        if st.vm is not None:
+            st.vm.feed.abort("cutover aborted by the source")
+            st.vm.rearm()
+
+    def close(self, record_id: str) -> None:
+        """The migration was cancelled or failed before the point of no return: drop the VM."""
+        st = self.states.get(record_id)
+        if st is None or st.point_of_no_return or st.vm is None:
+            return
+        vm = st.vm
+        st.vm = None
+        if st.vm_start is not None and not st.vm_start.done():
+            st.vm_start.cancel()
+        vm.destroy()
+
+    # -- after the move --------------------------------------------------------------------------
+    def resumed(self, record: MigrationRecord, request: destination_pb2.ResumedRequest) -> destination_pb2.ResumedReply:
+        st = self.state(record.id)
+        st.resumed, st.resumed_received_at = request, time.time()
+        st.point_of_no_return = True
+        ids = [e["id"] for e in record.redundancy]
+        return destination_pb2.ResumedReply(cancel_ids=ids, unload=True)
+
+    def complete(self, record: MigrationRecord, report: destination_pb2.CompletionReport) -> None:
+        st = self.state(record.id)
+        st.completion, st.completed_at = report, time.time()
+        record.set_state(common_pb2.MIGRATION_STATE_COMPLETED if not report.failed
+                         else common_pb2.MIGRATION_STATE_FAILED,
+                         "" if not report.failed else "cancellation incomplete: " + "; ".join(report.failed))
+
+    def fill_status(self, record: MigrationRecord, status: common_pb2.MigrationStatus) -> None:
+        st = self.states.get(record.id)
+        if st is None:
+            return
+        status.point_of_no_return = st.point_of_no_return
+        if st.result is not None:
+            status.stats.downtime_bytes = st.result.wire_bytes
+            status.stats.skipped = st.result.pages_from_store
+        if st.resumed is not None and st.resumed.unfrozen_at:
+            if st.resumed.frozen_at:
+                status.stats.downtime_ms = int((st.resumed.unfrozen_at - st.resumed.frozen_at) * 1000)
+        if st.last_error and not st.point_of_no_return:
+            status.progress.detail = f"last cutover attempt: {st.last_error}"

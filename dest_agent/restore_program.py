@@ -1,0 +1,203 @@
+"""The restore program of the waiting VM (runs in V's restore initramfs; standard library only).
+
+It listens on the feed NIC, tells V what this VM is (kernel build, firmware map, memory), then takes
+a hibernation image from V and writes it into /dev/snapshot as it arrives (the kernel validates the
+header on the first page: wrong memory size or firmware map is refused right there). When the whole
+image is in, it answers LOADED and waits for V's word: GO -> FREEZE + ATOMIC_RESTORE (P's kernel takes
+over this machine and never returns here); ABORT or a dropped connection -> the image is discarded
+(closing /dev/snapshot frees it) and it waits for the next one.
+
+Feed protocol (one TCP connection from V at a time, lines are ASCII):
+    VM -> V   P2VFEED1 <json facts>\\n
+    V  -> VM  IMAGE <bytes> <token>\\n  then <bytes> of image
+    VM -> V   LOADED <pages>\\n | ERR <reason>\\n
+    V  -> VM  GO\\n | ABORT\\n
+    VM -> V   RESTORING\\n  (then the machine becomes P)  | ERR <reason>\\n
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+PAGE = 4096
+SNAPSHOT_FREEZE = 0x3301
+SNAPSHOT_ATOMIC_RESTORE = 0x3304
+MAX_IMAGE_BYTES = 1 << 40
+MAX_CONNECTIONS = 1000  # bounded: each is one attempt by V
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"P2V-RESTORE [{time.monotonic():.3f}] {msg}\n")
+    sys.stderr.flush()
+
+
+def read_memmap(root: str = "/sys/firmware/memmap") -> list[list]:
+    out = []
+    try:
+        names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int)
+    except OSError:
+        return out
+    for n in names:
+        vals = []
+        for f in ("start", "end", "type"):
+            with open(f"{root}/{n}/{f}") as fh:
+                vals.append(fh.read().strip())
+        out.append([int(vals[0], 16), int(vals[1], 16) + 1, vals[2]])
+    return out
+
+
+def present_pages() -> int:
+    total = 0
+    with open("/proc/zoneinfo") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "present":
+                total += int(parts[1])
+    return total
+
+
+def mem_free_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemFree:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def facts() -> dict:
+    u = os.uname()
+    return {"release": u.release, "version": u.version, "machine": u.machine, "memmap": read_memmap(),
+            "present_pages": present_pages(), "mem_free_bytes": mem_free_bytes()}
+
+
+class Feed:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+
+    def line(self, limit: int = 4096) -> str:
+        while b"\n" not in self.buf:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise ConnectionError("V closed the feed")
+            self.buf += chunk
+            if len(self.buf) > limit and b"\n" not in self.buf:
+                raise ValueError("line too long")
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("ascii", "replace").strip()
+
+    def send(self, text: str) -> None:
+        self.conn.sendall(text.encode() + b"\n")
+
+
+def write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError("short write to /dev/snapshot")
+        view = view[n:]
+
+
+def load_image(feed: Feed, size: int) -> tuple[int, int]:
+    """Stream `size` bytes from V into /dev/snapshot. Returns (fd, pages)."""
+    fd = os.open("/dev/snapshot", os.O_WRONLY)
+    try:
+        pending = bytearray(feed.buf)
+        feed.buf = b""
+        received = len(pending)
+        done = 0
+        while True:
+            whole = (min(len(pending), size - done) // PAGE) * PAGE
+            if whole:
+                try:
+                    write_all(fd, memoryview(pending)[:whole])
+                except OSError as exc:
+                    raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
+                                       "(see the kernel log: memory size or firmware map mismatch?)") from None
+                del pending[:whole]
+                done += whole
+            if done >= size:
+                break
+            chunk = feed.conn.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError(f"V closed the feed after {received} of {size} bytes")
+            pending += chunk
+            received += len(chunk)
+        feed.buf = bytes(pending)
+        return fd, done // PAGE
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def serve_one(conn: socket.socket, token: str) -> None:
+    feed = Feed(conn)
+    feed.send("P2VFEED1 " + json.dumps(facts()))
+    words = feed.line().split()
+    if len(words) != 3 or words[0] != "IMAGE" or not words[1].isdigit():
+        feed.send("ERR expected IMAGE <bytes> <token>")
+        return
+    if words[2] != token:
+        feed.send("ERR bad token")
+        return
+    size = int(words[1])
+    if size <= 0 or size % PAGE or size > MAX_IMAGE_BYTES:
+        feed.send(f"ERR bad image size {size}")
+        return
+    t0 = time.monotonic()
+    try:
+        fd, pages = load_image(feed, size)
+    except (RuntimeError, OSError) as exc:
+        log(str(exc))
+        feed.send(f"ERR {exc}")
+        return
+    try:
+        log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s")
+        feed.send(f"LOADED {pages}")
+        word = feed.line()
+        if word != "GO":
+            log(f"V said {word!r}: image discarded")
+            return
+        feed.send("RESTORING")
+        log("FREEZE + ATOMIC_RESTORE")
+        fcntl.ioctl(fd, SNAPSHOT_FREEZE)
+        fcntl.ioctl(fd, SNAPSHOT_ATOMIC_RESTORE)
+        feed.send("ERR ATOMIC_RESTORE returned")  # only reached when the restore failed
+    except OSError as exc:
+        log(f"restore failed: {exc}")
+        try:
+            feed.send(f"ERR {exc}")
+        except OSError:
+            pass
+    finally:
+        os.close(fd)  # an unused image is freed with the file
+
+
+def main(argv: list[str]) -> int:
+    port = int(argv[1])
+    token = argv[2]
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(1)
+    log(f"P2V-RESTORE-LISTENING port {port} facts {json.dumps(facts())}")
+    for _ in range(MAX_CONNECTIONS):
+        conn, peer = srv.accept()
+        log(f"feed from {peer[0]}")
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            serve_one(conn, token)
+        except (ConnectionError, ValueError, OSError) as exc:
+            log(f"feed ended: {exc}")
+        finally:
+            conn.close()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,263 @@
+"""The waiting VM (the patent's "empty virtual machine"), built through libvirt before cutover.
+
+`domain_xml(spec)` is a pure function of a `WaitingVmSpec`; `predict_memmap` is V's model of the
+firmware memory map its VMs get (SeaBIOS on QEMU's `pc` machine); `start`/`destroy` are the I/O.
+
+What makes the hibernation carrier accept the VM (shared/research/hibernate-carrier):
+- P's kernel and P's memory size (the image header records the number of physical pages);
+- the same firmware e820 map: no device that makes SeaBIOS reserve memory at boot — the virtio
+  disk gets no boot order (libvirt then passes `-boot strict=on`, and SeaBIOS leaves it alone),
+  no USB controller, no balloon;
+- none of the VM's PCI devices sits on a slot P's devices occupy (P's drivers are still bound to
+  those addresses when P's kernel wakes up; they must read "nothing there" and be removed);
+- CPU model qemu64, machine `pc`, ACPI on, like P.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from common.hibernate_image import MemmapEntry
+
+log = logging.getLogger(__name__)
+
+LIBVIRT_URI = "qemu:///system"
+#: Slots QEMU's `pc` machine always uses (host bridge, PIIX3 ISA/IDE/ACPI).
+PC_BUILTIN_SLOTS = frozenset({0, 1})
+FIRST_FREE_SLOT = 3
+
+
+@dataclass(frozen=True)
+class VmNic:
+    mac: str
+    bridge: str
+    model: str = "virtio"
+
+
+@dataclass(frozen=True)
+class VmDisk:
+    path: str
+    target: str  # "vda", "hda", ...
+    bus: str = "virtio"  # "virtio" | "ide"
+    fmt: str = "raw"
+    #: IDE position (controller 0): (bus, unit); P's kernel knows its IDE disks by position.
+    ide_position: tuple[int, int] | None = None
+    #: Opened by P's QEMU at the same time (rig: P's root disk as shared storage): no image locking.
+    shareable: bool = False
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class WaitingVmSpec:
+    name: str
+    uuid: str
+    memory_bytes: int
+    vcpus: int
+    kernel: str
+    initrd: str
+    cmdline: str
+    nics: tuple[VmNic, ...]  # P's NICs (P's MACs)
+    feed_nic: VmNic  # the restore program receives the image on it
+    disks: tuple[VmDisk, ...] = ()
+    console_log: str = ""
+    control_socket: str = ""  # ttyS1 as a unix socket (the rig's control channel), "" = none
+    #: PCI slots taken by P's devices: the VM leaves them empty
+    reserved_slots: frozenset[int] = field(default_factory=frozenset)
+    run_as_root: bool = False
+    cpu_model: str = "qemu64"
+    machine: str = "pc"
+
+
+def allocate_slots(count: int, reserved: frozenset[int]) -> list[int]:
+    """`count` PCI slots on bus 0 that neither QEMU's builtins nor P's devices use."""
+    slots = [s for s in range(FIRST_FREE_SLOT, 32) if s not in reserved and s not in PC_BUILTIN_SLOTS]
+    if len(slots) < count:
+        raise ValueError(f"no {count} free PCI slots left (P occupies {sorted(reserved)})")
+    return slots[:count]
+
+
+def slot_of(pci_address: str) -> int | None:
+    """Slot number of a bus-0 address like 0000:00:05.0 (None for other buses or malformed)."""
+    try:
+        domain, bus, devfn = pci_address.split(":")
+        slot = devfn.split(".")[0]
+        if int(domain, 16) == 0 and int(bus, 16) == 0:
+            return int(slot, 16)
+    except ValueError:
+        pass
+    return None
+
+
+def predict_memmap(memory_bytes: int) -> list[MemmapEntry]:
+    """The firmware map SeaBIOS (QEMU 7.2, machine pc-i440fx) gives a guest with this much RAM and
+    no boot-time virtio-blk. RAM below 4 GiB ends at 3.5 GiB when RAM reaches it (QEMU splits at
+    3 GiB then); SeaBIOS keeps the top 128 KiB of low RAM for its tables."""
+    if memory_bytes <= 0 or memory_bytes % (1 << 20):
+        raise ValueError(f"memory size {memory_bytes} must be a positive whole number of MiB")
+    low = memory_bytes if memory_bytes < 0xE000_0000 else 0xC000_0000
+    high = memory_bytes - low
+    entries = [
+        MemmapEntry(0, 0x9FC00, "System RAM"),
+        MemmapEntry(0x9FC00, 0xA0000, "Reserved"),
+        MemmapEntry(0xF0000, 0x100000, "Reserved"),
+        MemmapEntry(0x100000, low - 0x20000, "System RAM"),
+        MemmapEntry(low - 0x20000, low, "Reserved"),
+        MemmapEntry(0xFFFC0000, 0x1_0000_0000, "Reserved"),
+    ]
+    if high:
+        entries.append(MemmapEntry(0x1_0000_0000, 0x1_0000_0000 + high, "System RAM"))
+    entries.append(MemmapEntry(0xFD_0000_0000, 0x100_0000_0000, "Reserved"))
+    return entries
+
+
+def _q(value: object) -> str:
+    return quoteattr(str(value))
+
+
+def _text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def domain_xml(spec: WaitingVmSpec) -> str:
+    """libvirt domain XML for the waiting VM. Pure."""
+    if spec.memory_bytes % (1 << 20):
+        raise ValueError("memory must be a whole number of MiB")
+    virtio_disks = [d for d in spec.disks if d.bus == "virtio"]
+    ide_disks = [d for d in spec.disks if d.bus == "ide"]
+    for d in spec.disks:
+        if d.bus not in ("virtio", "ide"):
+            raise ValueError(f"disk {d.target}: bus {d.bus!r} unsupported")
+        if d.bus == "ide" and d.ide_position is None:
+            raise ValueError(f"IDE disk {d.target} needs its position (P's kernel knows it by position)")
+    slots = allocate_slots(len(spec.nics) + 1 + len(virtio_disks), spec.reserved_slots)
+    slot_iter = iter(slots)
+    dev: list[str] = ["<emulator>/usr/bin/qemu-system-x86_64</emulator>"]
+    for d in ide_disks:
+        bus, unit = d.ide_position  # type: ignore[misc]
+        dev.append(
+            f"<disk type='file' device='disk'><driver name='qemu' type={_q(d.fmt)} cache='none'/>"
+            f"<source file={_q(d.path)}/><target dev={_q(d.target)} bus='ide'/>"
+            + ("<shareable/>" if d.shareable else "")
+            + (f"<serial>{_text(d.serial)}</serial>" if d.serial else "")
+            + f"<address type='drive' controller='0' bus='{bus}' target='0' unit='{unit}'/></disk>")
+    for d in virtio_disks:
+        dev.append(
+            f"<disk type='file' device='disk'><driver name='qemu' type={_q(d.fmt)} cache='none'/>"
+            f"<source file={_q(d.path)}/><target dev={_q(d.target)} bus='virtio'/>"
+            + ("<shareable/>" if d.shareable else "")
+            + (f"<serial>{_text(d.serial)}</serial>" if d.serial else "")
+            + f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
+            "</disk>")
+    for nic in (*spec.nics, spec.feed_nic):
+        dev.append(
+            f"<interface type='bridge'><mac address={_q(nic.mac.lower())}/><source bridge={_q(nic.bridge)}/>"
+            f"<model type={_q(nic.model)}/><rom enabled='no'/>"
+            f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
+            "</interface>")
+    dev.append("<controller type='usb' model='none'/>")
+    if spec.console_log:
+        dev.append(f"<serial type='file'><source path={_q(spec.console_log)} append='on'/>"
+                   "<target port='0'/></serial>")
+    else:
+        dev.append("<serial type='null'><target port='0'/></serial>")
+    if spec.control_socket:
+        dev.append(f"<serial type='unix'><source mode='bind' path={_q(spec.control_socket)}/>"
+                   "<target port='1'/></serial>")
+    dev.append("<memballoon model='none'/>")
+    seclabel = ("<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
+                if spec.run_as_root else "")
+    return (
+        f"<domain type='qemu'><name>{_text(spec.name)}</name><uuid>{_text(spec.uuid)}</uuid>"
+        f"<memory unit='KiB'>{spec.memory_bytes // 1024}</memory>"
+        f"<currentMemory unit='KiB'>{spec.memory_bytes // 1024}</currentMemory>"
+        f"<vcpu>{spec.vcpus}</vcpu>"
+        f"<os><type arch='x86_64' machine={_q(spec.machine)}>hvm</type>"
+        f"<kernel>{_text(spec.kernel)}</kernel><initrd>{_text(spec.initrd)}</initrd>"
+        f"<cmdline>{_text(spec.cmdline)}</cmdline></os>"
+        "<features><acpi/><apic/></features>"
+        f"<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{_text(spec.cpu_model)}</model></cpu>"
+        "<clock offset='utc'/>"
+        "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
+        f"<devices>{''.join(dev)}</devices>{seclabel}</domain>")
+
+
+# --- I/O: libvirt ----------------------------------------------------------------------------------
+
+class VmError(RuntimeError):
+    pass
+
+
+def _connect():
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise VmError("libvirt-python is not installed on V (pip install libvirt-python)") from exc
+    try:
+        return libvirt.open(LIBVIRT_URI)
+    except libvirt.libvirtError as exc:
+        raise VmError(f"cannot reach libvirtd at {LIBVIRT_URI}: {exc}") from None
+
+
+def start(spec: WaitingVmSpec) -> str:
+    """Start the waiting VM as a transient domain. Returns libvirt's QEMU command line log path."""
+    import libvirt
+
+    if spec.console_log:
+        Path(spec.console_log).parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect()
+    try:
+        try:
+            conn.createXML(domain_xml(spec), 0)
+        except libvirt.libvirtError as exc:
+            raise VmError(f"starting the waiting VM {spec.name}: {exc}") from None
+    finally:
+        conn.close()
+    log.info("waiting VM started", extra={"vm": spec.name})
+    return f"/var/log/libvirt/qemu/{spec.name}.log"
+
+
+def state(name: str) -> str:
+    """'running', 'shutoff', 'absent', ..."""
+    import libvirt
+
+    conn = _connect()
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return "absent"
+        st = dom.state()[0]
+        return {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+                libvirt.VIR_DOMAIN_SHUTOFF: "shutoff", libvirt.VIR_DOMAIN_CRASHED: "crashed"}.get(st, str(st))
+    finally:
+        conn.close()
+
+
+def destroy(name: str, timeout_s: float = 20.0) -> bool:
+    """Stop the domain if it exists. True if it was running."""
+    import libvirt
+
+    conn = _connect()
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            log.warning("destroy %s: %s", name, exc)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                conn.lookupByName(name)
+            except libvirt.libvirtError:
+                return True
+            time.sleep(0.1)
+        return True
+    finally:
+        conn.close()

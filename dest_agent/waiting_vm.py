@@ -1,0 +1,302 @@
+"""One migration's waiting VM on V: build it, boot it, hold the feed to its restore program, check it
+against P, receive P's image into it (lifecycle step 5, V's side).
+
+    WaitingVm.start()      restore initramfs + disk + libvirt domain; a thread connects the feed
+    WaitingVm.readiness()  (ready, why not): the restore program answered, and its kernel build,
+                           firmware map and memory are P's
+    WaitingVm.receiver()   an ImageReceiver on V's image socket, feeding this VM
+    WaitingVm.destroy()    before the point of no return only (afterwards the VM *is* P)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import DestVmConfig
+from common.preflight import memmap_difference
+from p2v.v1 import destination_pb2
+
+from . import restore_initramfs, vm_builder
+from .image_receiver import ExpectedKernel, ImageReceiver
+
+log = logging.getLogger(__name__)
+
+FEED_RETRY_S = 0.5
+
+
+class FeedError(RuntimeError):
+    pass
+
+
+class FeedClient:
+    """V's side of the feed to the restore program (dest_agent/restore_program.py)."""
+
+    def __init__(self, host: str, port: int, token: str, timeout_s: float = 120.0) -> None:
+        self.host, self.port, self.token = host, port, token
+        self.timeout_s = timeout_s
+        self.sock: socket.socket | None = None
+        self.buf = b""
+        self.facts: dict = {}
+
+    def connect(self, connect_timeout_s: float = 2.0) -> dict:
+        sock = socket.create_connection((self.host, self.port), timeout=connect_timeout_s)
+        sock.settimeout(self.timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.buf = sock, b""
+        line = self._line()
+        if not line.startswith("P2VFEED1 "):
+            self.close()
+            raise FeedError(f"unexpected greeting from the waiting VM: {line[:200]!r}")
+        self.facts = json.loads(line[len("P2VFEED1 "):])
+        return self.facts
+
+    def _line(self) -> str:
+        assert self.sock is not None
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise FeedError("the waiting VM closed the feed")
+            self.buf += chunk
+            if len(self.buf) > 1 << 20:
+                raise FeedError("the waiting VM sent an overlong line")
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace").strip()
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if self.sock is None:
+            raise FeedError("the feed is not connected")
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            reason = ""
+            try:  # the restore program says why it stopped taking data
+                self.sock.settimeout(2)
+                reason = self._line()
+            except (OSError, FeedError):
+                pass
+            raise FeedError(f"the waiting VM stopped taking the image: {reason or exc}") from None
+
+    # VmFeed
+    def begin(self, size: int) -> None:
+        self._send(f"IMAGE {size} {self.token}\n".encode())
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._send(data)
+
+    def finish(self) -> int:
+        line = self._line()
+        if not line.startswith("LOADED "):
+            raise FeedError(f"waiting VM: {line[:500]}")
+        return int(line.split()[1])
+
+    def go(self) -> None:
+        self._send(b"GO\n")
+        line = self._line()
+        if line != "RESTORING":
+            raise FeedError(f"waiting VM did not restore: {line[:500]}")
+
+    def abort(self, reason: str) -> None:
+        try:
+            if self.sock is not None:
+                self.sock.sendall(b"ABORT\n")
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+@dataclass
+class SourceFacts:
+    """What P told V at Prepare (what the waiting VM must reproduce)."""
+    memory_bytes: int
+    kernel_release: str
+    kernel_version: str
+    firmware_memmap: list
+    nic_macs: list[str]
+    reserved_slots: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_prepare(cls, req: destination_pb2.PrepareRequest) -> SourceFacts:
+        return cls(req.memory_bytes, req.kernel_release, req.kernel_version, list(req.firmware_memmap),
+                   [m.lower() for m in req.nic_macs])
+
+
+def check_facts(source: SourceFacts, vm: dict) -> str:
+    """'' when the waiting VM reproduces P, else why not. Pure."""
+    if vm.get("release") != source.kernel_release:
+        return f"the waiting VM runs kernel {vm.get('release')}, P runs {source.kernel_release}"
+    if source.kernel_version and vm.get("version") != source.kernel_version:
+        return f"the waiting VM's kernel build {vm.get('version')!r} is not P's {source.kernel_version!r}"
+    vm_map = [destination_pb2.MemoryRange(start=s, end=e, type=t) for s, e, t in vm.get("memmap", [])]
+    diff = memmap_difference(source.firmware_memmap, vm_map)
+    if diff:
+        return f"the waiting VM's firmware memory map differs from P's: {diff}"
+    return ""
+
+
+def available_kernels(kernel_dir: str, modules_base: str) -> list[str]:
+    releases = []
+    for p in sorted(Path(kernel_dir).glob("vmlinuz-*")):
+        rel = p.name[len("vmlinuz-"):]
+        if (Path(modules_base) / "lib/modules" / rel / "modules.dep").exists():
+            releases.append(rel)
+    return releases
+
+
+def parse_shared_disk(spec: str, index: int) -> vm_builder.VmDisk:
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"vm.shared_ide_disks[{index}] {spec!r}: expected path:bus:unit[:format]")
+    fmt = parts[3] if len(parts) == 4 else "raw"
+    return vm_builder.VmDisk(path=parts[0], target=f"hd{'abcd'[int(parts[1]) * 2 + int(parts[2])]}", bus="ide",
+                             fmt=fmt, ide_position=(int(parts[1]), int(parts[2])), shareable=True)
+
+
+class WaitingVm:
+    def __init__(self, config: DestVmConfig, migration_id: str, source: SourceFacts, work_dir: Path) -> None:
+        if not config.image_address or not config.feed_vm_ip:
+            raise ValueError("vm.image_address and vm.feed_vm_ip must be configured for cutover")
+        self.config = config
+        self.migration_id = migration_id
+        self.source = source
+        self.work_dir = work_dir
+        self.name = f"{config.name_prefix}{migration_id}"
+        self.feed_token = secrets.token_hex(16)
+        self.feed = FeedClient(config.feed_vm_ip.split("/")[0], config.feed_port, self.feed_token)
+        self.started = False
+        self.error = ""
+        self.booted_at = 0.0
+        self._feed_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def console_log(self) -> str:
+        return self.config.console_log or str(self.work_dir / f"{self.name}.console.log")
+
+    def spec(self, initrd: Path) -> vm_builder.WaitingVmSpec:
+        c = self.config
+        kernel = Path(c.kernel_dir) / f"vmlinuz-{self.source.kernel_release}"
+        disks = [parse_shared_disk(s, i) for i, s in enumerate(c.shared_ide_disks)]
+        if c.disk_bytes:
+            disks.append(vm_builder.VmDisk(path=str(self.work_dir / f"{self.name}-vda.img"), target="vda",
+                                           serial=c.disk_serial))
+        cmdline = (f"console=ttyS0,115200 quiet panic=-1 p2v.feedmac={c.feed_vm_mac} p2v.feedip={c.feed_vm_ip} "
+                   f"p2v.port={c.feed_port} p2v.token={self.feed_token}")
+        return vm_builder.WaitingVmSpec(
+            name=self.name, uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"p2v:{self.migration_id}")),
+            memory_bytes=self.source.memory_bytes, vcpus=c.vcpus, kernel=str(kernel), initrd=str(initrd),
+            cmdline=cmdline, nics=tuple(vm_builder.VmNic(m, c.bridge) for m in self.source.nic_macs),
+            feed_nic=vm_builder.VmNic(c.feed_vm_mac, c.bridge), disks=tuple(disks), console_log=self.console_log,
+            control_socket=c.control_socket, reserved_slots=self.source.reserved_slots,
+            run_as_root=c.run_as_root, cpu_model=c.cpu_model)
+
+    def start(self) -> None:
+        """Blocking (seconds): build, then start the domain; the feed connects in the background."""
+        c = self.config
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.chmod(0o755)
+        initrd = restore_initramfs.build(self.source.kernel_release, self.work_dir / "initramfs-cache",
+                                         modules_base=Path(c.modules_base))
+        if c.disk_bytes:
+            disk = self.work_dir / f"{self.name}-vda.img"
+            if not disk.exists():
+                with disk.open("wb") as f:
+                    f.truncate(c.disk_bytes)
+        vm_builder.destroy(self.name)  # a leftover of an earlier attempt with the same id
+        vm_builder.start(self.spec(initrd))
+        self.started = True
+        self.booted_at = time.time()
+        self.connect_feed_in_background()
+
+    def connect_feed_in_background(self) -> None:
+        self._feed_thread = threading.Thread(target=self._connect_feed, name=f"feed-{self.name}", daemon=True)
+        self._feed_thread.start()
+
+    def _connect_feed(self) -> None:
+        deadline = time.monotonic() + self.config.boot_timeout_s
+        last = ""
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                facts = self.feed.connect()
+                log.info("waiting VM answered", extra={"vm": self.name, "release": facts.get("release")})
+                with self._lock:
+                    self.error = ""
+                return
+            except (OSError, FeedError, ValueError) as exc:
+                last = str(exc)
+                self._stop.wait(FEED_RETRY_S)
+        with self._lock:
+            self.error = f"the waiting VM did not answer within {self.config.boot_timeout_s}s ({last})"
+
+    def wait_ready(self, timeout_s: float) -> tuple[bool, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ok, why = self.readiness()
+            if ok or (why and "did not answer" in why) or (why and "differs" in why) or "kernel" in why:
+                return ok, why
+            time.sleep(0.2)
+        return self.readiness()
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            if self.error:
+                return False, self.error
+        if not self.started:
+            return False, "the waiting VM was not started"
+        if not self.feed.facts or self.feed.sock is None:
+            return False, "the waiting VM is still booting"
+        why = check_facts(self.source, self.feed.facts)
+        return (not why), why
+
+    def receiver(self, store, image_path: Path, token: bytes) -> ImageReceiver:
+        return ImageReceiver(self.migration_id, token, store, self.feed, image_path,
+                             expected_kernel=ExpectedKernel(self.feed.facts.get("release", ""),
+                                                            self.feed.facts.get("version", "")),
+                             bind=(self.config.image_address, self.config.image_port))
+
+    def rearm(self) -> None:
+        """After an aborted cutover: the restore program waits for the next image; reconnect."""
+        self.feed.close()
+        self.feed.facts = {}
+        self.connect_feed_in_background()
+
+    def destroy(self) -> None:
+        self._stop.set()
+        self.feed.close()
+        if self.started:
+            vm_builder.destroy(self.name)
+            self.started = False
+
+    def qemu_command_line(self) -> str:
+        """For diagnostics: the QEMU command line libvirt used."""
+        try:
+            text = Path(f"/var/log/libvirt/qemu/{self.name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln for ln in text.splitlines() if "qemu-system" in ln]
+        return lines[-1] if lines else ""
+
+
+def host_has_libvirt() -> bool:
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return False
+    return subprocess.run(["which", "virsh"], capture_output=True).returncode == 0

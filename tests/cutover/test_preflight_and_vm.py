@@ -1,0 +1,178 @@
+"""Pure policy of the carrier: the pre-flight verdict, V's firmware map model, the waiting VM's
+libvirt XML, the check of the booted VM's facts against P's, the resume plan."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from common.hibernate_image import MemmapEntry
+from common.preflight import check_carrier, lockdown_selected, memmap_difference, merge_into_verdict
+from dest_agent import vm_builder
+from dest_agent.waiting_vm import SourceFacts, check_facts, parse_shared_disk
+from p2v.v1 import destination_pb2, source_pb2
+from source_agent.resume import NicFacts, garp_frame, plan_resume
+
+GIB = 1 << 30
+#: P in the rig: 1 GiB, QEMU pc, e1000 + IDE (as its kernel reported it)
+P_MAP = [(0, 0x9FC00, "System RAM"), (0x9FC00, 0xA0000, "Reserved"), (0xF0000, 0x100000, "Reserved"),
+         (0x100000, 0x3FFE0000, "System RAM"), (0x3FFE0000, 0x40000000, "Reserved"),
+         (0xFFFC0000, 0x100000000, "Reserved"), (0xFD00000000, 0x10000000000, "Reserved")]
+
+
+def inventory(**over) -> source_pb2.Inventory:
+    inv = source_pb2.Inventory(
+        kernel_release="6.1.0-56-amd64", cpu_model="QEMU Virtual CPU version 2.5+", memory_bytes=GIB,
+        mem_available_bytes=800 << 20, snapshot_device=True, lockdown="none",
+        firmware_memmap=[source_pb2.FirmwareMemoryEntry(start=s, end=e, type=t) for s, e, t in P_MAP])
+    for k, v in over.items():
+        setattr(inv, k, v)
+    return inv
+
+
+def catalog(memory_bytes: int = GIB, **over) -> destination_pb2.VirtualDeviceCatalog:
+    cat = destination_pb2.VirtualDeviceCatalog(
+        max_memory_bytes=64 * GIB, free_disk_bytes=100 * GIB, kernel_releases=["6.1.0-56-amd64"],
+        vm_cpu_model="QEMU Virtual CPU version 2.5+", cutover_supported=True,
+        vm_firmware_memmap=[destination_pb2.MemoryRange(start=e.start, end=e.end, type=e.type)
+                            for e in vm_builder.predict_memmap(memory_bytes)])
+    for k, v in over.items():
+        if isinstance(v, list):
+            del getattr(cat, k)[:]
+            getattr(cat, k).extend(v)
+        else:
+            setattr(cat, k, v)
+    return cat
+
+
+def codes(reasons) -> set[str]:
+    return {r.code for r in reasons if r.blocking}
+
+
+def test_v_model_reproduces_ps_map_and_check_passes() -> None:
+    assert [(e.start, e.end, e.type) for e in vm_builder.predict_memmap(GIB)] == P_MAP
+    assert codes(check_carrier(inventory(), catalog())) == set()
+
+
+def test_memory_size_v_cannot_match_is_refused() -> None:
+    reasons = check_carrier(inventory(), catalog(max_memory_bytes=512 << 20))
+    assert "memory-size" in codes(reasons)
+    msg = next(r.message for r in reasons if r.code == "memory-size")
+    assert "1024 MiB" in msg and "512 MiB" in msg
+    verdict = merge_into_verdict(source_pb2.CheckVerdict(ok=True), reasons)
+    assert not verdict.ok
+
+
+def test_firmware_map_mismatch_is_refused() -> None:
+    # V predicts the map for another memory size: the kernel would refuse the image
+    reasons = check_carrier(inventory(), catalog(memory_bytes=2 * GIB))
+    assert "firmware-map" in codes(reasons)
+    assert "entry 3" in next(r.message for r in reasons if r.code == "firmware-map")
+    assert "firmware-map" in codes(check_carrier(inventory(), catalog(vm_firmware_memmap=[])))
+
+
+@pytest.mark.parametrize("over, code", [
+    ({"snapshot_device": False}, "snapshot-device"),
+    ({"lockdown": "[integrity] none"}, "lockdown"),
+    ({"mem_available_bytes": 300 << 20}, "image-fits-ram"),
+    ({"kernel_release": "6.1.0-99-amd64"}, "kernel"),
+    ({"cpu_model": "Intel(R) Xeon(R) Gold 6338"}, "cpu-model"),
+])
+def test_each_source_side_refusal(over, code) -> None:
+    assert code in codes(check_carrier(inventory(**over), catalog()))
+
+
+def test_destination_side_refusals() -> None:
+    assert "disk-space" in codes(check_carrier(inventory(), catalog(free_disk_bytes=GIB)))
+    assert "destination-cutover" in codes(check_carrier(inventory(), catalog(cutover_supported=False)))
+
+
+def test_lockdown_parsing_and_memmap_difference() -> None:
+    assert lockdown_selected("[none] integrity confidentiality") == "none"
+    assert lockdown_selected("integrity") == "integrity"
+    assert lockdown_selected("") == ""
+    a = [MemmapEntry(0, 10, "System RAM")]
+    assert memmap_difference(a, a) == ""
+    assert "entries" in memmap_difference(a, [*a, MemmapEntry(10, 20, "Reserved")])
+
+
+def test_predict_memmap_large_guest_splits_at_3g() -> None:
+    m = vm_builder.predict_memmap(4 * GIB)
+    assert (m[3].end, m[4].end) == (0xBFFE0000, 0xC0000000)
+    assert (m[6].start, m[6].end, m[6].type) == (0x100000000, 0x140000000, "System RAM")
+    with pytest.raises(ValueError):
+        vm_builder.predict_memmap(GIB + 1)
+
+
+def spec(**over) -> vm_builder.WaitingVmSpec:
+    base = dict(
+        name="p2vrig-vm-abc", uuid="5c1e0b6e-1d4a-5b1f-9a53-0c1d2e3f4a5b", memory_bytes=GIB, vcpus=1,
+        kernel="/boot/vmlinuz-6.1.0-56-amd64", initrd="/var/lib/x/restore.cpio",
+        cmdline="console=ttyS0 p2v.port=7480", nics=(vm_builder.VmNic("52:54:00:77:00:10", "p2vbr0"),),
+        feed_nic=vm_builder.VmNic("52:54:00:77:00:20", "p2vbr0"),
+        disks=(vm_builder.VmDisk("/var/lib/x/vda.img", "vda", serial="p2v-data"),
+               parse_shared_disk("/var/lib/x/root.img:0:0", 0)),
+        console_log="/var/lib/x/vm.console.log", control_socket="/var/lib/x/vm.ctl.sock",
+        reserved_slots=frozenset({2}), run_as_root=True)
+    base.update(over)
+    return vm_builder.WaitingVmSpec(**base)
+
+
+def test_domain_xml() -> None:
+    root = ET.fromstring(vm_builder.domain_xml(spec()))
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "p2vrig-vm-abc" and root.findtext("uuid")
+    assert int(root.findtext("memory")) == GIB // 1024
+    assert root.find("os/type").get("machine") == "pc"
+    assert root.findtext("os/kernel") == "/boot/vmlinuz-6.1.0-56-amd64"
+    assert root.find("cpu/model").text == "qemu64"
+    assert root.find("features/acpi") is not None
+    macs = [i.find("mac").get("address") for i in root.findall("devices/interface")]
+    assert macs == ["52:54:00:77:00:10", "52:54:00:77:00:20"]
+    assert all(i.find("source").get("bridge") == "p2vbr0" for i in root.findall("devices/interface"))
+    slots = [int(e.find("address").get("slot"), 16) for e in root.findall("devices/*") if
+             e.find("address") is not None and e.find("address").get("type") == "pci"]
+    assert 2 not in slots and len(set(slots)) == len(slots) == 3  # P's e1000 slot stays empty
+    disks = {d.find("target").get("dev"): d for d in root.findall("devices/disk")}
+    assert disks["vda"].find("target").get("bus") == "virtio"
+    assert disks["vda"].find("boot") is None  # no boot order: SeaBIOS must not touch it (e820)
+    assert disks["hda"].find("shareable") is not None
+    assert disks["hda"].find("address").get("unit") == "0"
+    serials = root.findall("devices/serial")
+    assert serials[0].find("source").get("append") == "on"
+    assert serials[1].find("source").get("mode") == "bind"
+    assert root.find("devices/controller[@type='usb']").get("model") == "none"
+    assert root.find("devices/memballoon").get("model") == "none"
+    assert root.find("seclabel").get("relabel") == "no"
+
+
+def test_domain_xml_refuses_bad_specs() -> None:
+    with pytest.raises(ValueError):
+        vm_builder.domain_xml(spec(memory_bytes=GIB + 4096))
+    with pytest.raises(ValueError, match="position"):
+        vm_builder.domain_xml(spec(disks=(vm_builder.VmDisk("/x", "hda", bus="ide"),)))
+    with pytest.raises(ValueError, match="free PCI slots"):
+        vm_builder.domain_xml(spec(reserved_slots=frozenset(range(32))))
+    assert vm_builder.slot_of("0000:00:05.0") == 5 and vm_builder.slot_of("0000:01:00.0") is None
+
+
+def test_booted_vm_facts_against_p() -> None:
+    src = SourceFacts(GIB, "6.1.0-56-amd64", "#1 SMP Debian", [source_pb2.FirmwareMemoryEntry(
+        start=s, end=e, type=t) for s, e, t in P_MAP], ["52:54:00:77:00:10"])
+    vm = {"release": "6.1.0-56-amd64", "version": "#1 SMP Debian", "memmap": [list(x) for x in P_MAP]}
+    assert check_facts(src, vm) == ""
+    assert "build" in check_facts(src, {**vm, "version": "#2"})
+    shifted = [list(x) for x in P_MAP]
+    shifted[3][1], shifted[4][0] = 0x3FFDD000, 0x3FFDD000  # what a boot-time virtio-blk does
+    assert "firmware memory map" in check_facts(src, {**vm, "memmap": shifted})
+
+
+def test_resume_plan_order_and_garp() -> None:
+    actions = plan_resume([NicFacts("eth0", "52:54:00:77:00:10", bond="p2vbond0")], [("md127", "sdb")],
+                          ["eth0", "p2vbond0"], "52:54:00:77:00:20", [("p2vbond0", "10.77.0.10")])
+    assert [a.name for a in actions] == ["fail-md-leg", "prune-stale-pci", "rescan-pci", "remove-feed-nic",
+                                         "adopt-nic", "lift-block", "announce"]
+    frame = garp_frame("52:54:00:77:00:10", "10.77.0.10")
+    assert len(frame) == 42 and frame[:6] == b"\xff" * 6 and frame[12:14] == b"\x08\x06"
+    assert frame[28:32] == frame[38:42] == bytes([10, 77, 0, 10])
