@@ -107,7 +107,7 @@ class MemoryRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., type: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("source_host_id", "memory_bytes", "page_size", "max_pfn", "firmware_memmap", "kernel_release", "cpu_model", "migration_id", "streams", "nic_macs", "kernel_version", "waiting_vm")
+    __slots__ = ("source_host_id", "memory_bytes", "page_size", "max_pfn", "firmware_memmap", "kernel_release", "cpu_model", "migration_id", "streams", "nic_macs", "kernel_version", "waiting_vm", "pci_addresses")
     SOURCE_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class PrepareRequest(_message.Message):
     NIC_MACS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAITING_VM_FIELD_NUMBER: _ClassVar[int]
+    PCI_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     source_host_id: str
     memory_bytes: int
     page_size: int
@@ -132,7 +133,8 @@ class PrepareRequest(_message.Message):
     nic_macs: _containers.RepeatedScalarFieldContainer[str]
     kernel_version: str
     waiting_vm: bool
-    def __init__(self, source_host_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., max_pfn: _Optional[int] = ..., firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_release: _Optional[str] = ..., cpu_model: _Optional[str] = ..., migration_id: _Optional[str] = ..., streams: _Optional[int] = ..., nic_macs: _Optional[_Iterable[str]] = ..., kernel_version: _Optional[str] = ..., waiting_vm: _Optional[bool] = ...) -> None: ...
+    pci_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source_host_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., max_pfn: _Optional[int] = ..., firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_release: _Optional[str] = ..., cpu_model: _Optional[str] = ..., migration_id: _Optional[str] = ..., streams: _Optional[int] = ..., nic_macs: _Optional[_Iterable[str]] = ..., kernel_version: _Optional[str] = ..., waiting_vm: _Optional[bool] = ..., pci_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("migration_id", "max_batch_bytes", "window", "streams")
@@ -285,7 +287,7 @@ class CutoverReply(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ResumedRequest(_message.Message):
-    __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped")
+    __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped", "frozen_at")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +297,7 @@ class ResumedRequest(_message.Message):
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PAGES_SENT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PAGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_AT_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     host_id: str
     resumed_at: float
@@ -304,7 +307,8 @@ class ResumedRequest(_message.Message):
     image_bytes: int
     image_pages_sent: int
     image_pages_skipped: int
-    def __init__(self, migration_id: _Optional[str] = ..., host_id: _Optional[str] = ..., resumed_at: _Optional[float] = ..., unfrozen_at: _Optional[float] = ..., resume_steps: _Optional[_Iterable[str]] = ..., cutover_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_pages_sent: _Optional[int] = ..., image_pages_skipped: _Optional[int] = ...) -> None: ...
+    frozen_at: float
+    def __init__(self, migration_id: _Optional[str] = ..., host_id: _Optional[str] = ..., resumed_at: _Optional[float] = ..., unfrozen_at: _Optional[float] = ..., resume_steps: _Optional[_Iterable[str]] = ..., cutover_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., image_pages_sent: _Optional[int] = ..., image_pages_skipped: _Optional[int] = ..., frozen_at: _Optional[float] = ...) -> None: ...
 
 class ResumedReply(_message.Message):
     __slots__ = ("cancel_ids", "unload")
