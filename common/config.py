@@ -78,6 +78,32 @@ class DestLimits:
 
 
 @dataclasses.dataclass
+class DestVmConfig:
+    """The waiting VM V builds for the hibernation carrier (dest_agent.vm_builder)."""
+    enabled: bool = False  # build waiting VMs and receive images (cutover support)
+    bridge: str = "br0"  # the VM's NICs join this bridge
+    image_address: str = ""  # V's address for the image socket (reachable from P), required if enabled
+    image_port: int = 0  # 0 = ephemeral
+    feed_vm_ip: str = ""  # the waiting VM's feed NIC, CIDR (reachable from V), required if enabled
+    feed_vm_mac: str = "52:54:00:fe:ed:01"
+    feed_port: int = 7480
+    name_prefix: str = "p2v-vm-"
+    kernel_dir: str = "/boot"  # vmlinuz-<release> of P's kernel
+    modules_base: str = "/"  # <base>/lib/modules/<release>
+    work_dir: str = ""  # disks, console logs, initramfs cache; "" = <state_dir>/vm
+    console_log: str = ""  # "" = <work_dir>/<vm name>.console.log
+    control_socket: str = ""  # ttyS1 as a unix socket ("" = none)
+    shared_ide_disks: list[str] = dataclasses.field(default_factory=list)  # "path:bus:unit[:format]"
+    disk_bytes: int = 0  # the VM's local virtio disk (md's new home), 0 = none
+    disk_serial: str = "p2v-data"
+    vcpus: int = 1
+    run_as_root: bool = False
+    cpu_model: str = "qemu64"
+    cpu_model_name: str = "QEMU Virtual CPU version 2.5+"  # what the VM's /proc/cpuinfo will say
+    boot_timeout_s: int = 180
+
+
+@dataclasses.dataclass
 class DestConfig:
     agent: DestAgentSection = dataclasses.field(default_factory=DestAgentSection)
     tls: TlsConfig = dataclasses.field(default_factory=lambda: TlsConfig(
@@ -86,6 +112,7 @@ class DestConfig:
     limits: DestLimits = dataclasses.field(default_factory=DestLimits)
     # Virtual device catalog spec, validated by dest_agent.catalog.
     catalog: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vm: DestVmConfig = dataclasses.field(default_factory=DestVmConfig)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
