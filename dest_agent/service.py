@@ -36,6 +36,9 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         self.root = Path(config.agent.state_dir) / "migrations"
         self.root.mkdir(parents=True, exist_ok=True)
         self.migrations: dict[str, MigrationRecord] = {}
+        from dest_agent.cutover import CutoverDesk
+
+        self.cutover = CutoverDesk(config, Path(config.agent.state_dir))
         self._catalog_spec = None
         if config.catalog:
             self._catalog_spec = self._parse_catalog(config.catalog)  # fail at start-up, not at use
@@ -85,6 +88,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         catalog = build_catalog(spec, self.host_id)
         catalog.max_memory_bytes = self.config.limits.max_memory_bytes
         catalog.free_disk_bytes = shutil.disk_usage(self.root).free
+        self.cutover.catalog_facts(catalog, request.memory_bytes)
         return catalog
 
     async def Prepare(self, request: destination_pb2.PrepareRequest, context):
@@ -132,6 +136,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
             self.migrations[migration_id] = record
             log.info("prepared", extra={"migration": migration_id, "max_pfn": request.max_pfn,
                                         "memory_bytes": request.memory_bytes})
+        self.cutover.prepare(record, request)
         streams = min(request.streams or 1, limits.max_streams)
         return destination_pb2.PrepareReply(migration_id=migration_id, max_batch_bytes=limits.max_batch_bytes,
                                             window=limits.window, streams=streams)
@@ -304,9 +309,30 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if request.phase == destination_pb2.CutoverRequest.PHASE_ABORT:
             if record.state == common_pb2.MIGRATION_STATE_CUTOVER:
                 record.set_state(common_pb2.MIGRATION_STATE_ACTIVE)
+            self.cutover.abort(record)
             return destination_pb2.CutoverReply(ready=False)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "cutover (image receiver and waiting VM) is not available in this build")
+        if request.phase != destination_pb2.CutoverRequest.PHASE_ANNOUNCE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown cutover phase {request.phase}")
+        if record.state not in (common_pb2.MIGRATION_STATE_ACTIVE, common_pb2.MIGRATION_STATE_CUTOVER):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"migration {record.id} is {common_pb2.MigrationState.Name(record.state)}")
+        return await self.cutover.announce(record)
+
+    async def Resumed(self, request: destination_pb2.ResumedRequest, context):
+        await self._peer(context)
+        record = await self._migration(request.migration_id, context)
+        reply = self.cutover.resumed(record, request)
+        log.info("resumed in the VM", extra={"migration": record.id, "steps": list(request.resume_steps)})
+        return reply
+
+    async def Complete(self, request: destination_pb2.CompletionReport, context):
+        await self._peer(context)
+        record = await self._migration(request.migration_id, context)
+        self.cutover.complete(record, request)
+        await asyncio.to_thread(record.journal)
+        log.info("migration complete", extra={"migration": record.id, "cancelled": list(request.cancelled),
+                                              "failed": list(request.failed)})
+        return self.status_of(record)
 
     def status_of(self, record: MigrationRecord) -> common_pb2.MigrationStatus:
         c = record.counters
@@ -315,9 +341,11 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
             normal=c.pages - c.zero_pages, normal_bytes=(c.pages - c.zero_pages) * PAGE_SIZE,
             dirty_sync_count=record.durable_round,
             total_time_ms=int((time.time() - record.created) * 1000))
-        return common_pb2.MigrationStatus(
+        status = common_pb2.MigrationStatus(
             migration_id=record.id, state=record.state, stats=stats, error=record.error,
             round=record.round, timestamp_ms=int(time.time() * 1000))
+        self.cutover.fill_status(record, status)
+        return status
 
     async def Status(self, request: common_pb2.MigrationRef, context):
         await self._peer(context)
@@ -334,6 +362,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                                       detail=record.error)
 
     def _close(self, record: MigrationRecord, state: int, error: str) -> None:
+        self.cutover.close(record.id)  # before the point of no return only; afterwards the VM is P
         with record.lock:
             record.state = state  # new batches are refused from here on
             record.error = error
