@@ -143,7 +143,9 @@ def build(
             at(f"nbd {p.virtual}")
             st = mdmirror.array_state(p.physical)
             need = max((mdmirror.block_size_bytes(f"/dev/{m}") for m in p.members), default=0)
-            ne, dev = mdmirror.nbd_connect(journal, p.export_uri, virtual=p.virtual, min_size=need)
+            ne, dev = mdmirror.nbd_connect(
+                journal, p.export_uri, virtual=p.virtual, min_size=need, block_size=mdmirror.logical_block_size(st.name)
+            )
             result.entries.append(ne)
             at(f"md-leg {st.name}")
             me = mdmirror.add_leg(journal, st.name, dev, virtual=p.virtual, depends_on=[ne.id], virtual_serial=p.serial)

@@ -109,11 +109,10 @@ def move_md_to_local(entry: Entry, local: str | None = None, sync_timeout_s: flo
         gone = not Path(f"/dev/{m.name}").exists() or "faulty" in m.state
         if m.name != leg_name and gone:
             mdmirror.remove_member(md, m.name)
+    before_add = mdmirror.array_state(md)
     sysops.run(["mdadm", mdp, "--add", local], timeout=120)
-    after = mdmirror.array_state(md)
-    added = after.member(os.path.basename(local))
-    if added is not None and added.slot == "none":  # no free slot: make room for it
-        sysops.run(["mdadm", "--grow", mdp, f"--raid-devices={after.raid_disks + 1}"], timeout=120)
+    if mdmirror.free_slots(before_add) == 0:  # no free slot: make room for it
+        sysops.run(["mdadm", "--grow", mdp, f"--raid-devices={before_add.raid_disks + 1}"], timeout=120)
     mdmirror.wait_in_sync(md, local, timeout_s=sync_timeout_s)
     mdmirror.remove_member(md, leg_name)
     shape = entry.detail.get("before", {})

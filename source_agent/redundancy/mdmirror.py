@@ -137,6 +137,12 @@ class LegStatus:
         return f"{self.leg} of {self.md} recovering {max(self.fraction, 0) * 100:.1f}%"
 
 
+def free_slots(st: ArrayState) -> int:
+    """Slots of the array that no working member occupies (a new member takes one at once)."""
+    used = sum(1 for m in st.members if m.slot not in ("", "none") and "faulty" not in m.state)
+    return max(st.raid_disks - used, 0)
+
+
 def leg_status(st: ArrayState, leg: str) -> LegStatus:
     """Pure: the leg's status from an array state."""
     m = st.member(leg)
@@ -197,16 +203,25 @@ def free_nbd(root: Path = Path("/")) -> str:
     raise MirrorError("no free /dev/nbdN (is the nbd module loaded?)")
 
 
+def logical_block_size(dev: str, root: Path = Path("/")) -> int:
+    return int(_read(_sys(root, f"/block/{os.path.basename(dev)}/queue/logical_block_size"), "512") or 512)
+
+
 def block_size_bytes(dev: str, root: Path = Path("/")) -> int:
     return int(_read(_sys(root, f"/block/{os.path.basename(dev)}/size"), "0") or 0) * 512
 
 
-def nbd_connect(journal: Journal, uri: str, virtual: str = "", min_size: int = 0) -> tuple[Entry, str]:
+def nbd_connect(
+    journal: Journal, uri: str, virtual: str = "", min_size: int = 0, block_size: int = 512
+) -> tuple[Entry, str]:
     """Connect a free nbd device to V's export; journaled. Returns (entry, "/dev/nbdN")."""
     target = parse_nbd_uri(uri)
     dev = free_nbd()
     entry = journal.begin("nbd", physical=dev, virtual=virtual, uri=uri, device=dev)
-    argv = ["nbd-client", "-t", str(NBD_TIMEOUT_S), "-b", "4096"]
+    if block_size not in (512, 1024, 2048, 4096):
+        raise MirrorError(f"block size {block_size}: must be 512, 1024, 2048 or 4096")
+    # the array's logical block size: a leg with a bigger one could not take md's small writes
+    argv = ["nbd-client", "-t", str(NBD_TIMEOUT_S), "-b", str(block_size)]
     if target.export:
         argv += ["-N", target.export]
     argv += [target.host, str(target.port), dev]
@@ -297,16 +312,20 @@ def add_leg(
     if st.bitmap == "none":
         sysops.run(["mdadm", "--grow", mdp, "--bitmap=internal"], timeout=120)
         journal.update(entry, bitmap_added=True)
+    # plain --add, then the write-mostly flag through sysfs: mdadm 4.2's "--add --write-mostly"
+    # leaves the new member faulty at once (seen on Debian 12 with kernel 6.1, no kernel message)
     try:
-        sysops.run(["mdadm", mdp, "--add", "--write-mostly", leg], timeout=120)
+        sysops.run(["mdadm", mdp, "--add", leg], timeout=120)
     except sysops.CommandError as e:
         raise MirrorError(f"adding {leg} to {st.name}: {e}") from None
     state_file = Path(f"/sys/block/{st.name}/md/dev-{leg_name}/state")
-    if "write_mostly" not in _read(state_file):
+    try:
         state_file.write_text("writemostly")
-    after = array_state(st.name)
-    m = after.member(leg_name)
-    if m is not None and m.slot == "none":  # no free slot: it came in as a spare; make room
+    except OSError as e:
+        raise MirrorError(f"setting write-mostly on {leg_name} of {st.name}: {e}") from None
+    if "write_mostly" not in _read(state_file):
+        raise MirrorError(f"{leg_name} of {st.name} is not write-mostly: {_read(state_file)}")
+    if free_slots(st) == 0:  # no free slot: it came in as a spare; make room
         journal.update(entry, grown_from=st.raid_disks)
         sysops.run(["mdadm", "--grow", mdp, f"--raid-devices={st.raid_disks + 1}"], timeout=120)
     journal.done(entry)

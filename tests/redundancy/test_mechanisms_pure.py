@@ -137,3 +137,12 @@ def test_parse_nbd_uri(uri: str, want: tuple) -> None:
 def test_parse_nbd_uri_bad(uri: str) -> None:
     with pytest.raises(mdmirror.MirrorError):
         mdmirror.parse_nbd_uri(uri)
+
+
+def test_free_slots(tmp_path: Path) -> None:
+    _md(tmp_path, {"sdb": ("in_sync", "0")})
+    assert mdmirror.free_slots(mdmirror.array_state("md127", tmp_path)) == 1
+    _md(tmp_path, {"sdb": ("in_sync", "0"), "nbd0": ("write_mostly", "none")})  # a new member before recovery
+    assert mdmirror.free_slots(mdmirror.array_state("md127", tmp_path)) == 1
+    _md(tmp_path, {"sda": ("in_sync", "0"), "sdb": ("in_sync", "1")})
+    assert mdmirror.free_slots(mdmirror.array_state("md127", tmp_path)) == 0

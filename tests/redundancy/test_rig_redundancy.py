@@ -220,3 +220,133 @@ def test_bad_input_changes_nothing(rig: Rig, p: dict) -> None:
         assert json.loads(u.sh(rig, f"cat {p['journal']}"))["entries"] == []
     assert u.net_dump(rig) == net_before and u.md_dump(rig, p["md"]) == md_before and u.modules(rig) == mods_before
     assert rig.run("true").ok
+
+
+ADMIN_MD = "/dev/md/admin"
+LOCAL_SERIAL = "p2v-local"
+TAP = "p2vt-red-tap0"
+
+
+def _admin_dump(rig: Rig) -> dict:
+    return {
+        "bond": u.sh(
+            rig,
+            "ip -d -j link show admbond0 | sed 's/\"stats64\".*//'; cat /proc/net/bonding/admbond0 "
+            "| grep -v 'Link Failure Count'",
+        ),
+        "slave": u.sh(rig, "ip -j link show admdum0"),
+        "md": u.md_dump(rig, u.sh(rig, f"basename $(readlink -f {ADMIN_MD})").strip()),
+    }
+
+
+@pytest.fixture
+def restart_rig_after(rig: Rig) -> Iterator[None]:
+    """This test moves P onto hot-plugged virtio devices, as the migration would: afterwards the rig
+    is restarted so that later tests find P as it boots."""
+    yield
+    import subprocess
+
+    rig.stop()
+    subprocess.run(["ip", "link", "del", TAP], capture_output=True, check=False)
+    (rig.run_dir / "p2vt-red-local.raw").unlink(missing_ok=True)
+    rig.start()
+
+
+def test_cancel_leaves_virtio_and_spares_admin_configs(
+    rig: Rig, p: dict, export: disk_export.DiskExport, restart_rig_after: None
+) -> None:
+    import subprocess
+
+    md = p["md"]
+    # the administrator's own redundancy, made before p2v: a bond (dummy slave) and an md mirror
+    u.sh(
+        rig,
+        "modprobe bonding max_bonds=0 && modprobe dummy numdummies=0 && "
+        "ip link add admdum0 type dummy && ip link add admbond0 type bond mode active-backup miimon 100 && "
+        "ip link set admdum0 master admbond0 && ip link set admbond0 up",
+    )
+    u.sh(
+        rig,
+        f"mdadm --create {ADMIN_MD} --run --quiet --level=1 --raid-devices=2 --metadata=1.2 "
+        f"--name=admin /dev/{p['spare']} missing < /dev/null",
+    )
+    admin_md = u.sh(rig, f"basename $(readlink -f {ADMIN_MD})").strip()
+    admin_before = _admin_dump(rig)
+    t0 = time.time()
+
+    # p2v builds its redundancy (NIC bond + md leg) and the leg syncs
+    u.put(rig, f"{u.WORK}/cat-all.toml", catalog_toml(nic=True, disk=True, serial=LOCAL_SERIAL))
+    u.sh(rig, f"echo 50000 > /sys/block/{md}/md/sync_speed_min")
+    built = u.red_json(
+        rig,
+        f"build --catalog {u.WORK}/cat-all.toml --ignore {p['root']},{admin_md} "
+        f"--journal {p['journal']} --migration-id canceltest --no-initramfs --wait 900",
+        timeout=960,
+    )
+    kinds = [e["kind"] for e in built["journal"]["entries"]]
+    assert kinds == ["driver-load", "bond", "nbd", "md-leg"], kinds
+    bond = built["journal"]["entries"][1]["detail"]["bond"]
+
+    # what the migration does to the devices: virtio NIC and a separate local virtio disk appear ...
+    local_img = rig.run_dir / "p2vt-red-local.raw"
+    local_img.unlink(missing_ok=True)
+    disk_export.create_image(local_img, rig.cfg.data_disk_mib << 20)
+    rig.machine.qmp(
+        "blockdev-add",
+        {"driver": "raw", "node-name": "p2vtredlocal", "file": {"driver": "file", "filename": str(local_img)}},
+    )
+    rig.machine.qmp(
+        "device_add", {"driver": "virtio-blk-pci", "drive": "p2vtredlocal", "id": "p2vtredvblk", "serial": LOCAL_SERIAL}
+    )
+    rig.machine.qmp(
+        "netdev_add", {"type": "tap", "id": "p2vtrednet", "ifname": TAP, "script": "no", "downscript": "no"}
+    )
+    subprocess.run(["ip", "link", "set", TAP, "master", C.BRIDGE, "up"], check=True)
+    rig.machine.qmp(
+        "device_add", {"driver": "virtio-net-pci", "netdev": "p2vtrednet", "id": "p2vtrednic", "mac": C.P_MAC}
+    )
+    vnic = ""
+    for _ in range(60):
+        vnic = u.sh(
+            rig,
+            'for d in /sys/class/net/*; do [ "$(basename $(readlink -f $d/device/driver) '
+            '2>/dev/null)" = virtio_net ] && echo ${d##*/}; done; true',
+        ).strip()
+        if vnic and LOCAL_SERIAL in u.sh(rig, "cat /sys/block/vd*/serial 2>/dev/null; true"):
+            break
+        time.sleep(1)
+    assert vnic, "the hot-plugged virtio NIC did not show up in P"
+    # ... the resume step enslaves the virtio NIC, the physical NIC and data disk go away
+    u.sh(rig, f"ip link set {vnic} down && ip link set {vnic} master {bond}")
+    bdf = u.sh(rig, f"basename $(readlink -f /sys/class/net/{p['nic']}/device)").strip()
+    u.sh(rig, f"echo 1 > /sys/bus/pci/devices/{bdf}/remove")
+    u.sh(rig, f"echo 1 > /sys/block/{p['data']}/device/delete")
+    time.sleep(3)
+    assert f"Currently Active Slave: {vnic}" in u.sh(rig, f"cat /proc/net/bonding/{bond}")
+
+    # V's instruction: cancel every id p2v reported
+    report = u.red_json(rig, f"report --journal {p['journal']}")
+    ids = [e["id"] for e in report["entries"]]
+    res = u.red(rig, f"cancel --journal {p['journal']} --ids {','.join(ids)} --sync-timeout 900", timeout=960)
+    assert res.rc == 0, res
+    out = json.loads(res.out)
+    assert [i for i, _ in out["done"]] == list(reversed(ids)) and out["failed"] == []
+    assert "e1000" in out["unloaded"], out
+
+    # the NIC is left on the virtio device, the md array on the local virtio disk
+    assert f"{C.P_IP}/" in u.sh(rig, f"ip -o addr show dev {vnic}")
+    assert rig.run(f"ip link show {bond}").rc != 0, "the bond p2v made should be dissolved"
+    vdisk = u.sh(
+        rig, f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {LOCAL_SERIAL} ] && echo ${{d##*/}}; done; true'
+    ).strip()
+    members = u.sh(rig, f"ls /sys/block/{md}/md | grep ^dev-").split()
+    assert members == [f"dev-{vdisk}"], members
+    assert "in_sync" in u.sh(rig, f"cat /sys/block/{md}/md/dev-{vdisk}/state")
+    assert rig.run("ls /sys/block/nbd*/pid").rc != 0, "network leg still connected"
+    assert rig.verify_files().ok
+    tcp = rig.tcp_stats(since=t0)
+    assert tcp.connects == 1 and tcp.reconnects == 0 and tcp.lost == 0, tcp
+    # the administrator's bond and array are exactly as before
+    assert _admin_dump(rig) == admin_before
+    # cancelled ids are not live any more: a rollback has nothing left to do
+    assert u.red_json(rig, f"rollback --journal {p['journal']}")["undone"] == []
