@@ -25,13 +25,18 @@ log = logging.getLogger(__name__)
 # by gRPC itself with RESOURCE_EXHAUSTED before our code sees it.
 MAX_MESSAGE_BYTES = 4 << 20
 
+# Agent-to-agent channels: keepalives notice a dead link within seconds, and reconnect backoff
+# stays short (gRPC's default grows to 120 s) so a stream resumes soon after the link returns.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -157,7 +162,9 @@ class AgentServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                # Accept the clients' 2 s keepalive pings (see CHANNEL_OPTIONS) without GOAWAY.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+                ("grpc.http2.max_ping_strikes", 0),
             ],
         )
         self.health = health.aio.HealthServicer()

@@ -262,6 +262,10 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     async def EndRound(self, request: destination_pb2.RoundMark, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)
+        if request.round == record.durable_round and request.round:
+            # A retry after a lost reply: that round is already closed and durable.
+            return destination_pb2.RoundAck(round=request.round, pages_held=record.store.pages_held(),
+                                            durable=True)
         if request.round != record.round:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"round {request.round} is not the open round {record.round}")

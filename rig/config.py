@@ -38,6 +38,18 @@ NS_IFNAME = "eth0"
 #: P's TCP echo server (workload 2).
 ECHO_PORT = 7000
 
+# --- P's CPU -----------------------------------------------------------------------------------
+#: A "physical" CPU of this century: qemu64 plus the x86-64-v2 features that numpy 2.x wheels (and
+#: much else) require. The target VM must present exactly the same model and features, because a
+#: resumed kernel and its processes keep using what they detected at boot.
+P_CPU_MODEL = "qemu64"
+P_CPU_FEATURES = ("ssse3", "sse4.1", "sse4.2", "popcnt", "cx16", "lahf_lm")
+
+
+def qemu_cpu_arg() -> str:
+    return ",".join([P_CPU_MODEL, *(f"+{f}" for f in P_CPU_FEATURES)])
+
+
 # --- P's identity --------------------------------------------------------------------------------
 P_HOSTNAME = "p2v-phys"
 P_MACHINE_ID = "5032760f2a7e4d1c9b3e0c0ffee77010"

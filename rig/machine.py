@@ -153,7 +153,7 @@ class Machine:
 
         argv = [
             "qemu-system-x86_64", "-name", f"{self.name},process={self.name}",
-            "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-m", str(self.memory_mib),
+            "-accel", "tcg", "-machine", "pc", "-cpu", C.qemu_cpu_arg(), "-m", str(self.memory_mib),
             "-smp", str(self.smp), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-rtc", "base=utc", "-boot", "strict=on",
             "-kernel", str(self.build.kernel), "-initrd", str(self.build.initrd),

@@ -23,7 +23,9 @@ from common.rpc import open_channel
 from p2v.v1 import common_pb2, destination_pb2, source_pb2
 
 from . import prepare
+from .precopy import PrecopyAborted
 from .status_feed import StatusFeed
+from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ class SourceMigration:
                                     error="cancelled on the source")
             self._journal()
             raise
-        except (prepare.PeerError, MigrationAborted, ValueError, OSError, grpc.RpcError) as exc:
+        except (prepare.PeerError, MigrationAborted, PrecopyAborted, TransportError, ValueError, OSError,
+                grpc.RpcError) as exc:
             message = prepare.describe_rpc_error(exc, address) if isinstance(exc, grpc.RpcError) else str(exc)
             log.error("migration failed", extra={"migration": self.id, "error": message})
             await self._abort_remote(message)

@@ -23,21 +23,13 @@ from typing import Any
 
 import grpc
 
+from common import rpc
 from p2v.v1 import destination_pb2, destination_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Channel options that make a dropped connection noticed and re-dialled within seconds
-# (gRPC's default reconnect backoff grows to 120 s). Pass them when opening the channel.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 2_000),
-    ("grpc.keepalive_timeout_ms", 3_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
+# One set of channel options for every agent-to-agent channel (keepalive, short reconnect backoff).
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [o for o in rpc.CHANNEL_OPTIONS if "message_length" not in o[0]]
 
 # Status codes after which retrying cannot help: the destination refuses us.
 FATAL_CODES = frozenset({

@@ -9,6 +9,8 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +40,20 @@ class NetnsPair:
         ip("-n", ns, "link", "set", ifname, state)
 
 
+def _wait_bindable(ns: str, addr: str, timeout: float = 5.0) -> None:
+    """A fresh namespace can refuse a bind to a just-added address for a moment (seen as
+    EADDRNOTAVAIL from gRPC's dual-stack socket); wait until a server could listen on it."""
+    probe = ("import socket,sys\n"
+             "s=socket.socket(socket.AF_INET6)\n"
+             f"s.bind(('::ffff:{addr}',0))\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe], capture_output=True)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def netns_pair(tag: str, subnet: str = "10.78.0") -> Iterator[NetnsPair]:
     """Namespaces p2vt-<tag>-a / -b with <subnet>.1 and <subnet>.2 on a veth pair."""
@@ -55,6 +71,8 @@ def netns_pair(tag: str, subnet: str = "10.78.0") -> Iterator[NetnsPair]:
         ip("-n", right, "addr", "add", f"{pair.right_ip}/24", "dev", pair.right_if)
         ip("-n", left, "link", "set", pair.left_if, "up")
         ip("-n", right, "link", "set", pair.right_if, "up")
+        for ns, addr in ((left, pair.left_ip), (right, pair.right_ip)):
+            _wait_bindable(ns, addr)
         yield pair
     finally:
         for ns in (left, right):

@@ -56,7 +56,7 @@ ca = "{tls_dir / 'ca.pem'}"
 cert = "{tls_dir / 'p2v-source.pem'}"
 key = "{tls_dir / 'p2v-source.key'}"
 server_name = "p2v-dest"
-allowed_peers = ["p2v-dest"]
+allowed_peers = ["p2v-dest", "p2vctl"]
 """)
     return cfg
 
