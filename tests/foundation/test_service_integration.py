@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,12 +22,10 @@ def test_sd_notify_ready_and_stopping(short_tmp, tls_dir):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(30)
-    import os
-
     os.environ["NOTIFY_SOCKET"] = str(notify_path)
     try:
-        agent = AgentProcess("source_agent.main", ["--config", str(source_config(short_tmp, tls_dir, "file:/dev/null"))],
-                             short_tmp, name="source")
+        config = source_config(short_tmp, tls_dir, "file:/dev/null")
+        agent = AgentProcess("source_agent.main", ["--config", str(config)], short_tmp, name="source")
     finally:
         del os.environ["NOTIFY_SOCKET"]
     try:
@@ -54,8 +54,6 @@ def test_health_and_p2vctl_over_tls(short_tmp, tls_dir):
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="p2v.v1.Source"), timeout=10)
                 return reply.status
-
-        import asyncio
 
         assert asyncio.run(health()) == health_pb2.HealthCheckResponse.SERVING
         base = [sys.executable, "-m", "p2vctl.cli", "discover", "--json", "--agent", tcp, "--timeout", "10",
