@@ -17,6 +17,7 @@ class StatusFeed:
     def __init__(self, migration_id: str) -> None:
         self.status = common_pb2.MigrationStatus(
             migration_id=migration_id, state=common_pb2.MIGRATION_STATE_SETUP,
+            stats=common_pb2.MigrationStats(), progress=common_pb2.Progress(phase="setup", fraction=-1),
             timestamp_ms=int(time.time() * 1000))
         self.version = 0
         self._changed = asyncio.Condition()

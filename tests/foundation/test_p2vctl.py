@@ -117,3 +117,24 @@ def test_migrate_dry_run_human_and_json(agents, short_tmp):
     with open(image, "rb") as f:  # page `pfn` lives at offset pfn * 4096 (dest_agent/page_store.py)
         assert f.read(len(data)) == bytes(data)
     assert source.proc.poll() is None and dest.proc.poll() is None
+
+
+def test_watch_follows_rounds_live(agents, short_tmp):
+    """migrate --detach returns at once; watch then streams the rounds until the end."""
+    sock, address, _, _ = agents
+    memory = short_tmp / "memory.bin"
+    memory.write_bytes(bytes(range(256)) * (4 << 12))  # 4 MiB, compressible
+    started = p2vctl("migrate", address, "--agent", sock, "--dry-run", "--detach", "--no-compression",
+                     "--max-bandwidth", str(2 << 20))
+    assert started.returncode == 0, started.stderr
+    migration_id = started.stdout.strip()
+    watched = p2vctl("watch", migration_id, "--agent", sock, "--json", timeout=120)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    statuses = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert {s["migration_id"] for s in statuses} == {migration_id}
+    sent = [int(s["stats"]["transferred"]) for s in statuses if s["state"] == "MIGRATION_STATE_ACTIVE"]
+    assert len(sent) >= 3, "watch should show progress while the rounds run"
+    assert sent == sorted(sent)
+    assert statuses[-1]["state"] == "MIGRATION_STATE_COMPLETED"
+    human = p2vctl("watch", migration_id, "--agent", sock)
+    assert "completed" in human.stdout and "transferred" in human.stdout
