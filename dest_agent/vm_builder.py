@@ -136,11 +136,16 @@ def domain_xml(spec: WaitingVmSpec) -> str:
     slots = allocate_slots(len(spec.nics) + 1 + len(virtio_disks), spec.reserved_slots)
     slot_iter = iter(slots)
     dev: list[str] = ["<emulator>/usr/bin/qemu-system-x86_64</emulator>"]
-    for d in ide_disks:
+    # Per-device boot order on one device that P has too (or on the feed NIC, whose ROM is off) keeps
+    # libvirt from giving the virtio disk a boot index: SeaBIOS would then set it up at boot and
+    # reserve 3 more pages of RAM, and P's image would be refused for a different e820 map.
+    boot_on_ide = bool(ide_disks)
+    for n, d in enumerate(ide_disks):
         bus, unit = d.ide_position  # type: ignore[misc]
         dev.append(
             f"<disk type='file' device='disk'><driver name='qemu' type={_q(d.fmt)} cache='none'/>"
             f"<source file={_q(d.path)}/><target dev={_q(d.target)} bus='ide'/>"
+            + ("<boot order='1'/>" if n == 0 else "")
             + ("<shareable/>" if d.shareable else "")
             + (f"<serial>{_text(d.serial)}</serial>" if d.serial else "")
             + f"<address type='drive' controller='0' bus='{bus}' target='0' unit='{unit}'/></disk>")
@@ -153,9 +158,10 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             + f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
             "</disk>")
     for nic in (*spec.nics, spec.feed_nic):
+        boot = "<boot order='1'/>" if nic is spec.feed_nic and not boot_on_ide else ""
         dev.append(
             f"<interface type='bridge'><mac address={_q(nic.mac.lower())}/><source bridge={_q(nic.bridge)}/>"
-            f"<model type={_q(nic.model)}/><rom enabled='no'/>"
+            f"<model type={_q(nic.model)}/><rom enabled='no'/>{boot}"
             f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
             "</interface>")
     dev.append("<controller type='usb' model='none'/>")
