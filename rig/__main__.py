@@ -42,9 +42,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("rig: building P's image and booting P (QEMU/TCG) ...", flush=True)
     rig.start()
     try:
-        t = rig.timings
-        print(f"rig: P ready in {t.boot_to_ready_s:.1f}s, source agent: {rig.agent_state().state}"
-              f" ({t.boot_to_agent_ready_s and round(t.boot_to_agent_ready_s, 1)}s)", flush=True)
+        t, agent = rig.timings, rig.agent_state()
+        when = f" after {t.boot_to_agent_ready_s:.1f}s" if t.boot_to_agent_ready_s else ""
+        print(f"rig: P ready in {t.boot_to_ready_s:.1f}s, source agent {agent.state}{when}", flush=True)
+        if not agent.ready:
+            print("  agent log: " + "\n  agent log: ".join(agent.log_tail.splitlines()[-5:]), flush=True)
         for _ in range(int(args.observe)):
             time.sleep(1)
             c, tcp = rig.counter_stats(), rig.tcp_stats()
