@@ -62,7 +62,7 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     """The resume steps, in order. Pure.
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
-    announce_ips: (interface as it will be after adopt, IPv4) to announce."""
+    announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce."""
     actions = [ResumeAction("fail-md-leg", {"md": md, "member": member}) for md, member in md_legs]
     actions.append(ResumeAction("prune-stale-pci"))
     actions.append(ResumeAction("rescan-pci"))
@@ -201,7 +201,19 @@ def garp_frame(mac: str, ip: str) -> bytes:
     return eth + arp
 
 
-def announce(interface: str, ip: str, count: int = 3) -> str:
+def _interface_with(ip: str) -> str:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == ip:
+                return ipr.get_links(a["index"])[0].get_attr("IFLA_IFNAME")
+    raise LookupError(f"no interface carries {ip}")
+
+
+def announce(ip: str, interface: str = "", count: int = 3) -> str:
+    """Gratuitous ARP for ip, from `interface` or whichever interface carries ip now."""
+    interface = interface or _interface_with(ip)
     mac = (SYS / "class/net" / interface / "address").read_text().strip()
     frame = garp_frame(mac, ip)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:

@@ -1,0 +1,233 @@
+"""Lifecycle steps 5-7 on P's agent: cutover, then (in the VM) resume report, cancel, unload.
+
+    before: V's held hashes (dedup), virtio drivers loaded, Cutover ANNOUNCE -> endpoint + token
+    helper: the single-threaded cutover helper process does the freeze/snapshot/send (see
+            source_agent/cutover_helper.py); this agent is frozen with everything else
+    after:  "aborted"  -> P runs on (the caller reports the failure)
+            "resumed"  -> this agent woke up inside the VM: report to V, cancel the redundancy ids V
+                          names, report completion; the caller then unloads the agent
+
+`plan_for` (pure) derives the resume steps from the inventory and the redundancy journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from p2v.v1 import destination_pb2, source_pb2
+
+from . import resume
+
+log = logging.getLogger(__name__)
+
+VIRTIO_DRIVERS = ("virtio_pci", "virtio_net", "virtio_blk")
+HELPER_TIMEOUT_S = 900.0
+PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
+#: V's hashes for the helper: on tmpfs when there is one (it is part of the image, and tiny)
+HELD_DIR = "/run" if os.path.isdir("/run") else None
+
+
+class CutoverAborted(RuntimeError):
+    """Before the point of no return: P runs on unchanged."""
+
+
+@dataclass
+class CutoverOutcome:
+    outcome: str  # "resumed"
+    figures: dict
+    cancelled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    completion: object | None = None
+
+
+def enrich_prepare(request: destination_pb2.PrepareRequest, inventory: source_pb2.Inventory,
+                   waiting_vm: bool) -> None:
+    """What V needs to build the waiting VM: P's NIC MACs, PCI slots, kernel build."""
+    for nic in physical_nics(inventory):
+        request.nic_macs.append(nic.mac.lower())
+    addrs = {n.pci_address for n in inventory.nics if n.pci_address}
+    addrs |= {b.pci_address for b in inventory.block_devices if b.pci_address}
+    request.pci_addresses.extend(sorted(addrs))
+    request.kernel_version = os.uname().version
+    request.waiting_vm = waiting_vm
+
+
+def physical_nics(inventory: source_pb2.Inventory) -> list[source_pb2.Nic]:
+    return [n for n in inventory.nics if n.pci_address and not n.kind and n.mac]
+
+
+def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
+             ) -> list[resume.ResumeAction]:
+    """Resume steps from P's inventory and p2v's redundancy journal entries. Pure.
+
+    NIC: bonded by p2v -> the virtual NIC joins that bond; otherwise it takes over the NIC's IPv4
+    addresses and routes. Disk: only physical legs of arrays that p2v gave a network leg are failed
+    (an array without another leg would lose its only member)."""
+    bonds = {e.physical: e.detail.get("bond", "") for e in journal_entries
+             if e.kind == "bond" and e.state in ("done", "pending")}
+    nics: list[resume.NicFacts] = []
+    announce_ips: list[tuple[str, str]] = []
+    for nic in physical_nics(inventory):
+        bond = bonds.get(nic.name, "")
+        facts = resume.NicFacts(name=nic.name, mac=nic.mac.lower(), bond=bond)
+        if bond:
+            bond_nic = next((n for n in inventory.nics if n.name == bond), None)
+            cidrs = list(bond_nic.addresses) if bond_nic else []
+        else:
+            cidrs = list(nic.addresses)
+            for r in inventory.routes:
+                if r.device == nic.name and r.gateway:
+                    dst, _, plen = r.destination.partition("/")
+                    facts.routes.append(("" if r.destination == "default" else dst,
+                                         int(plen or 0), r.gateway))
+        for cidr in cidrs:
+            ip, _, plen = cidr.partition("/")
+            if ":" in ip:
+                continue  # IPv6 comes back by itself (SLAAC / link-local); ARP is IPv4
+            if not bond:
+                facts.addresses.append((ip, int(plen or 32)))
+            announce_ips.append((bond, ip))
+        nics.append(facts)
+    md_legs: list[tuple[str, str]] = []
+    by_name = {b.name: b for b in inventory.block_devices}
+    for e in journal_entries:
+        if e.kind != "md-leg" or e.state not in ("done", "pending"):
+            continue
+        md = e.detail.get("md", "")
+        leg = os.path.basename(e.detail.get("leg", ""))
+        array = by_name.get(md)
+        for member in (array.md_members if array else []):
+            if member == leg or member.startswith("nbd"):
+                continue
+            disk = by_name.get(member)
+            parent = by_name.get(disk.parent) if disk and disk.parent else disk
+            if parent is not None and parent.pci_address:
+                md_legs.append((md, member))
+    return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips)
+
+
+def load_journal_entries(state_dir: str) -> tuple[object | None, list]:
+    try:
+        from source_agent.redundancy.journal import Journal, default_path
+    except ImportError:
+        return None, []
+    path = default_path(state_dir)
+    if not path.exists():
+        return None, []
+    journal = Journal.load(path)
+    return journal, list(journal.entries)
+
+
+async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
+    held = np.zeros(max_pfn, dtype=np.uint64)
+    async for chunk in stub.HeldHashes(destination_pb2.HeldHashesRequest(migration_id=migration_id), timeout=120):
+        values = np.frombuffer(chunk.hashes, dtype="<u8")
+        held[chunk.start_pfn:chunk.start_pfn + values.size] = values
+    return held
+
+
+async def load_drivers(modules: tuple[str, ...] = VIRTIO_DRIVERS) -> None:
+    """The VM's devices must find their drivers loaded: nothing can be loaded while frozen."""
+    proc = await asyncio.create_subprocess_exec("modprobe", "-a", *modules, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise CutoverAborted(f"cannot load the VM's drivers {modules}: {err.decode().strip()}")
+
+
+async def run_helper(config: dict, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
+    """Run the cutover helper; its last JSON line on stdout is the outcome."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "source_agent.cutover_helper", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT_DIR)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        raise CutoverAborted("the cutover helper did not finish in time") from None
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = err.decode(errors="replace")[-2000:]
+        raise CutoverAborted(f"the cutover helper failed (rc={proc.returncode}): {tail}")
+    result = json.loads(lines[-1])
+    if err:
+        log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
+    return result
+
+
+async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
+                  ) -> dict:
+    """Up to and including the helper. Returns the helper's figures when this process wakes up in
+    the VM; raises CutoverAborted when P runs on."""
+    from source_agent import traffic_block
+
+    held = await held_hashes(stub, remote_id, max_pfn)
+    await load_drivers()
+    reply = await stub.Cutover(destination_pb2.CutoverRequest(
+        migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ANNOUNCE), timeout=600)
+    if not reply.ready:
+        raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
+    _, entries = load_journal_entries(state_dir)
+    blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
+    actions = plan_for(inventory, entries, blocked, reply.feed_mac)
+    with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:
+        np.save(f, held)
+        held_path = f.name
+    try:
+        config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
+                  "held_hashes": held_path, "block_interfaces": blocked,
+                  "resume_actions": [{"name": a.name, "args": a.args} for a in actions]}
+        result = await run_helper(config)
+    finally:
+        os.unlink(held_path)
+    if result.get("outcome") != "resumed":
+        try:
+            await stub.Cutover(destination_pb2.CutoverRequest(
+                migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ABORT), timeout=10)
+        except Exception as exc:  # the destination may be the reason we failed
+            log.warning("could not tell V about the abort: %s", exc)
+        raise CutoverAborted(f"cutover aborted, P runs on: {result.get('reason', result.get('outcome'))}")
+    return result
+
+
+async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_dir: str,
+                       retries: int = 60) -> CutoverOutcome:
+    """Inside the VM: report to V, cancel what V names, report completion."""
+    req = destination_pb2.ResumedRequest(
+        migration_id=remote_id, host_id=host_id, resumed_at=figures.get("resumed_at", 0.0),
+        unfrozen_at=figures.get("unfrozen_at", 0.0), frozen_at=figures.get("frozen_at", 0.0),
+        resume_steps=figures.get("resume_steps", []))
+    reply = None
+    for attempt in range(retries):  # the network path may need a moment after the NIC switch
+        try:
+            reply = await stub.Resumed(req, timeout=5, wait_for_ready=True)
+            break
+        except Exception as exc:
+            log.warning("reporting the resume to V (attempt %d): %s", attempt + 1, exc)
+            await asyncio.sleep(1)
+    if reply is None:
+        raise RuntimeError("could not reach V from the VM after resume")
+    outcome = CutoverOutcome("resumed", figures)
+    journal, _ = load_journal_entries(state_dir)
+    if reply.cancel_ids and journal is not None:
+        from source_agent.redundancy import cancel as cancel_mod
+
+        result = await asyncio.to_thread(cancel_mod.cancel, journal, list(reply.cancel_ids))
+        outcome.cancelled = [i for i, _ in result.done]
+        outcome.failed = [f"{i}: {why}" for i, why in result.failed]
+    elif reply.cancel_ids:
+        outcome.failed = [f"{i}: no redundancy journal on this host" for i in reply.cancel_ids]
+    outcome.completion = await stub.Complete(destination_pb2.CompletionReport(
+        migration_id=remote_id, cancelled=outcome.cancelled, failed=outcome.failed,
+        detail="; ".join(figures.get("resume_steps", []))), timeout=30)
+    return outcome
