@@ -275,16 +275,18 @@ class CutoverRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[_Union[CutoverRequest.Phase, str]] = ...) -> None: ...
 
 class CutoverReply(_message.Message):
-    __slots__ = ("endpoint", "token", "ready", "detail")
+    __slots__ = ("endpoint", "token", "ready", "detail", "feed_mac")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FEED_MAC_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     token: bytes
     ready: bool
     detail: str
-    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    feed_mac: str
+    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ...) -> None: ...
 
 class ResumedRequest(_message.Message):
     __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped", "frozen_at")
