@@ -22,7 +22,7 @@ from common.config import SourceConfig
 from common.rpc import open_channel
 from p2v.v1 import common_pb2, destination_pb2, source_pb2
 
-from . import prepare
+from . import cutover, prepare
 from .precopy import PrecopyAborted
 from .status_feed import StatusFeed
 from .transport import TransportError
@@ -47,6 +47,10 @@ class SourceMigration:
         self.started = time.monotonic()
         self.session: prepare.Session | None = None
         self.journal_path = Path(config.agent.state_dir) / "migrations" / f"{self.id}.json"
+        self.point_of_no_return = False
+        self.started_wall = time.time()
+        #: called after a completed migration inside the VM: the agent unloads itself
+        self.unload: Callable[[], None] | None = None
 
     # -- status ----------------------------------------------------------------------------
     async def _phase(self, phase: str, detail: str = "", fraction: float = -1.0, **fields) -> None:
@@ -76,29 +80,30 @@ class SourceMigration:
             memory = self._open_memory()
             inventory = await asyncio.to_thread(self.inventory_fn)
             streams = self.request.streams or self.config.migration.streams
-            reply = await prepare.reserve(
-                self.session,
-                prepare.prepare_request(inventory, max_pfn=memory.max_pfn, streams=streams,
-                                        migration_id=self.id),
-                address)
+            request = prepare.prepare_request(inventory, max_pfn=memory.max_pfn, streams=streams,
+                                              migration_id=self.id)
+            cutover.enrich_prepare(request, inventory, waiting_vm=not self.request.dry_run)
+            reply = await prepare.reserve(self.session, request, address)
             self._journal(remote_id=reply.migration_id)
             await self._phase("precopy", f"{reply.streams} streams, window {reply.window}",
                               state=common_pb2.MIGRATION_STATE_ACTIVE)
             result = await self._precopy(memory, reply)
             if not self.request.dry_run:
-                raise MigrationAborted(
-                    "cutover is not available in this build; pre-copy finished and P runs on "
-                    "(use --dry-run to rehearse pre-copy only)")
+                await self._cutover(reply.migration_id, inventory, memory.max_pfn, result)
+                return
             await self._phase("precopy", "dry run complete: destination holds a consistent copy",
                               fraction=1.0, state=common_pb2.MIGRATION_STATE_COMPLETED,
                               stats=result.stats if hasattr(result, "stats") else self.feed.status.stats)
         except asyncio.CancelledError:
+            if self.point_of_no_return:
+                raise  # the OS lives in the VM now: nothing to abort
             await self._abort_remote("cancelled on the source")
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_CANCELLED,
                                     error="cancelled on the source")
             self._journal()
             raise
-        except (prepare.PeerError, MigrationAborted, PrecopyAborted, TransportError, ValueError, OSError,
+        except (prepare.PeerError, MigrationAborted, cutover.CutoverAborted, PrecopyAborted, TransportError,
+                ValueError, OSError,
                 grpc.RpcError) as exc:
             message = prepare.describe_rpc_error(exc, address) if isinstance(exc, grpc.RpcError) else str(exc)
             log.error("migration failed", extra={"migration": self.id, "error": message})
@@ -140,8 +145,41 @@ class SourceMigration:
 
         return await run_precopy(memory, self.session.channel, reply.migration_id, reply, cfg, on_status)
 
+    async def _cutover(self, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, precopy_result) -> None:
+        """Steps 5-7. Returns in the VM after completion; raises CutoverAborted while P runs on."""
+        assert self.session is not None
+        stats = precopy_result.stats if hasattr(precopy_result, "stats") else self.feed.status.stats
+        await self._phase("cutover", "snapshot and final transfer", state=common_pb2.MIGRATION_STATE_CUTOVER,
+                          stats=stats)
+        t0 = time.time()
+        figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
+                                        self.config.agent.state_dir)
+        # From here on this process runs inside the VM: the only way is forward.
+        self.point_of_no_return = True
+        downtime_s = figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0)
+        stats.downtime_ms = int(max(0.0, downtime_s) * 1000)
+        await self._phase("resume", "; ".join(figures.get("resume_steps", [])), point_of_no_return=True,
+                          stats=stats)
+        await self._phase("cancel", "reporting to V, cancelling the redundancy", point_of_no_return=True)
+        outcome = await cutover.after_resume(self.session.stub, remote_id, self.host_id, figures,
+                                             self.config.agent.state_dir)
+        final = outcome.completion
+        if final is not None:
+            stats.downtime_bytes = final.stats.downtime_bytes
+            stats.skipped = final.stats.skipped
+        stats.total_time_ms = int((time.time() - self.started_wall) * 1000)
+        detail = (f"downtime {stats.downtime_ms} ms (OS frozen), cutover {stats.downtime_bytes} B, "
+                  f"{stats.skipped} pages from V's store; cancelled {len(outcome.cancelled)}, "
+                  f"failed {len(outcome.failed)}; cutover phase {time.time() - t0:.1f}s")
+        state = common_pb2.MIGRATION_STATE_COMPLETED if not outcome.failed else common_pb2.MIGRATION_STATE_FAILED
+        await self._phase("cancel", detail, fraction=1.0, state=state, stats=stats, point_of_no_return=True,
+                          **({"error": "; ".join(outcome.failed)} if outcome.failed else {}))
+        self._journal(completed=True, figures=figures)
+        if self.unload is not None:
+            self.unload()
+
     async def _abort_remote(self, reason: str) -> None:
-        if self.session is None:
+        if self.session is None or self.point_of_no_return:
             return
         try:
             await self.session.stub.Cancel(common_pb2.CancelRequest(migration_id=self.id, reason=reason),

@@ -66,6 +66,7 @@ class SourceService(source_pb2_grpc.SourceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {active.id} is already running")
         migration = SourceMigration(self.config, request, _discover, self.host_id)
+        migration.unload = self._unload_soon
         self.migrations[migration.id] = migration
         migration.start()
         return migration.feed.status
@@ -99,6 +100,15 @@ class SourceService(source_pb2_grpc.SourceServicer):
         await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
         return source_pb2.RollbackReply(migration_id=migration.id, undone=undone,
                                         state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
+
+    @staticmethod
+    def _unload_soon(delay_s: float = 3.0) -> None:
+        """After a completed migration (inside the VM) the agent stops itself — the patent's unload —
+        a moment later, so that watchers receive the final status first."""
+        import os
+        import signal
+
+        asyncio.get_running_loop().call_later(delay_s, os.kill, os.getpid(), signal.SIGTERM)
 
     async def shutdown(self) -> None:
         for migration in list(self.migrations.values()):
