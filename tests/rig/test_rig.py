@@ -171,7 +171,7 @@ PROBE_DOMAIN = f"""<domain type='qemu'>
 </domain>"""
 
 
-def test_teardown_leaves_nothing(rig: Rig, tmp_path) -> None:
+def test_teardown_leaves_nothing(rig: Rig, tmp_path, request: pytest.FixtureRequest) -> None:
     # leftovers of the kinds later tests create: a process in the destination namespace and a
     # libvirt domain (defined and running)
     rig.spawn("teardown-probe", ["sleep", "600"])
@@ -188,3 +188,9 @@ def test_teardown_leaves_nothing(rig: Rig, tmp_path) -> None:
     left = teardown.leftovers(rig.run_dir)
     assert left == {"processes": [], "qemu_pids": [], "namespaces": [], "links": [], "domains": []}
     assert rig.power_state() == "off"
+
+    # the `rig` fixture is session-wide: bring it back for tests that run after this one
+    items = request.session.items
+    later = items[items.index(request.node) + 1:]
+    if any("rig" in item.fixturenames for item in later):
+        rig.start()

@@ -1,0 +1,206 @@
+"""The destination side of a whole-OS migration on the rig, and helpers to drive and observe it.
+
+V = the destination agent in namespace p2v-dest (10.77.0.2:7470, mutual TLS), with the waiting VM
+configured on the rig's bridge: P's MAC for its NIC, a feed NIC 10.77.0.20 for the image, P's root disk
+shared (the rig's stand-in for P's own storage), a separate local virtio disk for md, ttyS0 appended
+to a console log and ttyS1 as a control channel socket (the rig's command server in P keeps working
+once P lives in the VM). The NBD export for md's network leg is served from the same namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dest_agent import disk_export
+from rig import config as C
+from rig.core import Rig
+from rig.machine import ControlChannel, ControlError
+
+DEST_PORT = 7470
+FEED_IP = "10.77.0.20"
+FEED_MAC = "52:54:00:77:00:20"
+EXPORT_PORT = 10809
+LOCAL_SERIAL = "p2v-local"
+VM_PREFIX = C.NAME_PREFIX + "vm-"
+SOURCE_STATE = "/var/lib/p2v-source"  # the source agent's default state dir (journal lives here)
+
+
+@dataclass
+class Destination:
+    rig: Rig
+    dir: Path
+    config: Path
+    console_log: Path
+    ctl_socket: Path
+    export: disk_export.DiskExport | None
+    agent_log: Path
+
+    @property
+    def address(self) -> str:
+        return f"{C.DEST_IP}:{DEST_PORT}"
+
+    def vm(self) -> ControlChannel:
+        return ControlChannel(self.ctl_socket)
+
+    def vm_run(self, cmd: str, timeout: float = 60.0) -> str:
+        res = self.vm().run(cmd, timeout=timeout)
+        if res.rc != 0:
+            raise ControlError(f"in the VM: {cmd!r} -> rc={res.rc}\n{res.out}\n{res.err}")
+        return res.out
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def make_tls(rig: Rig, out: Path) -> None:
+    """CA + agent certificates on the host; P gets its own (source) certificate."""
+    subprocess.run([sys.executable, "-m", "p2vctl.cli", "certs", "--out", str(out)], check=True,
+                   capture_output=True, timeout=120, cwd=str(rig.cfg.repo_root))
+    for name in ("ca.pem", "p2v-source.pem", "p2v-source.key"):
+        res = rig.run(f"mkdir -p /etc/p2v/tls && cat > /etc/p2v/tls/{name} && chmod 600 /etc/p2v/tls/{name}",
+                      stdin=(out / name).read_text(), timeout=30)
+        assert res.rc == 0, res.err
+
+
+def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None = None) -> Destination:
+    d = rig.run_dir / "dest"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o755)
+    tls = d / "tls"
+    make_tls(rig, tls)
+    export = None
+    catalog = ('[[catalog.devices]]\ntype = "nic"\ndevice_id = "1af4:1000"\nname = "vnet0"\n'
+               'driver = "virtio_net"\n')
+    if with_export:
+        image = d / "export-vdb.raw"
+        image.unlink(missing_ok=True)
+        disk_export.create_image(image, rig.cfg.data_disk_mib << 20)
+        export = disk_export.start_export(image, C.DEST_IP, EXPORT_PORT, "vdb", state_dir=rig.run_dir,
+                                          netns=C.NS_DEST)
+        catalog += ('[[catalog.devices]]\ntype = "disk"\ndevice_id = "1af4:1001"\nname = "vdb"\n'
+                    f'driver = "virtio_blk"\nserial = "{LOCAL_SERIAL}"\n'
+                    f'export_uri = "nbd://{C.DEST_IP}:{EXPORT_PORT}/vdb"\n')
+    console = rig.run_dir / f"{VM_PREFIX}console.log"
+    ctl = rig.run_dir / f"{VM_PREFIX}ctl.sock"
+    console.unlink(missing_ok=True)
+    ctl.unlink(missing_ok=True)
+    root = rig.machine.disks.root
+    config = d / "dest.toml"
+    config.write_text(f"""[agent]
+listen = "{C.DEST_IP}:{DEST_PORT}"
+state_dir = "{d / 'state'}"
+log_level = "info"
+
+[tls]
+ca = "{tls / 'ca.pem'}"
+cert = "{tls / 'p2v-dest.pem'}"
+key = "{tls / 'p2v-dest.key'}"
+allowed_peers = ["p2v-source", "p2vctl"]
+
+[limits]
+max_memory_bytes = {(memory_mib or 8192) << 20}
+
+[vm]
+enabled = true
+bridge = "{C.BRIDGE}"
+image_address = "{C.DEST_IP}"
+feed_vm_ip = "{FEED_IP}/{C.PREFIX_LEN}"
+feed_vm_mac = "{FEED_MAC}"
+name_prefix = "{VM_PREFIX}"
+work_dir = "{d / 'vm'}"
+console_log = "{console}"
+control_socket = "{ctl}"
+shared_ide_disks = {_toml_list([f"{root}:0:0:raw"])}
+disk_bytes = {rig.cfg.data_disk_mib << 20}
+disk_serial = "{LOCAL_SERIAL}"
+run_as_root = true
+cpu_model = "{C.P_CPU_MODEL}"
+cpu_features = {_toml_list(list(C.P_CPU_FEATURES))}
+
+[catalog]
+{catalog}""")
+    agent_log = rig.run_dir / "dest-agent.log"
+    agent_log.unlink(missing_ok=True)
+    ready = d / "ready"
+    ready.unlink(missing_ok=True)
+    rig.spawn("dest-agent", [sys.executable, "-m", "dest_agent.main", "--config", str(config), "--ready-file",
+                             str(ready), "--text-logs"])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("destination agent not ready:\n" + agent_log.read_text()[-3000:])
+        time.sleep(0.2)
+    return Destination(rig, d, config, console, ctl, export, agent_log)
+
+
+def stop_destination(dest: Destination) -> None:
+    dest.rig.stop_process("dest-agent")
+    if dest.export is not None:
+        disk_export.stop_export(dest.export)
+
+
+def build_redundancy(rig: Rig, timeout_s: float = 900.0) -> dict:
+    """P's redundancy for the move, with the redundancy engineer's tool: bond over the e1000, md leg
+    over NBD to V's export (waits until in sync). Journal where the source agent looks for it."""
+    cat = "/var/lib/p2v-rig-e2e/catalog.toml"
+    text = ('[catalog]\n[[catalog.devices]]\ntype = "nic"\ndevice_id = "1af4:1000"\nname = "vnet0"\n'
+            'driver = "virtio_net"\n[[catalog.devices]]\ntype = "disk"\ndevice_id = "1af4:1001"\nname = "vdb"\n'
+            f'driver = "virtio_blk"\nserial = "{LOCAL_SERIAL}"\nexport_uri = "nbd://{C.DEST_IP}:{EXPORT_PORT}/vdb"\n')
+    res = rig.run(f"mkdir -p {Path(cat).parent} {SOURCE_STATE} && cat > {cat}", stdin=text)
+    assert res.rc == 0, res.err
+    root_disk = rig.run("for d in /sys/block/sd*; do [ \"$(cat $d/device/model | sed 's/ *$//')\" = P2V-ROOT ] "
+                        "&& echo ${d##*/}; done", check=True).out.strip()
+    md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
+    rig.run(f"echo 50000 > /sys/block/{md}/md/sync_speed_min", check=True)
+    res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m source_agent.redundancy build --catalog {cat} "
+                  f"--ignore {root_disk} --journal {SOURCE_STATE}/redundancy-journal.json "
+                  f"--migration-id rig-e2e --no-initramfs --wait {int(timeout_s) - 60}", timeout=timeout_s)
+    assert res.rc == 0, f"redundancy build failed: {res.err}\n{res.out}"
+    return json.loads(res.out)
+
+
+def start_migration(rig: Rig, dest: Destination, extra: str = "") -> None:
+    """p2vctl migrate inside P, in the background (P's control channel ends with P)."""
+    cmd = (f"cd {C.P_PROJECT_DIR} && nohup setsid python3 -m p2vctl.cli migrate {dest.address} {extra} "
+           f"> {C.P_STATE_DIR}/migrate.out 2>&1 < /dev/null &")
+    res = rig.run(cmd, timeout=30)
+    assert res.rc == 0, res.err
+
+
+def wait_p_off(rig: Rig, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not rig.machine.alive():
+            return time.time()
+        time.sleep(0.2)
+    raise TimeoutError(f"P still running after {timeout_s:.0f}s")
+
+
+def vm_console_text(dest: Destination) -> str:
+    try:
+        return dest.console_log.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def wait_vm_command(dest: Destination, cmd: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            return dest.vm_run(cmd, timeout=30)
+        except (ControlError, OSError) as exc:
+            last = str(exc)
+            time.sleep(1)
+    raise TimeoutError(f"VM control channel: {cmd!r} did not succeed in {timeout_s:.0f}s: {last}")
+
+
+def quote(s: str) -> str:
+    return shlex.quote(s)
