@@ -69,6 +69,7 @@ class WaitingVmSpec:
     reserved_slots: frozenset[int] = field(default_factory=frozenset)
     run_as_root: bool = False
     cpu_model: str = "qemu64"
+    cpu_features: tuple[str, ...] = ()  # required on top of the model (P's CPU flags)
     machine: str = "pc"
 
 
@@ -185,7 +186,8 @@ def domain_xml(spec: WaitingVmSpec) -> str:
         f"<kernel>{_text(spec.kernel)}</kernel><initrd>{_text(spec.initrd)}</initrd>"
         f"<cmdline>{_text(spec.cmdline)}</cmdline></os>"
         "<features><acpi/><apic/></features>"
-        f"<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{_text(spec.cpu_model)}</model></cpu>"
+        f"<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{_text(spec.cpu_model)}</model>"
+        + "".join(f"<feature policy='require' name={_q(f)}/>" for f in spec.cpu_features) + "</cpu>"
         "<clock offset='utc'/>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
         f"<devices>{''.join(dev)}</devices>{seclabel}</domain>")

@@ -205,7 +205,7 @@ class WaitingVm:
             cmdline=cmdline, nics=tuple(vm_builder.VmNic(m, c.bridge) for m in self.source.nic_macs),
             feed_nic=vm_builder.VmNic(c.feed_vm_mac, c.bridge), disks=tuple(disks), console_log=self.console_log,
             control_socket=c.control_socket, reserved_slots=self.source.reserved_slots,
-            run_as_root=c.run_as_root, cpu_model=c.cpu_model)
+            run_as_root=c.run_as_root, cpu_model=c.cpu_model, cpu_features=tuple(c.cpu_features))
 
     def start(self) -> None:
         """Blocking (seconds): build, then start the domain; the feed connects in the background."""

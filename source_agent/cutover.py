@@ -171,13 +171,18 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     the VM; raises CutoverAborted when P runs on."""
     from source_agent import traffic_block
 
+    journal, entries = load_journal_entries(state_dir)
+    if journal is not None:
+        # the ids V will name for cancellation after the move (only these are ever cancelled)
+        report = journal.report()  # type: ignore[attr-defined]
+        report.migration_id = remote_id
+        await stub.ReportRedundancy(report, timeout=30)
     held = await held_hashes(stub, remote_id, max_pfn)
     await load_drivers()
     reply = await stub.Cutover(destination_pb2.CutoverRequest(
         migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ANNOUNCE), timeout=600)
     if not reply.ready:
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
-    _, entries = load_journal_entries(state_dir)
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
     actions = plan_for(inventory, entries, blocked, reply.feed_mac)
     with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:

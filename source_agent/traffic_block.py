@@ -1,8 +1,9 @@
-"""Block all of P's traffic except the image stream, so that P's kernel acknowledges nothing after
+"""Block all of P's traffic except with V, so that P's kernel acknowledges nothing to a client after
 the snapshot (a client's data acknowledged by P but not in the image would be lost).
 
-A clsact qdisc on every interface with three filters per direction: the image stream (TCP to/from
-V's image socket) passes, ARP passes (to keep reaching V), everything else is dropped. The block is
+A clsact qdisc on every interface with three filters per direction: traffic with V passes (the image
+stream; also the md network leg's NBD connection, which the sync inside FREEZE may still need — V is
+not a client of P's services), ARP passes, everything else is dropped. The block is
 part of P's memory, so the OS wakes up in the VM with it still in place; resume lifts it once the
 virtual NIC is in service.
 
@@ -35,10 +36,10 @@ def block_commands(interfaces: Sequence[str], v_ip: str, v_port: int) -> list[li
         if not _IFNAME.match(ifname) or ifname == "lo":
             raise ValueError(f"interface name {ifname!r} refused")
         cmds.append(["tc", "qdisc", "add", "dev", ifname, "clsact"])
-        for direction, addr_key, port_key in (("egress", "dst", "dport"), ("ingress", "src", "sport")):
+        for direction, addr_key in (("egress", "dst"), ("ingress", "src")):
             base = ["tc", "filter", "add", "dev", ifname, direction]
             cmds.append([*base, "prio", "1", "protocol", "ip", "u32", "match", "ip", addr_key, f"{v_ip}/32",
-                         "match", "ip", port_key, str(v_port), "0xffff", "action", "ok"])
+                         "action", "ok"])
             cmds.append([*base, "prio", "2", "protocol", "arp", "matchall", "action", "ok"])
             cmds.append([*base, "prio", "3", "protocol", "all", "matchall", "action", "drop"])
     return cmds
