@@ -99,6 +99,7 @@ class DestVmConfig:
     vcpus: int = 1
     run_as_root: bool = False
     cpu_model: str = "qemu64"
+    cpu_features: list[str] = dataclasses.field(default_factory=list)  # required on top of the model
     cpu_model_name: str = "QEMU Virtual CPU version 2.5+"  # what the VM's /proc/cpuinfo will say
     boot_timeout_s: int = 180
 
