@@ -89,19 +89,22 @@ class ControlChannel:
 
 @dataclass
 class Disks:
-    root: Path  # qcow2 overlay on the cached root image
+    # raw sparse copy of the cached root image (not a qcow2 overlay): the migration target VM opens
+    # the same file while P still runs ("shared storage" for P's root); a second qcow2 opener would
+    # cache stale metadata, raw has none
+    root: Path
     data: Path  # raw; md RAID1 leg inside P
     spare: Path  # raw; free for tests (e.g. a degraded md)
 
 
 def create_disks(run_dir: Path, root_image: Path, data_mib: int, spare_mib: int,
                  prefix: str = "") -> Disks:
-    disks = Disks(run_dir / f"{prefix}root.qcow2", run_dir / f"{prefix}data.img",
+    disks = Disks(run_dir / f"{prefix}root.img", run_dir / f"{prefix}data.img",
                   run_dir / f"{prefix}spare.img")
     for p in (disks.root, disks.data, disks.spare):
         p.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(root_image),
-                    str(disks.root)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["cp", "--sparse=always", str(root_image), str(disks.root)], check=True, capture_output=True,
+                   timeout=120)
     for p, mib in ((disks.data, data_mib), (disks.spare, spare_mib)):
         with p.open("wb") as f:
             f.truncate(mib << 20)
@@ -147,9 +150,11 @@ class Machine:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def qemu_argv(self) -> list[str]:
-        def ide(drive_id: str, path: Path, fmt: str, bus: str, unit: int, model: str) -> list[str]:
+        def ide(drive_id: str, path: Path, fmt: str, bus: str, unit: int, model: str,
+                shared: bool = False) -> list[str]:
+            share = ",share-rw=on" if shared else ""  # the migration target VM opens it too
             return ["-drive", f"file={path},format={fmt},if=none,id={drive_id}",
-                    "-device", f"ide-hd,drive={drive_id},bus={bus},unit={unit},model={model}"]
+                    "-device", f"ide-hd,drive={drive_id},bus={bus},unit={unit},model={model}{share}"]
 
         argv = [
             "qemu-system-x86_64", "-name", f"{self.name},process={self.name}",
@@ -158,7 +163,7 @@ class Machine:
             "-rtc", "base=utc", "-boot", "strict=on",
             "-kernel", str(self.build.kernel), "-initrd", str(self.build.initrd),
             "-append", KERNEL_CMDLINE,
-            *ide("root", self.disks.root, "qcow2", "ide.0", 0, "P2V-ROOT"),
+            *ide("root", self.disks.root, "raw", "ide.0", 0, "P2V-ROOT", shared=True),
             *ide("data", self.disks.data, "raw", "ide.0", 1, C.DISK_MODEL_DATA),
             *ide("spare", self.disks.spare, "raw", "ide.1", 0, C.DISK_MODEL_SPARE),
             "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
