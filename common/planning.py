@@ -31,6 +31,7 @@ NONE = destination_pb2.REDUNDANCY_SCHEME_NONE
 
 SCHEME_LABEL = {BOND: "bond-active-backup", RAID1: "md-raid1", NONE: "none"}
 EXPECTED_SCHEME = {NIC: BOND, DISK: RAID1}
+VIRTIO_PCI_VENDOR = "1af4"
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,12 @@ class Plan:
         return not any(r.blocking for r in self.reasons)
 
     def drivers(self) -> list[str]:
-        """Kernel modules the source must load (in order, without repeats)."""
+        """Kernel modules the source must load (in order, without repeats). Virtio devices on PCI
+        (vendor 1af4) need the transport, virtio_pci, besides their own driver."""
         out: list[str] = []
         for p in self.pairs:
+            if p.device_id.lower().startswith(VIRTIO_PCI_VENDOR + ":") and "virtio_pci" not in out:
+                out.insert(0, "virtio_pci")
             if p.driver and p.driver not in out:
                 out.append(p.driver)
         return out

@@ -77,7 +77,7 @@ def test_simple_plan_pairs_nic_and_md() -> None:
     assert nic.members == ("ens3",) and nic.mac == "52:54:00:aa:bb:cc" and not nic.existing
     assert (disk.kind, disk.physical, disk.virtual, disk.scheme_label) == ("disk", "md0", "vdb", "md-raid1")
     assert disk.members == ("sda",) and disk.export_uri == "nbd://10.77.0.2:10809/vdb"
-    assert p.drivers() == ["virtio_net", "virtio_blk"]
+    assert p.drivers() == ["virtio_pci", "virtio_net", "virtio_blk"]
     v = p.to_verdict()
     assert v.ok and [(x.physical, x.virtual, x.scheme) for x in v.plan] == [
         ("ens3", "vnet0", "bond-active-backup"),

@@ -15,7 +15,7 @@ from rig import workloads
 from rig.core import Rig
 from tests.redundancy import rigutil as u
 
-pytestmark = pytest.mark.rig
+pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
 
 EXPORT_PORT = 10809
 
@@ -296,16 +296,25 @@ def test_cancel_leaves_virtio_and_spares_admin_configs(
         {"driver": "raw", "node-name": "p2vtredlocal", "file": {"driver": "file", "filename": str(local_img)}},
     )
     rig.machine.qmp(
-        "device_add", {"driver": "virtio-blk-pci", "drive": "p2vtredlocal", "id": "p2vtredvblk", "serial": LOCAL_SERIAL}
+        "device_add",
+        {
+            "driver": "virtio-blk-pci",
+            "drive": "p2vtredlocal",
+            "id": "p2vtredvblk",
+            "serial": LOCAL_SERIAL,
+            "addr": "0x7",
+        },
     )
     rig.machine.qmp(
         "netdev_add", {"type": "tap", "id": "p2vtrednet", "ifname": TAP, "script": "no", "downscript": "no"}
     )
     subprocess.run(["ip", "link", "set", TAP, "master", C.BRIDGE, "up"], check=True)
     rig.machine.qmp(
-        "device_add", {"driver": "virtio-net-pci", "netdev": "p2vtrednet", "id": "p2vtrednic", "mac": C.P_MAC}
+        "device_add",
+        {"driver": "virtio-net-pci", "netdev": "p2vtrednet", "id": "p2vtrednic", "mac": C.P_MAC, "addr": "0x8"},
     )
     vnic = ""
+    u.sh(rig, "echo 1 > /sys/bus/pci/rescan")  # as the resume step does
     for _ in range(60):
         vnic = u.sh(
             rig,
