@@ -44,6 +44,25 @@ def lockdown_selected(text: str) -> str:
     return text
 
 
+MIB = 1 << 20
+FOUR_GIB = 1 << 32
+
+
+def installed_ram_bytes(memmap: Iterable) -> int:
+    """The machine's RAM size from its firmware map: low RAM up to the end of the highest "System RAM"
+    range below 4 GiB (firmware keeps a little at its top), plus all RAM above 4 GiB, in whole MiB.
+    MemTotal is smaller (the kernel's own reservations) and is not what a VM is given."""
+    low_end, high = 0, 0
+    for e in memmap:
+        if e.type.strip().lower() != "system ram":
+            continue
+        if e.end <= FOUR_GIB:
+            low_end = max(low_end, e.end)
+        else:
+            high += e.end - max(e.start, FOUR_GIB)
+    return -(-low_end // MIB) * MIB + -(-high // MIB) * MIB
+
+
 def estimated_image_bytes(inventory: source_pb2.Inventory) -> int:
     """The image holds the used (saveable) pages: about RAM minus what is available."""
     return max(0, inventory.memory_bytes - inventory.mem_available_bytes)
@@ -85,8 +104,9 @@ def check_carrier(inventory: source_pb2.Inventory,
     if not catalog.cutover_supported:
         reasons.append(Reason("destination-cutover", "the destination cannot build a waiting VM or "
                               "receive an image (no cutover support configured)"))
-    if catalog.max_memory_bytes and inventory.memory_bytes > catalog.max_memory_bytes:
-        reasons.append(Reason("memory-size", f"P has {_mib(inventory.memory_bytes)} of RAM, the "
+    ram = installed_ram_bytes(inventory.firmware_memmap) or inventory.memory_bytes
+    if catalog.max_memory_bytes and ram > catalog.max_memory_bytes:
+        reasons.append(Reason("memory-size", f"P has {_mib(ram)} of RAM, the "
                               f"destination gives a VM at most {_mib(catalog.max_memory_bytes)}; the "
                               "restoring kernel needs exactly P's memory size"))
     if not inventory.firmware_memmap:

@@ -87,7 +87,7 @@ class CutoverDesk:
             await asyncio.to_thread(st.vm.start)
         except Exception as exc:  # reported to P through readiness: P runs on
             st.vm_start_error = f"building the waiting VM failed: {exc}"
-            log.error("waiting VM", extra={"error": st.vm_start_error})
+            log.error("waiting VM: %s", st.vm_start_error)
 
     async def announce(self, record: MigrationRecord) -> destination_pb2.CutoverReply:
         st = self.state(record.id)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import DestVmConfig
-from common.preflight import memmap_difference
+from common.preflight import installed_ram_bytes, memmap_difference
 from p2v.v1 import destination_pb2
 
 from . import restore_initramfs, vm_builder
@@ -133,7 +133,9 @@ class SourceFacts:
 
     @classmethod
     def from_prepare(cls, req: destination_pb2.PrepareRequest) -> SourceFacts:
-        return cls(req.memory_bytes, req.kernel_release, req.kernel_version, list(req.firmware_memmap),
+        # the VM gets P's installed RAM (from its firmware map), not P's MemTotal
+        ram = installed_ram_bytes(req.firmware_memmap) or -(-req.memory_bytes // (1 << 20)) * (1 << 20)
+        return cls(ram, req.kernel_release, req.kernel_version, list(req.firmware_memmap),
                    [m.lower() for m in req.nic_macs])
 
 

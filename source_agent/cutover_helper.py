@@ -324,8 +324,18 @@ class Helper:
         return "resumed"
 
 
+def warm_up() -> None:
+    """Load now what resume needs later: once frozen in the VM nothing should wait on imports."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.get_links()
+        ipr.get_addr()
+
+
 def main() -> int:
     raw = json.loads(sys.stdin.read())
+    warm_up()
     cfg = HelperConfig(**raw)
     held = np.load(cfg.held_hashes) if cfg.held_hashes else np.zeros(0, dtype=np.uint64)
     try:

@@ -176,3 +176,17 @@ def test_resume_plan_order_and_garp() -> None:
     frame = garp_frame("52:54:00:77:00:10", "10.77.0.10")
     assert len(frame) == 42 and frame[:6] == b"\xff" * 6 and frame[12:14] == b"\x08\x06"
     assert frame[28:32] == frame[38:42] == bytes([10, 77, 0, 10])
+
+
+def test_installed_ram_from_the_firmware_map() -> None:
+    from common.preflight import installed_ram_bytes
+
+    entries = [source_pb2.FirmwareMemoryEntry(start=s, end=e, type=t) for s, e, t in P_MAP]
+    assert installed_ram_bytes(entries) == GIB  # MemTotal would be ~40 MiB less
+    big = [destination_pb2.MemoryRange(start=e.start, end=e.end, type=e.type)
+           for e in vm_builder.predict_memmap(6 * GIB)]
+    assert installed_ram_bytes(big) == 6 * GIB
+    src = SourceFacts.from_prepare(destination_pb2.PrepareRequest(
+        memory_bytes=GIB - (40 << 20) - 4096, firmware_memmap=[destination_pb2.MemoryRange(
+            start=s, end=e, type=t) for s, e, t in P_MAP]))
+    assert src.memory_bytes == GIB
