@@ -102,6 +102,10 @@ class Rig:
         """Remove everything (idempotent). Returns what was removed."""
         if self.attached_only:
             raise RuntimeError("this Rig was attached to another process's rig: use `python -m rig down`")
+        if not self.lock.held:
+            # start() never got the lock (busy, timed out, interrupted while waiting): the rig that is
+            # up belongs to another process, and tearing it down would kill that process's run
+            return {}
         try:
             if self.p is not None:
                 self.p.stop(timeout_s=5)
