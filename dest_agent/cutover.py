@@ -14,9 +14,10 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.atomicfile import write_json_atomic
 from common.config import DestConfig
 from dest_agent import vm_builder
 from p2v.v1 import common_pb2, destination_pb2
@@ -139,6 +140,9 @@ class CutoverDesk:
                 st.vm.rearm()
         finally:
             await asyncio.to_thread(record.journal)
+            if st.result is not None:  # the figures of this attempt, for operators and benchmarks
+                figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts}
+                await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
 
     def abort(self, record: MigrationRecord) -> None:
         st = self.states.get(record.id)

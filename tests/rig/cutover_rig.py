@@ -168,7 +168,7 @@ def build_redundancy(rig: Rig, timeout_s: float = 900.0) -> dict:
 
 def start_migration(rig: Rig, dest: Destination, extra: str = "") -> None:
     """p2vctl migrate inside P, in the background (P's control channel ends with P)."""
-    cmd = (f"cd {C.P_PROJECT_DIR} && nohup setsid python3 -m p2vctl.cli migrate {dest.address} {extra} "
+    cmd = (f"cd {C.P_PROJECT_DIR} && nohup setsid python3 -u -m p2vctl.cli migrate {dest.address} {extra} "
            f"> {C.P_STATE_DIR}/migrate.out 2>&1 < /dev/null &")
     res = rig.run(cmd, timeout=30)
     assert res.rc == 0, res.err
@@ -204,3 +204,18 @@ def wait_vm_command(dest: Destination, cmd: str, timeout_s: float) -> str:
 
 def quote(s: str) -> str:
     return shlex.quote(s)
+
+
+def counter_stats_both(rig: Rig, dest: Destination):
+    """The counter as seen on P's console and then the VM's (ttyS0 of both, appended)."""
+    from rig.observers import counter_from_console
+
+    return counter_from_console([rig.machine.console_log, dest.console_log])
+
+
+def final_state(migrate_output: str) -> str:
+    """'completed' / 'failed' / 'cancelled' from p2vctl migrate's summary line, '' while running."""
+    import re
+
+    m = re.search(r"migration \S+: (completed|failed|cancelled|rolled_back)", migrate_output)
+    return m.group(1) if m else ""

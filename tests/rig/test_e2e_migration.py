@@ -1,0 +1,172 @@
+"""The mission in one module: P (a QEMU/TCG "physical" machine with an e1000 NIC, IDE disks, md on
+its data disk and three workloads) moves into a waiting VM on V without a restart.
+
+Order matters (one rig, P is gone after the last test):
+1. a check that must refuse (V cannot give P's memory size) says why and changes nothing;
+2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
+3. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
+   never reconnected and lost or duplicated no line, P's IP and MAC answer from the VM, file checksums
+   on md match, P is powered off, in the VM the bond holds only the virtio NIC and md only the local
+   virtio disk, the agent is no longer running.
+Figures (downtime, client gap, bytes) are printed, not asserted (they go to bench/e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from rig import Rig, libvirtd, workloads
+from rig import config as C
+from rig.observers import parse_counter_file
+from tests.rig import cutover_rig as cr
+
+pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
+
+
+def p_state(rig: Rig) -> dict:
+    """What must not change when a migration is aborted."""
+    out = rig.run("ip -br addr; echo '#'; tc qdisc show; echo '#'; cat /proc/mdstat; echo '#'; "
+                  f"for n in counter echo filewriter; do cat {C.P_STATE_DIR}/$n.pid; done; echo '#';"
+                  f"cat {C.P_AGENT_PIDFILE}", check=True, timeout=30).out
+    parts = out.split("#\n")
+    return {"addr": parts[0], "qdisc": parts[1], "md": re.sub(r"\[[=>.]*\].*", "", parts[2]),
+            "pids": parts[3], "agent": parts[4]}
+
+
+def test_check_refuses_memory_size_v_cannot_give(rig: Rig) -> None:
+    dest = cr.start_destination(rig, with_export=False, memory_mib=512)
+    try:
+        before = p_state(rig)
+        res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m p2vctl.cli check {dest.address} --json", timeout=120)
+        verdict = json.loads(res.out)
+        print("\ncheck verdict:", json.dumps(verdict, indent=1))
+        assert verdict.get("ok") is not True
+        codes = {r["code"]: r for r in verdict["reasons"]}
+        assert "memory-size" in codes and codes["memory-size"]["blocking"]
+        assert "512 MiB" in codes["memory-size"]["message"]
+        # the carrier facts V gave are otherwise P's: map, kernel, CPU
+        assert "firmware-map" not in codes and "kernel" not in codes, codes
+        assert p_state(rig) == before  # a check changes nothing
+    finally:
+        cr.stop_destination(dest)
+
+
+def test_destination_killed_mid_precopy_leaves_p_running(rig: Rig) -> None:
+    dest = cr.start_destination(rig, with_export=False)
+    try:
+        workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=10)
+        before = p_state(rig)
+        counter_before = rig.counter_stats()
+        t0 = time.time()
+        # throttled so that pre-copy is still running when V dies
+        cr.start_migration(rig, dest, extra="--max-bandwidth 4000000")
+        deadline = time.monotonic() + 180
+        while "round" not in rig.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=10).out:
+            assert time.monotonic() < deadline, rig.run(f"cat {C.P_STATE_DIR}/migrate.out").out
+            time.sleep(1)
+        rig.stop_process("dest-agent")  # V dies mid-pre-copy
+        deadline = time.monotonic() + 240
+        out = ""
+        while time.monotonic() < deadline:
+            out = rig.run(f"cat {C.P_STATE_DIR}/migrate.out; pgrep -f 'p2vctl.cli migrate' || echo done",
+                          timeout=10).out
+            if out.rstrip().endswith("done"):
+                break
+            time.sleep(2)
+        print("\nmigrate output:\n" + out[-1500:])
+        assert out.rstrip().endswith("done"), "p2vctl migrate did not end after V died"
+        assert re.search(r"FAILED|failed|error", out), out
+        assert rig.power_state() == "running"
+        assert p_state(rig) == before  # addresses, no traffic block, md, workload and agent pids
+        counter = rig.counter_stats(since_time=None)
+        assert counter.pids == counter_before.pids and counter.discontinuities == 0
+        tcp = rig.tcp_stats(since=t0)
+        assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0
+        assert rig.agent_state().ready
+    finally:
+        cr.stop_destination(dest)
+        libvirtd.remove_domains(cr.VM_PREFIX)  # the dead V's waiting VM
+
+
+def test_whole_os_moves_into_the_vm(rig: Rig) -> None:
+    dest = cr.start_destination(rig, with_export=True)
+    workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
+    built = cr.build_redundancy(rig)
+    kinds = [e["kind"] for e in built["journal"]["entries"]]
+    assert "bond" in kinds and "md-leg" in kinds, kinds
+    bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
+    md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
+    pids_before = rig.workload_pids()
+    counter_before = rig.counter_stats()
+    files_before = rig.verify_files()
+    assert files_before.ok
+    t0 = time.time()
+    cr.start_migration(rig, dest)
+    off_at = cr.wait_p_off(rig, timeout_s=1500)
+    assert rig.power_state() == "off"
+    # the OS now lives in the VM: the rig's command server answers on the VM's ttyS1
+    out = ""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        out = cr.wait_vm_command(dest, f"cat {C.P_STATE_DIR}/migrate.out", 120)
+        if cr.final_state(out):
+            break
+        time.sleep(2)
+    print("\nmigrate output in the VM:\n" + out[-3000:])
+    assert cr.final_state(out) == "completed", out
+    time.sleep(5)  # the agent unloads itself a moment after completion
+    done = time.time()
+
+    # same processes, same PIDs, the counter never reset
+    vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
+                     "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
+    for name, pid in pids_before.items():
+        assert f"{name} {pid} alive" in vm, vm
+    # the counter's own log (tmpfs: it travelled in memory) is authoritative; the consoles may repeat
+    # the few lines P's UART was still draining after the snapshot
+    counter = parse_counter_file(dest.vm_run(f"cat {C.P_COUNTER_LOG}", timeout=120))
+    print("counter on the consoles:", cr.counter_stats_both(rig, dest))
+    assert counter.pids == counter_before.pids, counter.pids
+    assert counter.discontinuities == 0 and counter.missing_values == 0
+    assert counter.last_value is not None and counter.last_value > (counter_before.last_value or 0)
+    # the client's session never broke
+    tcp = rig.tcp_stats(since=t0)
+    assert tcp.connects <= 1 and tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0
+    assert tcp.last_recv is not None and tcp.last_recv > off_at, "no echo from the VM after P powered off"
+    # P's IP and MAC answer from the VM
+    arp = subprocess.run(["ip", "netns", "exec", C.NS_CLIENT, "sh", "-c",
+                          f"ping -c 2 -W 2 {C.P_IP} >/dev/null; ip neigh show {C.P_IP}"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert C.P_MAC in arp.lower(), arp
+    # the NIC is the virtio one: either the bond's only slave, or (cancel dissolved the bond onto it,
+    # its MAC being the bond's) the interface that carries P's address itself
+    bonded = dest.vm_run(f"cat /proc/net/bonding/{bond} 2>/dev/null || true")
+    if bonded.strip():
+        slaves = re.findall(r"Slave Interface: (\S+)", bonded)
+        assert len(slaves) == 1, bonded
+        carrier = slaves[0]
+        assert C.P_IP in dest.vm_run(f"ip -br addr show {bond}")
+    else:
+        carrier = dest.vm_run(f"ip -o -4 addr show | grep ' {C.P_IP}/' | cut -d' ' -f2").strip()
+    driver = dest.vm_run(f"basename $(readlink -f /sys/class/net/{carrier}/device/driver)").strip()
+    assert driver == "virtio_net", (carrier, driver)
+    assert "e1000" not in dest.vm_run("ls /sys/bus/pci/drivers; cat /proc/modules | cut -d' ' -f1")
+    # md holds only the local virtio disk; every file checksum matches
+    mdstat = dest.vm_run(f"cat /proc/mdstat; ls /sys/block/{md}/md/ | grep dev-")
+    members = re.findall(r"dev-(\S+)", mdstat)
+    assert members and all(m.startswith("vd") for m in members), mdstat
+    local_serial = dest.vm_run(f"cat /sys/block/{members[0]}/serial").strip()
+    assert local_serial == cr.LOCAL_SERIAL
+    check = json.loads(dest.vm_run(f"python3 {C.P_RIG_DIR}/verify_files.py {C.P_FILES_DIR}",
+                                   timeout=120).strip().splitlines()[-1])
+    assert check["checked"] > files_before.checked and not check["bad"] and not check["missing"], check
+    # the agent unloaded itself
+    agent = dest.vm_run(f"pgrep -f source_agent.main || echo none; cat {C.P_AGENT_LOG} | tail -n 5")
+    assert agent.startswith("none"), agent
+    print(f"\nfigures: P off {off_at - t0:.1f}s after start, complete {done - t0:.1f}s, "
+          f"client gap {tcp.max_gap_s:.2f}s, counter gap {counter.max_gap_s:.2f}s")
