@@ -22,6 +22,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from common.page_wire import WireBatch
 from p2v.v1 import destination_pb2
 
 PAGE_SIZE = 4096
@@ -145,6 +146,39 @@ def encode_batch(
     pages are compressed, unless compression does not make them smaller (incompressible
     pages then cost the destination no decompression).
     """
+    return destination_pb2.PageBatch(**_batch_fields(pfns, pages, migration_id=migration_id, stream_id=stream_id,
+                                                     seq=seq, round=round, batch_id=batch_id, zstd_level=zstd_level))
+
+
+def encode_wire_batch(
+    pfns: Sequence[int] | np.ndarray,
+    pages: Any,
+    *,
+    migration_id: str,
+    stream_id: int,
+    seq: int,
+    round: int,
+    batch_id: int,
+    zstd_level: int | None,
+) -> WireBatch:
+    """encode_batch's batch as a WireBatch (common.page_wire): the same fields and wire bytes,
+    without the payload copies a protobuf message costs (building it, ByteSize and
+    SerializeToString each copy the payload; ~0.2 ms per MiB on the 2-core box).
+
+    Without compression the payload is a view of `pages` when they are contiguous data pages:
+    they must not change until the batch is acknowledged (the pre-copy scanner passes its own
+    copy of the pages).
+    """
+    fields = _batch_fields(pfns, pages, migration_id=migration_id, stream_id=stream_id, seq=seq, round=round,
+                           batch_id=batch_id, zstd_level=zstd_level, copy_payload=False)
+    batch = WireBatch()
+    for name, value in fields.items():
+        setattr(batch, name, value)
+    return batch
+
+
+def _batch_fields(pfns: Sequence[int] | np.ndarray, pages: Any, *, migration_id: str, stream_id: int, seq: int,
+                  round: int, batch_id: int, zstd_level: int | None, copy_payload: bool = True) -> dict[str, Any]:
     pfn_arr = np.ascontiguousarray(pfns, dtype="<u8")
     page_arr = as_pages(pages)
     if page_arr.shape[0] != pfn_arr.shape[0]:
@@ -163,15 +197,15 @@ def encode_batch(
     checksum = batch_checksum(pfn_bytes, flag_bytes, raw_bytes)
 
     compression = destination_pb2.COMPRESSION_NONE
-    payload: bytes = b""
+    payload: Any = b""
     if len(raw_bytes):
-        payload = bytes(raw_bytes)
+        payload = bytes(raw_bytes) if copy_payload else raw_bytes
         if zstd_level is not None:
             compressed = _compressor(zstd_level).compress(raw_bytes)
             if len(compressed) < len(raw_bytes):
                 payload = compressed
                 compression = destination_pb2.COMPRESSION_ZSTD
-    return destination_pb2.PageBatch(
+    return dict(
         migration_id=migration_id,
         stream_id=stream_id,
         seq=seq,
@@ -186,8 +220,8 @@ def encode_batch(
     )
 
 
-def decode_batch(msg: destination_pb2.PageBatch, *, max_pfn: int, max_raw_bytes: int) -> DecodedBatch:
-    """Verify a PageBatch completely and return its pages; raise BatchError on any fault.
+def decode_batch(msg: destination_pb2.PageBatch | WireBatch, *, max_pfn: int, max_raw_bytes: int) -> DecodedBatch:
+    """Verify a PageBatch (message or WireBatch) completely and return its pages; raise BatchError on any fault.
 
     Checks, cheapest first: shape of pfns/flags, flag values, sizes against the limits, PFN
     range, duplicate PFNs, decompression (bounded by raw_size), then the checksum. Nothing

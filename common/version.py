@@ -5,7 +5,7 @@ MIN_PROTOCOL_VERSION = 1
 AGENT_VERSION = "0.1.0"
 
 # What this build can do on the wire; negotiation keeps the intersection.
-CAPABILITIES = ("zstd", "multistream", "resume", "dedup-hash", "round-sync")
+CAPABILITIES = ("zstd", "multistream", "resume", "dedup-hash", "round-sync", "bulk-socket")
 
 # gRPC metadata key every agent-to-agent call carries, so a server refuses a peer
 # speaking another protocol before it touches any state.

@@ -39,6 +39,12 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         from dest_agent.cutover import CutoverDesk
 
         self.cutover = CutoverDesk(config, Path(config.agent.state_dir))
+        # Bulk data plane beside gRPC (dest_agent.bulk_receiver), started on the first Prepare.
+        self._bulk = None
+        self._bulk_failed = False
+        from dest_agent.bulk_receiver import TokenTable
+
+        self._bulk_tokens = TokenTable()
         self._catalog_spec = None
         if config.catalog:
             self._catalog_spec = self._parse_catalog(config.catalog)  # fail at start-up, not at use
@@ -138,8 +144,36 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                                         "memory_bytes": request.memory_bytes})
         self.cutover.prepare(record, request)
         streams = min(request.streams or 1, limits.max_streams)
+        bulk_port = await self._bulk_port()
         return destination_pb2.PrepareReply(migration_id=migration_id, max_batch_bytes=limits.max_batch_bytes,
-                                            window=limits.window, streams=streams)
+                                            window=limits.window, streams=streams, bulk_port=bulk_port,
+                                            bulk_token=self._bulk_tokens.issue(migration_id) if bulk_port else b"")
+
+    async def _bulk_port(self) -> int:
+        """The bulk listener's port, starting it on first use; 0 = not offered (PushPages only)."""
+        if self._bulk is not None:
+            return self._bulk.port
+        host = self.config.agent.listen.rpartition(":")[0].strip("[]")
+        if self._bulk_failed or not self.config.agent.listen:
+            return 0
+        from common.page_wire import server_ssl_context
+        from common.rpc import MAX_MESSAGE_BYTES
+        from dest_agent.bulk_receiver import BulkReceiver
+
+        tls = self.config.tls
+        try:
+            bulk = BulkReceiver(self._apply_group, self._bulk_tokens.lookup,
+                                ssl=None if tls.insecure else server_ssl_context(tls),
+                                allowed_peers=tls.allowed_peers,
+                                max_frame_bytes=max(MAX_MESSAGE_BYTES, self.config.limits.max_batch_bytes + (1 << 20)))
+            await bulk.start(host)
+        except (OSError, ValueError) as exc:
+            self._bulk_failed = True  # PushPages still works; don't retry on every Prepare
+            log.warning("bulk data plane unavailable", extra={"error": str(exc)})
+            return 0
+        self._bulk = bulk
+        log.info("bulk data plane listening", extra={"host": host, "port": bulk.port, "tls": not tls.insecure})
+        return bulk.port
 
     async def PushPages(self, request_iterator: AsyncIterator[destination_pb2.PageBatch], context
                         ) -> AsyncIterator[destination_pb2.BatchAck]:
@@ -385,6 +419,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def shutdown(self) -> None:
         """SIGTERM: stop taking pages; journal every unfinished migration as interrupted."""
+        if self._bulk is not None:
+            await self._bulk.close()
         for record in self.migrations.values():
             if not record.finished:
                 await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_FAILED,

@@ -30,11 +30,11 @@ import numpy as np
 
 from common.convergence import Action, ConvergencePolicy, Decision, RoundReport, Schedule, decide
 from common.migration_stats import MigrationStatsAccumulator
-from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, as_pages, encode_batch, page_hashes
+from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, as_pages, encode_wire_batch, page_hashes
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 from source_agent.memory.base import MemorySource
 from source_agent.memory.tracker import DirtyTracker, HashTracker
-from source_agent.transport import FATAL_CODES, OutgoingBatch, PageTransport, TransportConfig
+from source_agent.transport import FATAL_CODES, BulkEndpoint, OutgoingBatch, PageTransport, TransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ class _Scanner:
         pfns = changed.astype(np.uint64) + np.uint64(pfn)
         is_data = hashes != np.uint64(ZERO_PAGE_HASH)
         for start, end in self._split(is_data):
-            msg = encode_batch(
+            # A WireBatch: its payload is a view of `chosen` (our copy), sent without further copies.
+            msg = encode_wire_batch(
                 pfns[start:end], chosen[start:end], migration_id=self.migration_id, stream_id=0, seq=0,
                 round=round_no, batch_id=self.next_batch_id, zstd_level=self.config.zstd_level,
             )
@@ -202,11 +203,13 @@ async def run_precopy(
     *,
     pause: Callable[[], Any] | None = None,
     tracker: DirtyTracker | None = None,
+    bulk: BulkEndpoint | None = None,
 ) -> PrecopyResult:
     """Run pre-copy rounds of `memory` into the prepared migration on `channel`.
 
     `pause` (optional, sync or async) stops whatever changes the memory; when given, the
     switch-over runs a final round after it and the destination ends byte-identical.
+    `bulk`: the destination's bulk sockets (transport.bulk_endpoint), else PushPages streams.
     Raises PrecopyAborted when the policy gives up, TransportError/grpc.RpcError on failures.
     """
     config = _effective_config(config, prepare_reply)
@@ -225,6 +228,7 @@ async def run_precopy(
                                                   raw_bytes=batch.raw_bytes, wire_bytes=batch.wire_bytes),
         on_resend=lambda batch: stats.add_resent(batch.wire_bytes),
         stub=stub,
+        bulk=bulk,
     )
     scanner = _Scanner(memory, tracker, config, migration_id)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2v-scan")

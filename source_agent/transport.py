@@ -10,12 +10,20 @@ writes its unacknowledged batches again, unchanged and in seq order, then carrie
 destination acknowledges a batch it had already written as DUPLICATE, so nothing is written
 twice, nothing acknowledged is sent again, and at most `window` batches per stream are
 resent per failure (counted in resent_bytes).
+
+Two carriers for a stream, with the same rules: a gRPC PushPages call, or (when the
+destination offers it: capability "bulk-socket", PrepareReply.bulk_port/bulk_token) a plain
+socket per stream carrying the same PageBatch and BatchAck messages length-prefixed, with
+mutual TLS unless the migration is insecure (`BulkEndpoint`, dest_agent/bulk_receiver.py).
+gRPC-Python costs about twice the CPU per byte of a socket on the 2-core boxes this runs on
+(bench/README.md, bench.stream), which is why the bulk plane exists; gRPC stays the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +32,7 @@ from typing import Any
 import grpc
 
 from common import rpc
+from common.page_wire import FRAME_HEADER, HELLO_MAGIC, WireBatch
 from p2v.v1 import destination_pb2, destination_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,110 @@ class BatchRejected(TransportError):
 
 class _StreamBroken(Exception):
     """This call is unusable; reconnect and resend the window."""
+
+
+@dataclass
+class BulkEndpoint:
+    """Where and how to open the bulk sockets: the destination's host, PrepareReply.bulk_port and
+    .bulk_token; `ssl` = a client context (common.page_wire.client_ssl_context) or None when the
+    migration is insecure; `server_hostname` = the name the destination's certificate must carry."""
+
+    host: str
+    port: int
+    token: bytes
+    ssl: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    connect_timeout_s: float = 10.0
+
+
+class _BulkCall:
+    """One stream on a bulk socket, with the subset of a grpc.aio stream-stream call that
+    PageTransport uses (write, read -> ack or grpc.aio.EOF, done_writing, cancel)."""
+
+    def __init__(self, endpoint: BulkEndpoint) -> None:
+        self.endpoint = endpoint
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        ep = self.endpoint
+        try:
+            self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(
+                ep.host, ep.port, ssl=ep.ssl, server_hostname=ep.server_hostname if ep.ssl else None,
+                limit=1 << 20), ep.connect_timeout_s)
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(f"bulk socket {ep.host}:{ep.port}: destination certificate refused: {exc}") \
+                from None
+        except (TimeoutError, OSError) as exc:
+            raise _StreamBroken(f"bulk socket {ep.host}:{ep.port}: {exc!r}") from None
+        # Room for a couple of batches in user space, so the next one is queued while the
+        # kernel sends the previous (drain() waits above the high-water mark).
+        self._writer.transport.set_write_buffer_limits(high=4 << 20)
+        self._writer.writelines([FRAME_HEADER.pack(len(HELLO_MAGIC) + len(ep.token)), HELLO_MAGIC, ep.token])
+        reply = await self.read()
+        if reply is grpc.aio.EOF:
+            # With TLS 1.3 a destination refusing our certificate looks like this too.
+            raise _StreamBroken("bulk socket closed during the hello")
+        if reply.status != destination_pb2.ACK_STATUS_OK:
+            raise TransportError(f"destination refused the bulk socket: {reply.error}")
+
+    async def write(self, msg: destination_pb2.PageBatch | WireBatch) -> None:
+        assert self._writer is not None
+        if isinstance(msg, WireBatch):
+            head, payload, tail = msg.parts()  # the payload goes out from where it is, not copied
+            size = len(head) + len(payload) + len(tail)
+            self._writer.writelines([FRAME_HEADER.pack(size) + head, payload, tail])
+        else:
+            body = msg.SerializeToString()
+            self._writer.writelines([FRAME_HEADER.pack(len(body)), body])
+        await self._writer.drain()
+
+    async def read(self) -> Any:
+        assert self._reader is not None
+        try:
+            header = await self._reader.readexactly(FRAME_HEADER.size)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return grpc.aio.EOF  # closed between frames: the destination ended the stream
+            raise
+        (length,) = FRAME_HEADER.unpack(header)
+        return destination_pb2.BatchAck.FromString(await self._reader.readexactly(length))
+
+    async def done_writing(self) -> None:
+        assert self._writer is not None
+        self._writer.write(FRAME_HEADER.pack(0))  # end of stream (TLS cannot half-close)
+        await self._writer.drain()
+
+    def cancel(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+
+def bulk_endpoint(reply: destination_pb2.PrepareReply, capabilities: Any, address: str, tls: Any
+                  ) -> BulkEndpoint | None:
+    """The bulk sockets to use for this migration, or None for PushPages: both agents must
+    have negotiated "bulk-socket" and the destination must have offered a port. The host is
+    the one the gRPC channel dials (`address`, host:port); mutual TLS with the agent's
+    certificates unless `tls.insecure`."""
+    from common.page_wire import BULK_CAPABILITY, client_ssl_context
+
+    if BULK_CAPABILITY not in set(capabilities) or not reply.bulk_port or not reply.bulk_token:
+        return None
+    if address.startswith("unix:") or ":" not in address:
+        return None
+    host = address.rpartition(":")[0].strip("[]")
+    if tls.insecure:
+        return BulkEndpoint(host, reply.bulk_port, reply.bulk_token)
+    return BulkEndpoint(host, reply.bulk_port, reply.bulk_token, ssl=client_ssl_context(tls),
+                        server_hostname=tls.server_name)
+
+
+def _for_call(call: Any, msg: Any) -> Any:
+    """The generated gRPC stub serialises with PageBatch.SerializeToString, which takes only
+    real messages: a WireBatch becomes one for a PushPages call."""
+    if isinstance(msg, WireBatch) and not isinstance(call, _BulkCall):
+        return msg.to_message()
+    return msg
 
 
 class TokenBucket:
@@ -93,7 +206,7 @@ class TokenBucket:
 
 @dataclass
 class OutgoingBatch:
-    msg: destination_pb2.PageBatch
+    msg: destination_pb2.PageBatch | WireBatch  # WireBatch: cheaper on bulk sockets (no payload copies)
     pages: int
     zero_pages: int
     raw_bytes: int
@@ -137,6 +250,7 @@ class PageTransport:
         on_resend: Callable[[OutgoingBatch], None] | None = None,
         stub: Any = None,
         extra_channels: Any = (),
+        bulk: BulkEndpoint | None = None,
     ) -> None:
         if config.streams < 1 or config.window < 1:
             raise ValueError("need at least one stream and a window of at least one batch")
@@ -144,6 +258,7 @@ class PageTransport:
         self.stub = stub or destination_pb2_grpc.DestinationStub(channel)
         # Stream i uses stubs[i % len]: extra channels mean extra TCP connections (multifd-like).
         self._stubs = [self.stub, *(destination_pb2_grpc.DestinationStub(c) for c in extra_channels)]
+        self.bulk = bulk  # set: every stream is a bulk socket instead of a PushPages call
         self.on_ack = on_ack
         self.on_resend = on_resend
         self.counters = TransportCounters()
@@ -165,6 +280,10 @@ class PageTransport:
     # -- public ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        bulk = self.bulk
+        log.info("page transport", extra={
+            "carrier": "bulk-socket" if bulk else "grpc", "streams": self.config.streams,
+            **({"endpoint": f"{bulk.host}:{bulk.port}", "tls": bulk.ssl is not None} if bulk else {})})
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._stream_main(sid), name=f"push-pages-{sid}")
@@ -257,13 +376,23 @@ class PageTransport:
         stuck_since: float | None = None
         try:
             for attempt in range(1_000_000):  # bounded below by resume_timeout_s
-                call = self._stubs[(sid - 1) % len(self._stubs)].PushPages(wait_for_ready=True)
+                call: Any
+                if self.bulk is not None:
+                    call = _BulkCall(self.bulk)
+                else:
+                    call = self._stubs[(sid - 1) % len(self._stubs)].PushPages(wait_for_ready=True)
                 progress = {"acks": 0}
                 try:
+                    if isinstance(call, _BulkCall):
+                        await call.open()
                     await self._run_call(sid, call, unacked, state, progress, resend=attempt > 0)
                     return
                 except _StreamBroken as exc:
                     reason = str(exc)
+                except (OSError, asyncio.IncompleteReadError) as exc:  # a bulk socket broke
+                    reason = f"bulk socket: {exc!r}"
+                except asyncio.InvalidStateError as exc:  # grpc.aio: a write raced the call's end
+                    reason = f"call ended: {exc}"
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in FATAL_CODES:
                         raise TransportError(
@@ -309,7 +438,7 @@ class PageTransport:
                 self.counters.resent_batches += 1
                 if self.on_resend is not None:
                     self.on_resend(batch)
-                await call.write(batch.msg)
+                await call.write(_for_call(call, batch.msg))
             last_ack[0] = time.monotonic()
             while not state["closing"]:
                 while len(unacked) >= self.config.window:
@@ -329,7 +458,7 @@ class PageTransport:
                 unacked[seq] = batch
                 await self.bucket.take(batch.wire_bytes)
                 batch.sends += 1
-                await call.write(batch.msg)
+                await call.write(_for_call(call, batch.msg))
             await call.done_writing()
             writer_done.set()
 

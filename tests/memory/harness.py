@@ -54,6 +54,7 @@ def dest_config(state_dir: Path, *, max_batch_bytes: int = 256 << 10, window: in
     config = DestConfig()
     config.agent.state_dir = str(state_dir)
     config.tls.insecure = True
+    config.agent.listen = "127.0.0.1:0"  # the bulk data plane listens on this host (ephemeral port)
     config.limits.max_batch_bytes = max_batch_bytes
     config.limits.window = window
     return config

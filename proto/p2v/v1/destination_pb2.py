@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from p2v.v1 import common_pb2 as p2v_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2v/v1/destination.proto\x12\x06p2v.v1\x1a\x13p2v/v1/common.proto\"<\n\x0e\x43\x61talogRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\"\xd1\x01\n\rVirtualDevice\x12 \n\x04type\x18\x01 \x01(\x0e\x32\x12.p2v.v1.DeviceType\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12(\n\x06scheme\x18\x07 \x01(\x0e\x32\x18.p2v.v1.RedundancyScheme\x12\x0e\n\x06\x64river\x18\x08 \x01(\t\x12\x12\n\nexport_uri\x18\t \x01(\t\"\xfd\x01\n\x14VirtualDeviceCatalog\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12&\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x15.p2v.v1.VirtualDevice\x12\x18\n\x10max_memory_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x66ree_disk_bytes\x18\x04 \x01(\x04\x12/\n\x12vm_firmware_memmap\x18\x05 \x03(\x0b\x32\x13.p2v.v1.MemoryRange\x12\x17\n\x0fkernel_releases\x18\x06 \x03(\t\x12\x14\n\x0cvm_cpu_model\x18\x07 \x01(\t\x12\x19\n\x11\x63utover_supported\x18\x08 \x01(\x08\"7\n\x0bMemoryRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\"\xb7\x02\n\x0ePrepareRequest\x12\x16\n\x0esource_host_id\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x0f\n\x07max_pfn\x18\x04 \x01(\x04\x12,\n\x0f\x66irmware_memmap\x18\x05 \x03(\x0b\x32\x13.p2v.v1.MemoryRange\x12\x16\n\x0ekernel_release\x18\x06 \x01(\t\x12\x11\n\tcpu_model\x18\x07 \x01(\t\x12\x14\n\x0cmigration_id\x18\x08 \x01(\t\x12\x0f\n\x07streams\x18\t \x01(\r\x12\x10\n\x08nic_macs\x18\n \x03(\t\x12\x16\n\x0ekernel_version\x18\x0b \x01(\t\x12\x12\n\nwaiting_vm\x18\x0c \x01(\x08\x12\x15\n\rpci_addresses\x18\r \x03(\t\"^\n\x0cPrepareReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_bytes\x18\x02 \x01(\r\x12\x0e\n\x06window\x18\x03 \x01(\r\x12\x0f\n\x07streams\x18\x04 \x01(\r\"\xde\x01\n\tPageBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\x0c\n\x04pfns\x18\x05 \x01(\x0c\x12\r\n\x05\x66lags\x18\x06 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.p2v.v1.Compression\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x10\n\x08raw_size\x18\t \x01(\r\x12\x10\n\x08\x63hecksum\x18\n \x01(\x06\x12\x10\n\x08\x62\x61tch_id\x18\x0b \x01(\x04\"\x85\x01\n\x08\x42\x61tchAck\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\x04\x12!\n\x06status\x18\x04 \x01(\x0e\x32\x11.p2v.v1.AckStatus\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x15\n\rpages_written\x18\x06 \x01(\r\"P\n\tRoundMark\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\">\n\x08RoundAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\npages_held\x18\x02 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x03 \x01(\x08\"M\n\x11HeldHashesRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tstart_pfn\x18\x02 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x03 \x01(\x04\".\n\tHashChunk\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0e\n\x06hashes\x18\x02 \x01(\x0c\"^\n\x0fRedundancyEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08physical\x18\x03 \x01(\t\x12\x0f\n\x07virtual\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"R\n\x10RedundancyReport\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.p2v.v1.RedundancyEntry\"!\n\rRedundancyAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x98\x01\n\x0e\x43utoverRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12+\n\x05phase\x18\x02 \x01(\x0e\x32\x1c.p2v.v1.CutoverRequest.Phase\"C\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePHASE_ANNOUNCE\x10\x01\x12\x0f\n\x0bPHASE_ABORT\x10\x02\"`\n\x0c\x43utoverReply\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64_mac\x18\x05 \x01(\t\"\xec\x01\n\x0eResumedRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x12\n\nresumed_at\x18\x03 \x01(\x01\x12\x13\n\x0bunfrozen_at\x18\x04 \x01(\x01\x12\x14\n\x0cresume_steps\x18\x05 \x03(\t\x12\x15\n\rcutover_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bimage_bytes\x18\x07 \x01(\x04\x12\x18\n\x10image_pages_sent\x18\x08 \x01(\x04\x12\x1b\n\x13image_pages_skipped\x18\t \x01(\x04\x12\x11\n\tfrozen_at\x18\n \x01(\x01\"2\n\x0cResumedReply\x12\x12\n\ncancel_ids\x18\x01 \x03(\t\x12\x0e\n\x06unload\x18\x02 \x01(\x08\"[\n\x10\x43ompletionReport\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tcancelled\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t*T\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_TYPE_NIC\x10\x01\x12\x14\n\x10\x44\x45VICE_TYPE_DISK\x10\x02*\x9b\x01\n\x10RedundancyScheme\x12!\n\x1dREDUNDANCY_SCHEME_UNSPECIFIED\x10\x00\x12\x1a\n\x16REDUNDANCY_SCHEME_NONE\x10\x01\x12(\n$REDUNDANCY_SCHEME_BOND_ACTIVE_BACKUP\x10\x02\x12\x1e\n\x1aREDUNDANCY_SCHEME_MD_RAID1\x10\x03*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*m\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rACK_STATUS_OK\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xc4\x05\n\x0b\x44\x65stination\x12.\n\tNegotiate\x12\r.p2v.v1.Hello\x1a\x12.p2v.v1.HelloReply\x12\x42\n\nGetCatalog\x12\x16.p2v.v1.CatalogRequest\x1a\x1c.p2v.v1.VirtualDeviceCatalog\x12\x37\n\x07Prepare\x12\x16.p2v.v1.PrepareRequest\x1a\x14.p2v.v1.PrepareReply\x12\x34\n\tPushPages\x12\x11.p2v.v1.PageBatch\x1a\x10.p2v.v1.BatchAck(\x01\x30\x01\x12/\n\x08\x45ndRound\x12\x11.p2v.v1.RoundMark\x1a\x10.p2v.v1.RoundAck\x12<\n\nHeldHashes\x12\x19.p2v.v1.HeldHashesRequest\x1a\x11.p2v.v1.HashChunk0\x01\x12\x43\n\x10ReportRedundancy\x12\x18.p2v.v1.RedundancyReport\x1a\x15.p2v.v1.RedundancyAck\x12\x37\n\x07\x43utover\x12\x16.p2v.v1.CutoverRequest\x1a\x14.p2v.v1.CutoverReply\x12\x37\n\x07Resumed\x12\x16.p2v.v1.ResumedRequest\x1a\x14.p2v.v1.ResumedReply\x12=\n\x08\x43omplete\x12\x18.p2v.v1.CompletionReport\x1a\x17.p2v.v1.MigrationStatus\x12\x37\n\x06Status\x12\x14.p2v.v1.MigrationRef\x1a\x17.p2v.v1.MigrationStatus\x12\x34\n\x06\x43\x61ncel\x12\x15.p2v.v1.CancelRequest\x1a\x13.p2v.v1.CancelReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2v/v1/destination.proto\x12\x06p2v.v1\x1a\x13p2v/v1/common.proto\"<\n\x0e\x43\x61talogRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\"\xd1\x01\n\rVirtualDevice\x12 \n\x04type\x18\x01 \x01(\x0e\x32\x12.p2v.v1.DeviceType\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12(\n\x06scheme\x18\x07 \x01(\x0e\x32\x18.p2v.v1.RedundancyScheme\x12\x0e\n\x06\x64river\x18\x08 \x01(\t\x12\x12\n\nexport_uri\x18\t \x01(\t\"\xfd\x01\n\x14VirtualDeviceCatalog\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12&\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x15.p2v.v1.VirtualDevice\x12\x18\n\x10max_memory_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x66ree_disk_bytes\x18\x04 \x01(\x04\x12/\n\x12vm_firmware_memmap\x18\x05 \x03(\x0b\x32\x13.p2v.v1.MemoryRange\x12\x17\n\x0fkernel_releases\x18\x06 \x03(\t\x12\x14\n\x0cvm_cpu_model\x18\x07 \x01(\t\x12\x19\n\x11\x63utover_supported\x18\x08 \x01(\x08\"7\n\x0bMemoryRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\"\xb7\x02\n\x0ePrepareRequest\x12\x16\n\x0esource_host_id\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x0f\n\x07max_pfn\x18\x04 \x01(\x04\x12,\n\x0f\x66irmware_memmap\x18\x05 \x03(\x0b\x32\x13.p2v.v1.MemoryRange\x12\x16\n\x0ekernel_release\x18\x06 \x01(\t\x12\x11\n\tcpu_model\x18\x07 \x01(\t\x12\x14\n\x0cmigration_id\x18\x08 \x01(\t\x12\x0f\n\x07streams\x18\t \x01(\r\x12\x10\n\x08nic_macs\x18\n \x03(\t\x12\x16\n\x0ekernel_version\x18\x0b \x01(\t\x12\x12\n\nwaiting_vm\x18\x0c \x01(\x08\x12\x15\n\rpci_addresses\x18\r \x03(\t\"\x85\x01\n\x0cPrepareReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_bytes\x18\x02 \x01(\r\x12\x0e\n\x06window\x18\x03 \x01(\r\x12\x0f\n\x07streams\x18\x04 \x01(\r\x12\x11\n\tbulk_port\x18\x05 \x01(\r\x12\x12\n\nbulk_token\x18\x06 \x01(\x0c\"\xde\x01\n\tPageBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\x0c\n\x04pfns\x18\x05 \x01(\x0c\x12\r\n\x05\x66lags\x18\x06 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.p2v.v1.Compression\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x10\n\x08raw_size\x18\t \x01(\r\x12\x10\n\x08\x63hecksum\x18\n \x01(\x06\x12\x10\n\x08\x62\x61tch_id\x18\x0b \x01(\x04\"\x85\x01\n\x08\x42\x61tchAck\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\x04\x12!\n\x06status\x18\x04 \x01(\x0e\x32\x11.p2v.v1.AckStatus\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x15\n\rpages_written\x18\x06 \x01(\r\"P\n\tRoundMark\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\">\n\x08RoundAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\npages_held\x18\x02 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x03 \x01(\x08\"M\n\x11HeldHashesRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tstart_pfn\x18\x02 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x03 \x01(\x04\".\n\tHashChunk\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0e\n\x06hashes\x18\x02 \x01(\x0c\"^\n\x0fRedundancyEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08physical\x18\x03 \x01(\t\x12\x0f\n\x07virtual\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"R\n\x10RedundancyReport\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.p2v.v1.RedundancyEntry\"!\n\rRedundancyAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x98\x01\n\x0e\x43utoverRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12+\n\x05phase\x18\x02 \x01(\x0e\x32\x1c.p2v.v1.CutoverRequest.Phase\"C\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePHASE_ANNOUNCE\x10\x01\x12\x0f\n\x0bPHASE_ABORT\x10\x02\"`\n\x0c\x43utoverReply\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64_mac\x18\x05 \x01(\t\"\xec\x01\n\x0eResumedRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x12\n\nresumed_at\x18\x03 \x01(\x01\x12\x13\n\x0bunfrozen_at\x18\x04 \x01(\x01\x12\x14\n\x0cresume_steps\x18\x05 \x03(\t\x12\x15\n\rcutover_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bimage_bytes\x18\x07 \x01(\x04\x12\x18\n\x10image_pages_sent\x18\x08 \x01(\x04\x12\x1b\n\x13image_pages_skipped\x18\t \x01(\x04\x12\x11\n\tfrozen_at\x18\n \x01(\x01\"2\n\x0cResumedReply\x12\x12\n\ncancel_ids\x18\x01 \x03(\t\x12\x0e\n\x06unload\x18\x02 \x01(\x08\"[\n\x10\x43ompletionReport\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x11\n\tcancelled\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t*T\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_TYPE_NIC\x10\x01\x12\x14\n\x10\x44\x45VICE_TYPE_DISK\x10\x02*\x9b\x01\n\x10RedundancyScheme\x12!\n\x1dREDUNDANCY_SCHEME_UNSPECIFIED\x10\x00\x12\x1a\n\x16REDUNDANCY_SCHEME_NONE\x10\x01\x12(\n$REDUNDANCY_SCHEME_BOND_ACTIVE_BACKUP\x10\x02\x12\x1e\n\x1aREDUNDANCY_SCHEME_MD_RAID1\x10\x03*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*m\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rACK_STATUS_OK\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xc4\x05\n\x0b\x44\x65stination\x12.\n\tNegotiate\x12\r.p2v.v1.Hello\x1a\x12.p2v.v1.HelloReply\x12\x42\n\nGetCatalog\x12\x16.p2v.v1.CatalogRequest\x1a\x1c.p2v.v1.VirtualDeviceCatalog\x12\x37\n\x07Prepare\x12\x16.p2v.v1.PrepareRequest\x1a\x14.p2v.v1.PrepareReply\x12\x34\n\tPushPages\x12\x11.p2v.v1.PageBatch\x1a\x10.p2v.v1.BatchAck(\x01\x30\x01\x12/\n\x08\x45ndRound\x12\x11.p2v.v1.RoundMark\x1a\x10.p2v.v1.RoundAck\x12<\n\nHeldHashes\x12\x19.p2v.v1.HeldHashesRequest\x1a\x11.p2v.v1.HashChunk0\x01\x12\x43\n\x10ReportRedundancy\x12\x18.p2v.v1.RedundancyReport\x1a\x15.p2v.v1.RedundancyAck\x12\x37\n\x07\x43utover\x12\x16.p2v.v1.CutoverRequest\x1a\x14.p2v.v1.CutoverReply\x12\x37\n\x07Resumed\x12\x16.p2v.v1.ResumedRequest\x1a\x14.p2v.v1.ResumedReply\x12=\n\x08\x43omplete\x12\x18.p2v.v1.CompletionReport\x1a\x17.p2v.v1.MigrationStatus\x12\x37\n\x06Status\x12\x14.p2v.v1.MigrationRef\x1a\x17.p2v.v1.MigrationStatus\x12\x34\n\x06\x43\x61ncel\x12\x15.p2v.v1.CancelRequest\x1a\x13.p2v.v1.CancelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2v.v1.destination_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICETYPE']._serialized_start=2540
-  _globals['_DEVICETYPE']._serialized_end=2624
-  _globals['_REDUNDANCYSCHEME']._serialized_start=2627
-  _globals['_REDUNDANCYSCHEME']._serialized_end=2782
-  _globals['_COMPRESSION']._serialized_start=2784
-  _globals['_COMPRESSION']._serialized_end=2841
-  _globals['_ACKSTATUS']._serialized_start=2843
-  _globals['_ACKSTATUS']._serialized_end=2952
+  _globals['_DEVICETYPE']._serialized_start=2580
+  _globals['_DEVICETYPE']._serialized_end=2664
+  _globals['_REDUNDANCYSCHEME']._serialized_start=2667
+  _globals['_REDUNDANCYSCHEME']._serialized_end=2822
+  _globals['_COMPRESSION']._serialized_start=2824
+  _globals['_COMPRESSION']._serialized_end=2881
+  _globals['_ACKSTATUS']._serialized_start=2883
+  _globals['_ACKSTATUS']._serialized_end=2992
   _globals['_CATALOGREQUEST']._serialized_start=57
   _globals['_CATALOGREQUEST']._serialized_end=117
   _globals['_VIRTUALDEVICE']._serialized_start=120
@@ -50,38 +50,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMORYRANGE']._serialized_end=642
   _globals['_PREPAREREQUEST']._serialized_start=645
   _globals['_PREPAREREQUEST']._serialized_end=956
-  _globals['_PREPAREREPLY']._serialized_start=958
-  _globals['_PREPAREREPLY']._serialized_end=1052
-  _globals['_PAGEBATCH']._serialized_start=1055
-  _globals['_PAGEBATCH']._serialized_end=1277
-  _globals['_BATCHACK']._serialized_start=1280
-  _globals['_BATCHACK']._serialized_end=1413
-  _globals['_ROUNDMARK']._serialized_start=1415
-  _globals['_ROUNDMARK']._serialized_end=1495
-  _globals['_ROUNDACK']._serialized_start=1497
-  _globals['_ROUNDACK']._serialized_end=1559
-  _globals['_HELDHASHESREQUEST']._serialized_start=1561
-  _globals['_HELDHASHESREQUEST']._serialized_end=1638
-  _globals['_HASHCHUNK']._serialized_start=1640
-  _globals['_HASHCHUNK']._serialized_end=1686
-  _globals['_REDUNDANCYENTRY']._serialized_start=1688
-  _globals['_REDUNDANCYENTRY']._serialized_end=1782
-  _globals['_REDUNDANCYREPORT']._serialized_start=1784
-  _globals['_REDUNDANCYREPORT']._serialized_end=1866
-  _globals['_REDUNDANCYACK']._serialized_start=1868
-  _globals['_REDUNDANCYACK']._serialized_end=1901
-  _globals['_CUTOVERREQUEST']._serialized_start=1904
-  _globals['_CUTOVERREQUEST']._serialized_end=2056
-  _globals['_CUTOVERREQUEST_PHASE']._serialized_start=1989
-  _globals['_CUTOVERREQUEST_PHASE']._serialized_end=2056
-  _globals['_CUTOVERREPLY']._serialized_start=2058
-  _globals['_CUTOVERREPLY']._serialized_end=2154
-  _globals['_RESUMEDREQUEST']._serialized_start=2157
-  _globals['_RESUMEDREQUEST']._serialized_end=2393
-  _globals['_RESUMEDREPLY']._serialized_start=2395
-  _globals['_RESUMEDREPLY']._serialized_end=2445
-  _globals['_COMPLETIONREPORT']._serialized_start=2447
-  _globals['_COMPLETIONREPORT']._serialized_end=2538
-  _globals['_DESTINATION']._serialized_start=2955
-  _globals['_DESTINATION']._serialized_end=3663
+  _globals['_PREPAREREPLY']._serialized_start=959
+  _globals['_PREPAREREPLY']._serialized_end=1092
+  _globals['_PAGEBATCH']._serialized_start=1095
+  _globals['_PAGEBATCH']._serialized_end=1317
+  _globals['_BATCHACK']._serialized_start=1320
+  _globals['_BATCHACK']._serialized_end=1453
+  _globals['_ROUNDMARK']._serialized_start=1455
+  _globals['_ROUNDMARK']._serialized_end=1535
+  _globals['_ROUNDACK']._serialized_start=1537
+  _globals['_ROUNDACK']._serialized_end=1599
+  _globals['_HELDHASHESREQUEST']._serialized_start=1601
+  _globals['_HELDHASHESREQUEST']._serialized_end=1678
+  _globals['_HASHCHUNK']._serialized_start=1680
+  _globals['_HASHCHUNK']._serialized_end=1726
+  _globals['_REDUNDANCYENTRY']._serialized_start=1728
+  _globals['_REDUNDANCYENTRY']._serialized_end=1822
+  _globals['_REDUNDANCYREPORT']._serialized_start=1824
+  _globals['_REDUNDANCYREPORT']._serialized_end=1906
+  _globals['_REDUNDANCYACK']._serialized_start=1908
+  _globals['_REDUNDANCYACK']._serialized_end=1941
+  _globals['_CUTOVERREQUEST']._serialized_start=1944
+  _globals['_CUTOVERREQUEST']._serialized_end=2096
+  _globals['_CUTOVERREQUEST_PHASE']._serialized_start=2029
+  _globals['_CUTOVERREQUEST_PHASE']._serialized_end=2096
+  _globals['_CUTOVERREPLY']._serialized_start=2098
+  _globals['_CUTOVERREPLY']._serialized_end=2194
+  _globals['_RESUMEDREQUEST']._serialized_start=2197
+  _globals['_RESUMEDREQUEST']._serialized_end=2433
+  _globals['_RESUMEDREPLY']._serialized_start=2435
+  _globals['_RESUMEDREPLY']._serialized_end=2485
+  _globals['_COMPLETIONREPORT']._serialized_start=2487
+  _globals['_COMPLETIONREPORT']._serialized_end=2578
+  _globals['_DESTINATION']._serialized_start=2995
+  _globals['_DESTINATION']._serialized_end=3703
 # @@protoc_insertion_point(module_scope)

@@ -137,16 +137,20 @@ class PrepareRequest(_message.Message):
     def __init__(self, source_host_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., max_pfn: _Optional[int] = ..., firmware_memmap: _Optional[_Iterable[_Union[MemoryRange, _Mapping]]] = ..., kernel_release: _Optional[str] = ..., cpu_model: _Optional[str] = ..., migration_id: _Optional[str] = ..., streams: _Optional[int] = ..., nic_macs: _Optional[_Iterable[str]] = ..., kernel_version: _Optional[str] = ..., waiting_vm: _Optional[bool] = ..., pci_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
-    __slots__ = ("migration_id", "max_batch_bytes", "window", "streams")
+    __slots__ = ("migration_id", "max_batch_bytes", "window", "streams", "bulk_port", "bulk_token")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    BULK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     max_batch_bytes: int
     window: int
     streams: int
-    def __init__(self, migration_id: _Optional[str] = ..., max_batch_bytes: _Optional[int] = ..., window: _Optional[int] = ..., streams: _Optional[int] = ...) -> None: ...
+    bulk_port: int
+    bulk_token: bytes
+    def __init__(self, migration_id: _Optional[str] = ..., max_batch_bytes: _Optional[int] = ..., window: _Optional[int] = ..., streams: _Optional[int] = ..., bulk_port: _Optional[int] = ..., bulk_token: _Optional[bytes] = ...) -> None: ...
 
 class PageBatch(_message.Message):
     __slots__ = ("migration_id", "stream_id", "seq", "round", "pfns", "flags", "compression", "payload", "raw_size", "checksum", "batch_id")
