@@ -136,6 +136,9 @@ class SourceMigration:
             max_bandwidth_bytes=self.request.max_bandwidth_bytes or m.max_bandwidth_bytes,
             zstd_level=None if (self.request.no_compression or not m.compression) else m.zstd_level,
             max_rounds=self.request.max_rounds or m.max_rounds,
+            # With the hibernation carrier a pre-copy that does not converge only makes the cutover
+            # delta larger (the snapshot carries the rest exactly): switch over at max_rounds.
+            on_max_rounds="abort" if self.request.dry_run else "force",
         )
 
         async def on_status(stats: common_pb2.MigrationStats, round_no: int, fraction: float) -> None:
