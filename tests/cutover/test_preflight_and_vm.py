@@ -190,3 +190,34 @@ def test_installed_ram_from_the_firmware_map() -> None:
         memory_bytes=GIB - (40 << 20) - 4096, firmware_memmap=[destination_pb2.MemoryRange(
             start=s, end=e, type=t) for s, e, t in P_MAP]))
     assert src.memory_bytes == GIB
+
+
+def test_resume_plan_from_inventory_and_journal() -> None:
+    from source_agent.cutover import plan_for
+    from source_agent.redundancy.journal import Entry
+
+    inv = source_pb2.Inventory(
+        nics=[source_pb2.Nic(name="eth0", mac="52:54:00:77:00:10", pci_address="0000:00:02.0", master="p2vbond0"),
+              source_pb2.Nic(name="p2vbond0", mac="52:54:00:77:00:10", kind="bond", addresses=["10.77.0.10/24"]),
+              source_pb2.Nic(name="eth9", mac="52:54:00:77:00:99", pci_address="0000:00:09.0",
+                             addresses=["10.88.0.5/24", "fe80::1/64"])],
+        routes=[source_pb2.Route(destination="default", gateway="10.88.0.1", device="eth9")],
+        block_devices=[source_pb2.BlockDevice(name="md127", kind="md", md_members=["sdb", "nbd0"]),
+                       source_pb2.BlockDevice(name="sdb", kind="disk", pci_address="0000:00:01.1"),
+                       source_pb2.BlockDevice(name="nbd0", kind="nbd"),
+                       source_pb2.BlockDevice(name="md5", kind="md", md_members=["sdc"]),
+                       source_pb2.BlockDevice(name="sdc", kind="disk", pci_address="0000:00:01.1")])
+    journal = [Entry("b1", "bond", physical="eth0", state="done", detail={"bond": "p2vbond0"}),
+               Entry("m1", "md-leg", physical="md127", state="done", detail={"md": "md127", "leg": "/dev/nbd0"})]
+    actions = plan_for(inv, journal, ["eth0", "p2vbond0", "eth9"], "52:54:00:77:00:20")
+    by_name = [(a.name, a.args) for a in actions]
+    # only the array p2v gave a network leg loses its physical member; md5 (no leg) is left alone
+    assert ("fail-md-leg", {"md": "md127", "member": "sdb"}) in by_name
+    assert not any(a["md"] == "md5" for n, a in by_name if n == "fail-md-leg")
+    adopt = [a for n, a in by_name if n == "adopt-nic"]
+    assert adopt[0]["bond"] == "p2vbond0" and adopt[0]["addresses"] == []
+    assert adopt[1]["bond"] == "" and adopt[1]["addresses"] == [("10.88.0.5", 24)]
+    assert adopt[1]["routes"] == [("", 0, "10.88.0.1")]
+    announce = [a for n, a in by_name if n == "announce"]
+    assert {"interface": "p2vbond0", "ip": "10.77.0.10"} in announce
+    assert {"interface": "", "ip": "10.88.0.5"} in announce
