@@ -79,10 +79,11 @@ class SnapshotDevice:
 
     def __init__(self, path: str = "/dev/snapshot") -> None:
         self.fd = os.open(path, os.O_RDONLY)
-        try:  # a large preferred size: the kernel must not try to shrink memory (no swap)
-            fcntl.ioctl(self.fd, SNAPSHOT_PREF_IMAGE_SIZE, 1 << 40)
-        except OSError:
-            pass
+        # A preferred image size beyond RAM: the kernel must not try to shrink memory (no swap). The
+        # argument is an unsigned long; fcntl.ioctl would pass a C int, so call libc directly.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+        libc.ioctl(self.fd, SNAPSHOT_PREF_IMAGE_SIZE, 1 << 40)
 
     def freeze(self) -> None:
         fcntl.ioctl(self.fd, SNAPSHOT_FREEZE)
@@ -340,7 +341,7 @@ def main() -> int:
     held = np.load(cfg.held_hashes) if cfg.held_hashes else np.zeros(0, dtype=np.uint64)
     try:
         snap = SnapshotDevice(cfg.snapshot_device)
-    except OSError as exc:
+    except (OSError, ValueError, OverflowError) as exc:
         emit("aborted", Figures(), reason=f"cannot open {cfg.snapshot_device}: {exc}")
         return 2
     outcome = Helper(cfg, snap, held.astype(np.uint64)).run()
