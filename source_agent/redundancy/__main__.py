@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--migration-id", required=True)
     b.add_argument("--no-initramfs", action="store_true")
     b.add_argument("--no-rollback-on-failure", action="store_true")
+    b.add_argument("--fail-at", default="", help=argparse.SUPPRESS)  # tests: rollback drill
     b.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for the mirrors")
     for name in ("status", "report", "rollback"):
         sub.add_parser(name).add_argument("--journal", required=True)
@@ -125,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> object:
         builder.verify_plan(pl)  # before anything is written
         j = Journal.create(Path(args.journal), args.migration_id)
         opts = builder.BuildOptions(
-            initramfs=not args.no_initramfs, rollback_on_failure=not args.no_rollback_on_failure
+            initramfs=not args.no_initramfs, rollback_on_failure=not args.no_rollback_on_failure, fail_at=args.fail_at
         )
         res = builder.build(pl, j, opts)
         out = {"journal": _journal_json(j), "legs": res.legs, "notes": res.notes}

@@ -26,6 +26,10 @@ class PlanError(RuntimeError):
     """The plan does not fit the system as it is now; nothing was changed."""
 
 
+class InjectedFailure(RuntimeError):
+    """Raised by ``BuildOptions.fail_at`` (tests of rollback at every step)."""
+
+
 class BuildError(RuntimeError):
     def __init__(self, step: str, cause: Exception, rolled_back: RollbackResult | None) -> None:
         self.step = step
@@ -45,6 +49,8 @@ class BuildOptions:
     num_grat_arp: int = 5
     rollback_on_failure: bool = True
     netns: str | None = None  # tests only
+    # Tests only: fail when the step whose name starts with this is reached (rollback drill).
+    fail_at: str = ""
 
 
 @dataclass
@@ -92,6 +98,8 @@ def build(
         log.info("redundancy: %s", name)
         if on_step is not None:
             on_step(name)
+        if opts.fail_at and name.startswith(opts.fail_at):
+            raise InjectedFailure(f"injected failure at step {name!r}")
 
     try:
         mods = plan.drivers()

@@ -378,3 +378,27 @@ def test_cancel_leaves_virtio_and_spares_admin_configs(
     assert _admin_dump(rig) == admin_before
     # cancelled ids are not live any more: a rollback has nothing left to do
     assert u.red_json(rig, f"rollback --journal {p['journal']}")["undone"] == []
+
+
+@pytest.mark.parametrize("step", ["drivers", "bond", "nbd", "md-leg", "done"])
+def test_failure_at_each_step_rolls_back_exactly(rig: Rig, p: dict, export: disk_export.DiskExport, step: str) -> None:
+    """A failure at any step of the build leaves P exactly as before (network, md, modules)."""
+    u.wait_settled(rig, p["nic"])
+    net_before, md_before, mods_before = u.net_dump(rig), u.md_dump(rig, p["md"]), u.modules(rig)
+    u.put(rig, f"{u.WORK}/cat-all.toml", catalog_toml(nic=True, disk=True))
+    res = u.red(
+        rig,
+        f"build --catalog {u.WORK}/cat-all.toml --ignore {_ignore(p, 'root', 'spare')} "
+        f"--journal {p['journal']} --migration-id drill --no-initramfs --fail-at {step}",
+        timeout=600,
+    )
+    assert res.rc == 2 and f"injected failure at step '{step}" in res.err and "(rolled back)" in res.err, res
+    time.sleep(2)
+    u.wait_settled(rig, p["nic"])
+    assert u.net_dump(rig) == net_before
+    assert u.md_dump(rig, p["md"]) == md_before
+    assert u.modules(rig) == mods_before
+    entries = json.loads(u.sh(rig, f"cat {p['journal']}"))["entries"]
+    assert all(e["state"] == "undone" for e in entries), entries
+    tcp = rig.tcp_stats()
+    assert tcp.reconnects == 0 and tcp.lost == 0, tcp
