@@ -168,6 +168,7 @@ class _Connection(asyncio.BufferedProtocol):
             log.warning("bulk connection refused", extra={"reason": reason})
             self._send(destination_pb2.BatchAck(status=destination_pb2.ACK_STATUS_REJECTED, error=reason))
             return None
+        self.owner.accepted += 1
         self._send(destination_pb2.BatchAck(status=destination_pb2.ACK_STATUS_OK))
         return migration_id
 
@@ -226,6 +227,7 @@ class BulkReceiver:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self.port = 0
+        self.accepted = 0  # connections past the hello (for tests and logs)
 
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()

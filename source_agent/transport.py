@@ -259,6 +259,7 @@ class PageTransport:
         # Stream i uses stubs[i % len]: extra channels mean extra TCP connections (multifd-like).
         self._stubs = [self.stub, *(destination_pb2_grpc.DestinationStub(c) for c in extra_channels)]
         self.bulk = bulk  # set: every stream is a bulk socket instead of a PushPages call
+        self._bulk_opened = False  # a bulk socket was opened once: failures from then on are link trouble
         self.on_ack = on_ack
         self.on_resend = on_resend
         self.counters = TransportCounters()
@@ -384,7 +385,17 @@ class PageTransport:
                 progress = {"acks": 0}
                 try:
                     if isinstance(call, _BulkCall):
-                        await call.open()
+                        try:
+                            await call.open()
+                        except _StreamBroken:
+                            # Never reachable (a firewall in front of the port, say): PushPages
+                            # instead, rather than retrying a socket that may never open.
+                            if not self._bulk_opened and attempt >= 2 and self.bulk is not None:
+                                log.warning("bulk sockets unreachable, pages go over gRPC",
+                                            extra={"endpoint": f"{self.bulk.host}:{self.bulk.port}"})
+                                self.bulk = None
+                            raise
+                        self._bulk_opened = True
                     await self._run_call(sid, call, unacked, state, progress, resend=attempt > 0)
                     return
                 except _StreamBroken as exc:
