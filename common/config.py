@@ -93,7 +93,7 @@ class DestVmConfig:
     work_dir: str = ""  # disks, console logs, initramfs cache; "" = <state_dir>/vm
     console_log: str = ""  # "" = <work_dir>/<vm name>.console.log
     control_socket: str = ""  # ttyS1 as a unix socket ("" = none)
-    shared_ide_disks: list[str] = dataclasses.field(default_factory=list)  # "path:bus:unit[:format]"
+    shared_ide_disks: list[str] = dataclasses.field(default_factory=list)  # "path:bus:unit[:format[:model]]"
     disk_bytes: int = 0  # the VM's local virtio disk (md's new home), 0 = none
     disk_serial: str = "p2v-data"
     vcpus: int = 1

@@ -8,6 +8,8 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
     P -> V  CHUNK   u32 first data page index, u32 count, count flag bytes (1 = page follows,
                     0 = V takes the page from its store by PFN), then the pages that follow
     ...
+    P -> V  ZCHUNK  the same, the pages that follow compressed as one zstd frame (P's network is the
+                    bottleneck at cutover; kernel memory compresses well)
     P -> V  END     u64 image bytes, u64 xxh3-64 of the whole image as P read it
     V -> P  ACK     json {"pages", "loaded"}  | NACK reason   (ACK: V holds the exact image, loaded
                     into the waiting VM; P may power off — the point of no return)
@@ -20,9 +22,10 @@ from __future__ import annotations
 import socket
 import struct
 
-HELLO, OK, NACK, HEADER, CHUNK, END, ACK, COMMIT, ABORT = (b"h", b"o", b"n", b"H", b"C", b"E", b"A", b"M", b"X")
-NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", HEADER: "HEADER", CHUNK: "CHUNK", END: "END", ACK: "ACK",
-         COMMIT: "COMMIT", ABORT: "ABORT"}
+HELLO, OK, NACK, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
+    b"h", b"o", b"n", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
+NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", HEADER: "HEADER", CHUNK: "CHUNK", ZCHUNK: "ZCHUNK", END: "END",
+         ACK: "ACK", COMMIT: "COMMIT", ABORT: "ABORT"}
 _FRAME = struct.Struct("<cI")
 CHUNK_HEAD = struct.Struct("<II")
 END_BODY = struct.Struct("<QQ")

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 import xxhash
+import zstandard
 
 from common import image_wire as W
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
@@ -199,9 +200,9 @@ class ImageReceiver:
                     kind, payload = self._next(conn)
                     if kind == W.END:
                         break
-                    if kind != W.CHUNK:
+                    if kind not in (W.CHUNK, W.ZCHUNK):
                         raise ReceiveError(f"expected CHUNK or END, got {W.NAMES[kind]}")
-                    next_index = self._chunk(fd, hasher, payload, pfns, next_index)
+                    next_index = self._chunk(fd, hasher, payload, pfns, next_index, kind == W.ZCHUNK)
                 size, checksum = W.END_BODY.unpack(bytes(payload))
                 if next_index != header.image_pages:
                     raise ReceiveError(f"END after {next_index} of {header.image_pages} data pages")
@@ -260,7 +261,8 @@ class ImageReceiver:
             n = os.write(fd, view)
             view = view[n:]
 
-    def _chunk(self, fd: int, hasher, payload: bytearray, pfns: np.ndarray, next_index: int) -> int:
+    def _chunk(self, fd: int, hasher, payload: bytearray, pfns: np.ndarray, next_index: int,
+               compressed: bool = False) -> int:
         if len(payload) < W.CHUNK_HEAD.size:
             raise ReceiveError("short CHUNK")
         first, count = W.CHUNK_HEAD.unpack_from(payload, 0)
@@ -272,10 +274,16 @@ class ImageReceiver:
             raise ReceiveError("CHUNK flags must be 0 or 1")
         literal = int(np.count_nonzero(flags))
         data_off = W.CHUNK_HEAD.size + count
-        if len(payload) != data_off + literal * PAGE_SIZE:
-            raise ReceiveError(f"CHUNK carries {len(payload) - data_off} bytes for {literal} pages")
-        out = bytearray(count * PAGE_SIZE)
         src = memoryview(payload)[data_off:]
+        if compressed:
+            try:
+                src = memoryview(zstandard.ZstdDecompressor().decompress(
+                    bytes(src), max_output_size=literal * PAGE_SIZE))
+            except zstandard.ZstdError as exc:
+                raise ReceiveError(f"ZCHUNK does not decompress: {exc}") from None
+        if len(src) != literal * PAGE_SIZE:
+            raise ReceiveError(f"CHUNK carries {len(src)} bytes for {literal} pages")
+        out = bytearray(count * PAGE_SIZE)
         chunk_pfns = pfns[first:first + count]
         i = 0
         lit = 0

@@ -26,6 +26,7 @@ from common.hibernate_image import MemmapEntry
 log = logging.getLogger(__name__)
 
 LIBVIRT_URI = "qemu:///system"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 #: Slots QEMU's `pc` machine always uses (host bridge, PIIX3 ISA/IDE/ACPI).
 PC_BUILTIN_SLOTS = frozenset({0, 1})
 FIRST_FREE_SLOT = 3
@@ -49,6 +50,9 @@ class VmDisk:
     #: Opened by P's QEMU at the same time (rig: P's root disk as shared storage): no image locking.
     shareable: bool = False
     serial: str = ""
+    #: IDE model string: libata revalidates a disk after resume by its identity (model, serial)
+    #: and drops it if they differ from what P's kernel knew
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,15 @@ def domain_xml(spec: WaitingVmSpec) -> str:
         dev.append(f"<serial type='unix'><source mode='bind' path={_q(spec.control_socket)}/>"
                    "<target port='1'/></serial>")
     dev.append("<memballoon model='none'/>")
+    overrides = "".join(
+        f"<qemu:device alias='ide0-{d.ide_position[0]}-{d.ide_position[1]}'><qemu:frontend>"  # type: ignore[index]
+        f"<qemu:property name='model' type='string' value={_q(d.model)}/></qemu:frontend></qemu:device>"
+        for d in ide_disks if d.model)
+    override_xml = f"<qemu:override>{overrides}</qemu:override>" if overrides else ""
     seclabel = ("<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
                 if spec.run_as_root else "")
     return (
-        f"<domain type='qemu'><name>{_text(spec.name)}</name><uuid>{_text(spec.uuid)}</uuid>"
+        f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'><name>{_text(spec.name)}</name><uuid>{_text(spec.uuid)}</uuid>"
         f"<memory unit='KiB'>{spec.memory_bytes // 1024}</memory>"
         f"<currentMemory unit='KiB'>{spec.memory_bytes // 1024}</currentMemory>"
         f"<vcpu>{spec.vcpus}</vcpu>"
@@ -190,7 +199,7 @@ def domain_xml(spec: WaitingVmSpec) -> str:
         + "".join(f"<feature policy='require' name={_q(f)}/>" for f in spec.cpu_features) + "</cpu>"
         "<clock offset='utc'/>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
-        f"<devices>{''.join(dev)}</devices>{seclabel}</domain>")
+        f"<devices>{''.join(dev)}</devices>{seclabel}{override_xml}</domain>")
 
 
 # --- I/O: libvirt ----------------------------------------------------------------------------------

@@ -163,11 +163,12 @@ def available_kernels(kernel_dir: str, modules_base: str) -> list[str]:
 
 def parse_shared_disk(spec: str, index: int) -> vm_builder.VmDisk:
     parts = spec.split(":")
-    if len(parts) not in (3, 4):
-        raise ValueError(f"vm.shared_ide_disks[{index}] {spec!r}: expected path:bus:unit[:format]")
-    fmt = parts[3] if len(parts) == 4 else "raw"
+    if len(parts) not in (3, 4, 5) or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"vm.shared_ide_disks[{index}] {spec!r}: expected path:bus:unit[:format[:model]]")
+    fmt = parts[3] if len(parts) >= 4 else "raw"
+    model = parts[4] if len(parts) == 5 else ""
     return vm_builder.VmDisk(path=parts[0], target=f"hd{'abcd'[int(parts[1]) * 2 + int(parts[2])]}", bus="ide",
-                             fmt=fmt, ide_position=(int(parts[1]), int(parts[2])), shareable=True)
+                             fmt=fmt, ide_position=(int(parts[1]), int(parts[2])), shareable=True, model=model)
 
 
 class WaitingVm:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import xxhash
+import zstandard
 
 from common import image_wire as W
 from common.hibernate_image import (
@@ -125,6 +126,8 @@ class HelperConfig:
     ack_timeout_s: float = 120.0
     #: rehearsal (tests): after ACK do not power off; send ABORT, unfreeze and run on
     rehearse: bool = False
+    #: zstd level for the pages that travel (0 = uncompressed)
+    zstd_level: int = 1
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -170,6 +173,7 @@ class Helper:
         self.sock: socket.socket | None = None
         self.blocked: list[str] = []
         self.frozen = False
+        self.compressor = zstandard.ZstdCompressor(level=cfg.zstd_level) if cfg.zstd_level else None
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -253,8 +257,11 @@ class Helper:
             plan = plan_dedup(pfns[first:first + count], page_hashes(data), self.held)
             pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
             flags = plan.send.astype(np.uint8)
-            body = W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + pages[plan.send].tobytes()
-            self._send(W.CHUNK, body)
+            literal = pages[plan.send].tobytes()
+            kind = W.CHUNK
+            if self.compressor is not None and literal:
+                literal, kind = self.compressor.compress(literal), W.ZCHUNK
+            self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + literal)
             self.fig.pages_sent += plan.sent_pages
             self.fig.pages_skipped += plan.skipped_pages
         self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()))

@@ -112,7 +112,7 @@ def spec(**over) -> vm_builder.WaitingVmSpec:
         cmdline="console=ttyS0 p2v.port=7480", nics=(vm_builder.VmNic("52:54:00:77:00:10", "p2vbr0"),),
         feed_nic=vm_builder.VmNic("52:54:00:77:00:20", "p2vbr0"),
         disks=(vm_builder.VmDisk("/var/lib/x/vda.img", "vda", serial="p2v-data"),
-               parse_shared_disk("/var/lib/x/root.img:0:0", 0)),
+               parse_shared_disk("/var/lib/x/root.img:0:0:raw:P2V-ROOT", 0)),
         console_log="/var/lib/x/vm.console.log", control_socket="/var/lib/x/vm.ctl.sock",
         reserved_slots=frozenset({2}), run_as_root=True)
     base.update(over)
@@ -145,6 +145,9 @@ def test_domain_xml() -> None:
     assert root.find("devices/controller[@type='usb']").get("model") == "none"
     assert root.find("devices/memballoon").get("model") == "none"
     assert root.find("seclabel").get("relabel") == "no"
+    ns = {"q": vm_builder.QEMU_NS}
+    prop = root.find("q:override/q:device[@alias='ide0-0-0']/q:frontend/q:property", ns)
+    assert prop is not None and prop.get("name") == "model" and prop.get("value") == "P2V-ROOT"
 
 
 def test_domain_xml_refuses_bad_specs() -> None:
