@@ -144,29 +144,52 @@ async def load_drivers(modules: tuple[str, ...] = VIRTIO_DRIVERS) -> None:
         raise CutoverAborted(f"cannot load the VM's drivers {modules}: {err.decode().strip()}")
 
 
-async def run_helper(config: dict, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
-    """Run the cutover helper; its last JSON line on stdout is the outcome."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "source_agent.cutover_helper", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=PROJECT_DIR)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        raise CutoverAborted("the cutover helper did not finish in time") from None
-    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = err.decode(errors="replace")[-2000:]
-        raise CutoverAborted(f"the cutover helper failed (rc={proc.returncode}): {tail}")
-    result = json.loads(lines[-1])
-    if err:
-        log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
-    return result
+class HelperProcess:
+    """The cutover helper, started early: it imports and warms up while pre-copy still runs, so that
+    its own memory is already on V when the snapshot is taken (fewer pages at cutover). It waits for
+    its configuration on stdin; closing stdin without one makes it exit."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "source_agent.cutover_helper", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=PROJECT_DIR)
+
+    async def run(self, config: dict, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
+        """Hand over the configuration; the helper's last JSON line on stdout is the outcome."""
+        if self.proc is None:
+            await self.start()
+        proc = self.proc
+        assert proc is not None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            raise CutoverAborted("the cutover helper did not finish in time") from None
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+        if not lines:
+            tail = err.decode(errors="replace")[-2000:]
+            raise CutoverAborted(f"the cutover helper failed (rc={proc.returncode}): {tail}")
+        if err:
+            log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
+        return json.loads(lines[-1])
+
+    async def dismiss(self) -> None:
+        """No cutover after all: the idle helper exits (nothing was changed by it)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            proc.stdin.close()  # type: ignore[union-attr]
+            await asyncio.wait_for(proc.wait(), 10)
+        except (TimeoutError, OSError):
+            proc.kill()
 
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
-                  ) -> dict:
+                  helper: HelperProcess | None = None) -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM; raises CutoverAborted when P runs on."""
     from source_agent import traffic_block
@@ -192,7 +215,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "held_hashes": held_path, "block_interfaces": blocked,
                   "resume_actions": [{"name": a.name, "args": a.args} for a in actions]}
-        result = await run_helper(config)
+        result = await (helper or HelperProcess()).run(config)
     finally:
         os.unlink(held_path)
     if result.get("outcome") != "resumed":

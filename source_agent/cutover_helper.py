@@ -342,8 +342,11 @@ def warm_up() -> None:
 
 
 def main() -> int:
-    raw = json.loads(sys.stdin.read())
-    warm_up()
+    warm_up()  # while the agent's pre-copy still runs: these pages reach V before the snapshot
+    text = sys.stdin.read()
+    if not text.strip():
+        return 0  # dismissed: no cutover
+    raw = json.loads(text)
     cfg = HelperConfig(**raw)
     held = np.load(cfg.held_hashes) if cfg.held_hashes else np.zeros(0, dtype=np.uint64)
     try:

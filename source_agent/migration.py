@@ -49,6 +49,7 @@ class SourceMigration:
         self.journal_path = Path(config.agent.state_dir) / "migrations" / f"{self.id}.json"
         self.point_of_no_return = False
         self.started_wall = time.time()
+        self.helper = cutover.HelperProcess()
         #: called after a completed migration inside the VM: the agent unloads itself
         self.unload: Callable[[], None] | None = None
 
@@ -87,6 +88,8 @@ class SourceMigration:
             self._journal(remote_id=reply.migration_id)
             await self._phase("precopy", f"{reply.streams} streams, window {reply.window}",
                               state=common_pb2.MIGRATION_STATE_ACTIVE)
+            if not self.request.dry_run:
+                await self.helper.start()  # warms up during pre-copy (its pages travel early)
             result = await self._precopy(memory, reply)
             if not self.request.dry_run:
                 await self._cutover(reply.migration_id, inventory, memory.max_pfn, result)
@@ -114,6 +117,8 @@ class SourceMigration:
             await self._abort_remote(f"source error: {exc}")
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=f"internal error: {exc!r}")
         finally:
+            if not self.point_of_no_return:
+                await self.helper.dismiss()
             self._journal()
             if channel is not None:
                 await channel.close()
@@ -161,7 +166,7 @@ class SourceMigration:
                           stats=stats)
         t0 = time.time()
         figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
-                                        self.config.agent.state_dir)
+                                        self.config.agent.state_dir, self.helper)
         # From here on this process runs inside the VM: the only way is forward.
         self.point_of_no_return = True
         downtime_s = figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0)
