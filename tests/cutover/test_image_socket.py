@@ -39,11 +39,16 @@ class PlaybackSnapshot:
             raise OSError(self.create_errno, "Cannot allocate memory")
         return self.in_suspend
 
-    def read_page(self, buf: memoryview) -> int:
-        n = min(len(buf), 4096, len(self.image) - self.pos)  # one page per read, like the kernel
-        buf[:n] = self.image[self.pos:self.pos + n]
-        self.pos += n
-        return n
+    def read_pages(self, buffers: list[memoryview]) -> int:
+        total = 0
+        for buf in buffers:  # like the kernel's loop over the vectors: one page per read at most
+            n = min(len(buf), 4096, len(self.image) - self.pos)
+            buf[:n] = self.image[self.pos:self.pos + n]
+            self.pos += n
+            total += n
+            if n < len(buf):
+                break
+        return total
 
     def free(self) -> None:
         self.calls.append("free")
