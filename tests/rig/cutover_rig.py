@@ -156,7 +156,7 @@ def build_redundancy(rig: Rig, timeout_s: float = 900.0) -> dict:
     res = rig.run(f"mkdir -p {Path(cat).parent} {SOURCE_STATE} && cat > {cat}", stdin=text)
     assert res.rc == 0, res.err
     root_disk = rig.run("for d in /sys/block/sd*; do [ \"$(cat $d/device/model | sed 's/ *$//')\" = P2V-ROOT ] "
-                        "&& echo ${d##*/}; done", check=True).out.strip()
+                        "&& echo ${d##*/}; done; true", check=True).out.strip()
     md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
     rig.run(f"echo 50000 > /sys/block/{md}/md/sync_speed_min", check=True)
     res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m source_agent.redundancy build --catalog {cat} "
