@@ -155,12 +155,16 @@ def build_redundancy(rig: Rig, timeout_s: float = 900.0) -> dict:
             f'driver = "virtio_blk"\nserial = "{LOCAL_SERIAL}"\nexport_uri = "nbd://{C.DEST_IP}:{EXPORT_PORT}/vdb"\n')
     res = rig.run(f"mkdir -p {Path(cat).parent} {SOURCE_STATE} && cat > {cat}", stdin=text)
     assert res.rc == 0, res.err
-    root_disk = rig.run("for d in /sys/block/sd*; do [ \"$(cat $d/device/model | sed 's/ *$//')\" = P2V-ROOT ] "
-                        "&& echo ${d##*/}; done; true", check=True).out.strip()
+    def disk(model: str) -> str:
+        return rig.run(f"for d in /sys/block/sd*; do [ \"$(cat $d/device/model | sed 's/ *$//')\" = {model} ] "
+                       "&& echo ${d##*/}; done; true", check=True).out.strip()
+
+    # P's root is the rig's shared storage (the VM opens the same file); the spare disk is unused
+    ignore = ",".join(d for d in (disk("P2V-ROOT"), disk(C.DISK_MODEL_SPARE)) if d)
     md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
     rig.run(f"echo 50000 > /sys/block/{md}/md/sync_speed_min", check=True)
     res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m source_agent.redundancy build --catalog {cat} "
-                  f"--ignore {root_disk} --journal {SOURCE_STATE}/redundancy-journal.json "
+                  f"--ignore {ignore} --journal {SOURCE_STATE}/redundancy-journal.json "
                   f"--migration-id rig-e2e --no-initramfs --wait {int(timeout_s) - 60}", timeout=timeout_s)
     assert res.rc == 0, f"redundancy build failed: {res.err}\n{res.out}"
     return json.loads(res.out)
