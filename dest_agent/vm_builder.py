@@ -10,7 +10,9 @@ What makes the hibernation carrier accept the VM (shared/research/hibernate-carr
   no USB controller, no balloon;
 - none of the VM's PCI devices sits on a slot P's devices occupy (P's drivers are still bound to
   those addresses when P's kernel wakes up; they must read "nothing there" and be removed);
-- CPU model qemu64, machine `pc`, ACPI on, like P.
+- CPU model qemu64, machine `pc`, ACPI on, like P;
+- virtio devices without I/O port BARs (non-transitional): P's kernel writes its own devices' saved
+  I/O BARs back on resume, and they must not collide with anything of the VM.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ FIRST_FREE_SLOT = 3
 class VmNic:
     mac: str
     bridge: str
-    model: str = "virtio"
+    #: modern-only virtio: no I/O port BAR. P's kernel restores the I/O BARs of P's own devices (the
+    #: IDE controller's bus-master DMA ports) to P's values, which must not land on a VM device.
+    model: str = "virtio-non-transitional"
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,8 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             + f"<address type='drive' controller='0' bus='{bus}' target='0' unit='{unit}'/></disk>")
     for d in virtio_disks:
         dev.append(
-            f"<disk type='file' device='disk'><driver name='qemu' type={_q(d.fmt)} cache='none'/>"
+            f"<disk type='file' device='disk' model='virtio-non-transitional'>"
+            f"<driver name='qemu' type={_q(d.fmt)} cache='none'/>"
             f"<source file={_q(d.path)}/><target dev={_q(d.target)} bus='virtio'/>"
             + ("<shareable/>" if d.shareable else "")
             + (f"<serial>{_text(d.serial)}</serial>" if d.serial else "")

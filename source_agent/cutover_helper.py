@@ -186,13 +186,15 @@ class Helper:
             self.snap.freeze()
             self.frozen = True
             self.fig.frozen_at = time.time()
+            if self.blocked:
+                self.block.tighten(self.blocked)  # from now on P acknowledges nothing but the image stream
             in_suspend = self._create_image()
             if not in_suspend:
                 return self._resumed()
             self.fig.image_created_at = time.time()
             self._send_image()
             self._await_ack()
-        except (CutoverAborted, OSError, W.WireError, ValueError) as exc:
+        except (CutoverAborted, OSError, W.WireError, ValueError, RuntimeError) as exc:
             self._abort(str(exc))
             return "aborted"
         if self.cfg.rehearse:

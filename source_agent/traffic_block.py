@@ -1,9 +1,15 @@
-"""Block all of P's traffic except with V, so that P's kernel acknowledges nothing to a client after
-the snapshot (a client's data acknowledged by P but not in the image would be lost).
+"""Block P's traffic so that P's kernel acknowledges nothing after the snapshot that the VM will not
+know about (a peer's data acknowledged by P but not in the image would be lost; data P does not
+acknowledge is sent again by the peer, and then reaches the VM).
 
-A clsact qdisc on every interface with three filters per direction: traffic with V passes (the image
-stream; also the md network leg's NBD connection, which the sync inside FREEZE may still need — V is
-not a client of P's services), ARP passes, everything else is dropped. The block is
+A clsact qdisc on every interface, per direction:
+    prio 1  the image stream with V (V's address and the image socket's port)      pass
+    prio 2  anything else with V (md's NBD leg: the sync inside FREEZE writes to it) pass
+    prio 3  ARP                                                                     pass
+    prio 4  everything else                                                         drop
+`apply` installs it before FREEZE; `tighten` removes prio 2 right after FREEZE (nothing runs any
+more; replies still in flight from V are then not acknowledged by P, V resends them to the VM);
+`lift` removes the whole block (in the VM, or when the cutover is aborted). The block is
 part of P's memory, so the OS wakes up in the VM with it still in place; resume lifts it once the
 virtual NIC is in service.
 
@@ -21,6 +27,10 @@ from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+PRIO_V = 2
+ETH_P_IP = 0x0800
+#: clsact's parents (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS))
+PARENT_INGRESS, PARENT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
 
 
 class BlockError(RuntimeError):
@@ -36,12 +46,14 @@ def block_commands(interfaces: Sequence[str], v_ip: str, v_port: int) -> list[li
         if not _IFNAME.match(ifname) or ifname == "lo":
             raise ValueError(f"interface name {ifname!r} refused")
         cmds.append(["tc", "qdisc", "add", "dev", ifname, "clsact"])
-        for direction, addr_key in (("egress", "dst"), ("ingress", "src")):
+        for direction, addr_key, port_key in (("egress", "dst", "dport"), ("ingress", "src", "sport")):
             base = ["tc", "filter", "add", "dev", ifname, direction]
             cmds.append([*base, "prio", "1", "protocol", "ip", "u32", "match", "ip", addr_key, f"{v_ip}/32",
-                         "action", "ok"])
-            cmds.append([*base, "prio", "2", "protocol", "arp", "matchall", "action", "ok"])
-            cmds.append([*base, "prio", "3", "protocol", "all", "matchall", "action", "drop"])
+                         "match", "ip", port_key, str(v_port), "0xffff", "action", "ok"])
+            cmds.append([*base, "prio", str(PRIO_V), "protocol", "ip", "u32", "match", "ip", addr_key,
+                         f"{v_ip}/32", "action", "ok"])
+            cmds.append([*base, "prio", "3", "protocol", "arp", "matchall", "action", "ok"])
+            cmds.append([*base, "prio", "4", "protocol", "all", "matchall", "action", "drop"])
     return cmds
 
 
@@ -72,6 +84,22 @@ def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 
         lift(done)
         raise BlockError(f"traffic block failed, nothing left in place: {exc}") from None
     return done
+
+
+def tighten(interfaces: Sequence[str]) -> None:
+    """Drop the "anything with V" pass rule (netlink from this process: it runs while frozen)."""
+    import socket
+
+    from pyroute2 import IPRoute
+
+    info = (PRIO_V << 16) | socket.htons(ETH_P_IP)
+    with IPRoute() as ipr:
+        for name in interfaces:
+            idx = ipr.link_lookup(ifname=name)
+            if not idx:
+                raise BlockError(f"interface {name} vanished")
+            for parent in (PARENT_EGRESS, PARENT_INGRESS):
+                ipr.tc("del-filter", index=idx[0], parent=parent, info=info)
 
 
 def lift(interfaces: Sequence[str]) -> list[str]:

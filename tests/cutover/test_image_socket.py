@@ -69,6 +69,9 @@ class RecordingBlock:
         self.applied = list(interfaces)
         return list(interfaces)
 
+    def tighten(self, interfaces):
+        self.tightened = list(interfaces)
+
     def lift(self, interfaces):
         self.lifted = list(interfaces)
         return list(interfaces)

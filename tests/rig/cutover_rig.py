@@ -170,8 +170,21 @@ def build_redundancy(rig: Rig, timeout_s: float = 900.0) -> dict:
     return json.loads(res.out)
 
 
+def wait_agent_answers(rig: Rig, timeout_s: float = 180.0) -> None:
+    """Until P's agent answers on its socket (under TCG, right after the md resync, it can be slow)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m p2vctl.cli discover --json > /dev/null", timeout=90)
+        if res.rc == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"P's agent does not answer: {res.err[-500:]}")
+        time.sleep(2)
+
+
 def start_migration(rig: Rig, dest: Destination, extra: str = "") -> None:
     """p2vctl migrate inside P, in the background (P's control channel ends with P)."""
+    wait_agent_answers(rig)
     cmd = (f"cd {C.P_PROJECT_DIR} && nohup setsid python3 -u -m p2vctl.cli migrate {dest.address} {extra} "
            f"> {C.P_STATE_DIR}/migrate.out 2>&1 < /dev/null &")
     res = rig.run(cmd, timeout=30)
