@@ -127,6 +127,31 @@ def load_journal_entries(state_dir: str) -> tuple[object | None, list]:
     return journal, list(journal.entries)
 
 
+#: md's network legs must outlast the cutover: V resends what P stopped acknowledging only after its
+#: retransmission back-off (tens of seconds after a long freeze), and nbd fails a request that takes
+#: longer than its timeout (10 s by default) — the array would lose its only remaining leg.
+NBD_CUTOVER_TIMEOUT_MS = 180_000
+
+
+def nbd_legs(entries: list) -> list[str]:
+    return [os.path.basename(e.detail.get("device", "")) for e in entries
+            if e.kind == "nbd" and e.state in ("done", "pending") and e.detail.get("device")]
+
+
+def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str, str] | None = None
+                    ) -> dict[str, str]:
+    """Set (or, with `saved`, restore) the block layer's request timeout of these devices."""
+    old: dict[str, str] = {}
+    for dev in devices:
+        path = Path("/sys/block") / dev / "queue/io_timeout"
+        try:
+            old[dev] = path.read_text().strip()
+            path.write_text(saved[dev] if saved is not None else str(timeout_ms))
+        except (OSError, KeyError) as exc:
+            log.warning("io_timeout of %s: %s", dev, exc)
+    return old
+
+
 async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
     held = np.zeros(max_pfn, dtype=np.uint64)
     async for chunk in stub.HeldHashes(destination_pb2.HeldHashesRequest(migration_id=migration_id), timeout=120):
@@ -208,6 +233,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
     actions = plan_for(inventory, entries, blocked, reply.feed_mac)
+    legs = nbd_legs(entries)
+    saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:
         np.save(f, held)
         held_path = f.name
@@ -216,9 +243,13 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
                   "held_hashes": held_path, "block_interfaces": blocked,
                   "resume_actions": [{"name": a.name, "args": a.args} for a in actions]}
         result = await (helper or HelperProcess()).run(config)
+    except BaseException:
+        set_io_timeouts(legs, None, saved_timeouts)
+        raise
     finally:
         os.unlink(held_path)
     if result.get("outcome") != "resumed":
+        set_io_timeouts(legs, None, saved_timeouts)  # P runs on as it was
         try:
             await stub.Cutover(destination_pb2.CutoverRequest(
                 migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ABORT), timeout=10)
