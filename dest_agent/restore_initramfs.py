@@ -23,8 +23,11 @@ from pathlib import Path
 
 from common.atomicfile import write_json_atomic
 
-#: Drivers of the feed NIC (the restore kernel receives the image over it).
-FEED_MODULES = ("virtio_pci", "virtio_net")
+#: Drivers of the feed NIC (the restore kernel receives the image over it), and of the `pc` machine's
+#: IDE controller: P's kernel resumes IDE disks it shares with the VM reliably only when the restore
+#: kernel had set the controller up the Linux way (as a restore from swap does); with only the
+#: firmware's setup, libata's revalidation after the jump failed and dropped P's root disk.
+FEED_MODULES = ("virtio_pci", "virtio_net", "ata_piix", "sd_mod")
 RESTORE_PROGRAM = Path(__file__).resolve().parent / "restore_program.py"
 #: The restore program's imports (kept in sync with restore_program.py; a test checks it).
 RESTORE_IMPORTS = ("__future__", "fcntl", "json", "os", "socket", "sys", "time")
