@@ -10,7 +10,8 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
     ...
     P -> V  ZCHUNK  the same, the pages that follow compressed as one zstd frame (P's network is the
                     bottleneck at cutover; kernel memory compresses well)
-    P -> V  END     u64 image bytes, u64 xxh3-64 of the whole image as P read it
+    P -> V  END     u64 image bytes, u64 xxh3-64 of the whole image as P read it, optionally
+                    followed by a JSON object of P's timings
     V -> P  ACK     json {"pages", "loaded"}  | NACK reason   (ACK: V holds the exact image, loaded
                     into the waiting VM; P may power off — the point of no return)
     P -> V  COMMIT  empty: P will power off now and never unfreeze (V may start the VM)

@@ -76,6 +76,7 @@ class ReceiveResult:
     committed_at: float = 0.0
     go_at: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    source_timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,7 +204,13 @@ class ImageReceiver:
                     if kind not in (W.CHUNK, W.ZCHUNK):
                         raise ReceiveError(f"expected CHUNK or END, got {W.NAMES[kind]}")
                     next_index = self._chunk(fd, hasher, payload, pfns, next_index, kind == W.ZCHUNK)
-                size, checksum = W.END_BODY.unpack(bytes(payload))
+                if len(payload) < W.END_BODY.size:
+                    raise ReceiveError("short END")
+                size, checksum = W.END_BODY.unpack_from(payload, 0)
+                try:  # optional: where P's time went
+                    res.source_timings = json.loads(bytes(payload[W.END_BODY.size:]) or b"{}")
+                except ValueError:
+                    res.source_timings = {}
                 if next_index != header.image_pages:
                     raise ReceiveError(f"END after {next_index} of {header.image_pages} data pages")
                 if size != header.size or checksum != hasher.intdigest():

@@ -252,6 +252,8 @@ class Helper:
 
     def _send_image(self) -> None:
         whole = xxhash.xxh3_64()
+        spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
+        t_start = time.monotonic()
         head = self._read_pages(1)
         header = parse_header(bytes(head))
         meta = self._read_pages(meta_pages_for(header.image_pages))
@@ -262,19 +264,31 @@ class Helper:
         self._send(W.HEADER, head + meta)
         for first in range(0, header.image_pages, CHUNK_PAGES):
             count = min(CHUNK_PAGES, header.image_pages - first)
+            t0 = time.monotonic()
             data = self._read_pages(count)
+            t1 = time.monotonic()
             whole.update(data)
             plan = plan_dedup(pfns[first:first + count], page_hashes(data), self.held)
             pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
             flags = plan.send.astype(np.uint8)
             literal = pages[plan.send].tobytes()
+            t2 = time.monotonic()
             kind = W.CHUNK
             if self.compressor is not None and literal:
                 literal, kind = self.compressor.compress(literal), W.ZCHUNK
+            t3 = time.monotonic()
             self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + literal)
+            spent["read"] += t1 - t0
+            spent["hash"] += t2 - t1
+            spent["compress"] += t3 - t2
+            spent["send"] += time.monotonic() - t3
             self.fig.pages_sent += plan.sent_pages
             self.fig.pages_skipped += plan.skipped_pages
-        self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()))
+        # where P's time went (P powers off: V keeps these figures)
+        spent["total"] = time.monotonic() - t_start
+        spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at
+        trailer = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
+        self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()) + trailer)
         self.fig.sent_at = time.time()
 
     def _await_ack(self) -> None:
