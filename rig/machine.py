@@ -164,7 +164,7 @@ class Machine:
             "-kernel", str(self.build.kernel), "-initrd", str(self.build.initrd),
             "-append", KERNEL_CMDLINE,
             *ide("root", self.disks.root, "raw", "ide.0", 0, "P2V-ROOT", shared=True),
-            *ide("data", self.disks.data, "raw", "ide.0", 1, C.DISK_MODEL_DATA),
+            *ide("data", self.disks.data, "raw", "ide.0", 1, C.DISK_MODEL_DATA, shared=True),
             *ide("spare", self.disks.spare, "raw", "ide.1", 0, C.DISK_MODEL_SPARE),
             "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
             "-device", f"e1000,netdev=net0,mac={self.mac}",

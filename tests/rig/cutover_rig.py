@@ -92,6 +92,10 @@ def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None
     console.unlink(missing_ok=True)
     ctl.unlink(missing_ok=True)
     root = rig.machine.disks.root
+    # P's data disk (md's physical leg) stays at its IDE position too: when the slave of a PATA
+    # channel vanishes across the move, Debian 6.1's libata error handling disables the master as
+    # well (P's root disk). Resume fails the md leg on it at once; md then runs on its network leg.
+    data = rig.machine.disks.data
     config = d / "dest.toml"
     config.write_text(f"""[agent]
 listen = "{C.DEST_IP}:{DEST_PORT}"
@@ -117,7 +121,7 @@ name_prefix = "{VM_PREFIX}"
 work_dir = "{d / 'vm'}"
 console_log = "{console}"
 control_socket = "{ctl}"
-shared_ide_disks = {_toml_list([f"{root}:0:0:raw:P2V-ROOT"])}
+shared_ide_disks = {_toml_list([f"{root}:0:0:raw:P2V-ROOT", f"{data}:0:1:raw:{C.DISK_MODEL_DATA}"])}
 disk_bytes = {rig.cfg.data_disk_mib << 20}
 disk_serial = "{LOCAL_SERIAL}"
 run_as_root = true
