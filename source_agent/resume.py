@@ -6,7 +6,6 @@ The steps are data: `plan_resume` (pure) turns what the agent knew before cutove
 named actions; `run_resume` executes them in order, each bounded in time, each failure recorded
 and the rest still attempted (the OS is in the VM now: the only way is forward).
 
-    fail-md-leg       md member on a physical disk -> faulty, then removed from the array
     prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone)
     rescan-pci        probe the VM's devices (drivers were loaded on P beforehand)
     remove-feed-nic   the restore program's NIC is not P's: remove its PCI function
@@ -14,6 +13,7 @@ and the rest still attempted (the OS is in the VM now: the only way is forward).
                       routes the physical NIC had onto the virtual NIC
     lift-block        remove the traffic block
     announce          gratuitous ARP for P's addresses from the NIC that now carries them
+    fail-md-leg       md member on a physical disk -> faulty (cancel removes it from the array)
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
     announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce."""
-    actions = [ResumeAction("fail-md-leg", {"md": md, "member": member}) for md, member in md_legs]
-    actions.append(ResumeAction("prune-stale-pci"))
+    actions = [ResumeAction("prune-stale-pci")]
     actions.append(ResumeAction("rescan-pci"))
     if feed_mac:
         actions.append(ResumeAction("remove-feed-nic", {"mac": feed_mac}))
@@ -73,6 +72,9 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     actions.append(ResumeAction("lift-block", {"interfaces": list(blocked)}))
     for ifname, ip in announce_ips:
         actions.append(ResumeAction("announce", {"interface": ifname, "ip": ip}))
+    # only now: failing a leg makes md write its superblock to the network leg, which needs the
+    # virtual NIC in service and the block lifted (else md's lock is held until nbd times out)
+    actions += [ResumeAction("fail-md-leg", {"md": md, "member": member}) for md, member in md_legs]
     return actions
 
 
@@ -87,12 +89,8 @@ def fail_md_leg(md: str, member: str) -> str:
     state = SYS / "block" / md / "md" / f"dev-{member}" / "state"
     if not state.exists():
         return f"{member} is no member of {md} any more"
-    _write(state, "faulty")
-    try:
-        _write(state, "remove")
-    except OSError as exc:  # still busy with in-flight I/O: md removes it later on its own
-        return f"{member} of {md} failed (remove deferred: {exc.strerror})"
-    return f"{member} of {md} failed and removed"
+    _write(state, "faulty")  # not "remove" here: it waits for md's lock, cancel removes it later
+    return f"{member} of {md} failed"
 
 
 def _config_dead(dev: Path) -> bool:
