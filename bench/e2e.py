@@ -60,6 +60,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
         details = {
             "memory_mib": cfg.memory_mib, "p_off_after_s": round(off_at - t_start, 3),
             "pages_sent": receipt["pages_sent"], "pages_from_store": receipt["pages_from_store"],
+            "p_timings_s": receipt.get("source_timings"), "v_steps": receipt.get("steps"),
             "resume_steps": figures.get("resume_steps"), "tcp_reconnects": tcp.reconnects, "tcp_lost": tcp.lost,
             "tcp_duplicated": tcp.duplicated,
         }
