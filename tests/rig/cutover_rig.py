@@ -240,3 +240,14 @@ def final_state(migrate_output: str) -> str:
 
     m = re.search(r"migration \S+: (completed|failed|cancelled|rolled_back)", migrate_output)
     return m.group(1) if m else ""
+
+
+def destination_round(dest: Destination) -> int:
+    """The pre-copy round V's newest migration record is in (0 = none yet)."""
+    metas = sorted((dest.dir / "state" / "migrations").glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
+    if not metas:
+        return 0
+    try:
+        return int(json.loads(metas[-1].read_text()).get("round", 0))
+    except (OSError, ValueError):
+        return 0
