@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ def make_tls(rig: Rig, out: Path) -> None:
 
 def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None = None) -> Destination:
     d = rig.run_dir / "dest"
+    shutil.rmtree(d / "state", ignore_errors=True)  # records of an earlier rig run
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o755)
     tls = d / "tls"
