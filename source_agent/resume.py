@@ -6,14 +6,14 @@ The steps are data: `plan_resume` (pure) turns what the agent knew before cutove
 named actions; `run_resume` executes them in order, each bounded in time, each failure recorded
 and the rest still attempted (the OS is in the VM now: the only way is forward).
 
-    prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone)
     rescan-pci        probe the VM's devices (drivers were loaded on P beforehand)
+    prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone)
     remove-feed-nic   the restore program's NIC is not P's: remove its PCI function
     adopt-nic         bond: enslave the virtual NIC (found by MAC); no bond: move the addresses and
                       routes the physical NIC had onto the virtual NIC
     lift-block        remove the traffic block
     announce          gratuitous ARP for P's addresses from the NIC that now carries them
-    fail-md-leg       md member on a physical disk -> faulty (cancel removes it from the array)
+    fail-md-leg       md member on a physical disk -> faulty, removed from the array
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
     announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce."""
-    actions = [ResumeAction("prune-stale-pci")]
-    actions.append(ResumeAction("rescan-pci"))
+    # rescan before pruning: the VM's NICs register while P's vanished ones still hold their names,
+    # so no virtual NIC takes a physical NIC's name (cancellation tells them apart by name)
+    actions = [ResumeAction("rescan-pci"), ResumeAction("prune-stale-pci")]
     if feed_mac:
         actions.append(ResumeAction("remove-feed-nic", {"mac": feed_mac}))
     for nic in nics:
@@ -89,8 +90,12 @@ def fail_md_leg(md: str, member: str) -> str:
     state = SYS / "block" / md / "md" / f"dev-{member}" / "state"
     if not state.exists():
         return f"{member} is no member of {md} any more"
-    _write(state, "faulty")  # not "remove" here: it waits for md's lock, cancel removes it later
-    return f"{member} of {md} failed"
+    _write(state, "faulty")
+    try:  # the network leg is reachable by now (this runs after lift-block): md's lock comes free
+        _write(state, "remove")
+    except OSError as exc:
+        return f"{member} of {md} failed (not removed: {exc.strerror})"
+    return f"{member} of {md} failed and removed"
 
 
 def _config_dead(dev: Path) -> bool:

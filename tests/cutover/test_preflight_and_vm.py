@@ -174,7 +174,7 @@ def test_booted_vm_facts_against_p() -> None:
 def test_resume_plan_order_and_garp() -> None:
     actions = plan_resume([NicFacts("eth0", "52:54:00:77:00:10", bond="p2vbond0")], [("md127", "sdb")],
                           ["eth0", "p2vbond0"], "52:54:00:77:00:20", [("p2vbond0", "10.77.0.10")])
-    assert [a.name for a in actions] == ["prune-stale-pci", "rescan-pci", "remove-feed-nic", "adopt-nic",
+    assert [a.name for a in actions] == ["rescan-pci", "prune-stale-pci", "remove-feed-nic", "adopt-nic",
                                          "lift-block", "announce", "fail-md-leg"]
     frame = garp_frame("52:54:00:77:00:10", "10.77.0.10")
     assert len(frame) == 42 and frame[:6] == b"\xff" * 6 and frame[12:14] == b"\x08\x06"
