@@ -21,6 +21,11 @@ class RigBusy(RuntimeError):
     pass
 
 
+# the lock paths this process holds: flock on a second descriptor of the same file would wait for
+# ourselves, so a second holder in one process is a programming error and is refused at once
+_HELD_HERE: set[Path] = set()
+
+
 class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -39,6 +44,9 @@ class FileLock:
     def acquire(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if self._fd is not None:
             return
+        if self.path.resolve() in _HELD_HERE:
+            raise RigBusy(f"{self.path} is already held by another lock object in this process (pid {os.getpid()}): "
+                          "a second Rig in one process would wait for itself; share the first one")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + timeout_s
@@ -60,6 +68,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode())
         self._fd = fd
+        _HELD_HERE.add(self.path.resolve())
 
     def hand_over(self, argv: list[str]) -> subprocess.Popen:
         """Start argv (a long sleep) holding this lock, and let go of it here without unlocking:
@@ -73,6 +82,7 @@ class FileLock:
         os.write(self._fd, f"held for the CLI by pid {proc.pid}\n".encode())
         os.close(self._fd)  # closing our descriptor does not unlock: the child shares the lock
         self._fd = None
+        _HELD_HERE.discard(self.path.resolve())
         return proc
 
     def release(self) -> None:
@@ -84,3 +94,4 @@ class FileLock:
         finally:
             os.close(self._fd)
             self._fd = None
+            _HELD_HERE.discard(self.path.resolve())

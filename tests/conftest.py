@@ -2,6 +2,9 @@
 
 `rig` (session): a started rig.Rig; it is stopped (everything removed) at the end of the session,
 also when starting it failed half-way. Tests that migrate P use it and its observers.
+
+Defined once, here at the root: a conftest that re-imports these fixtures makes a second
+session-scoped Rig, which then waits for the first one's lock until the session ends.
 """
 
 from __future__ import annotations
