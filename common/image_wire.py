@@ -10,8 +10,10 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
     ...
     P -> V  ZCHUNK  the same, the pages that follow compressed as one zstd frame (P's network is the
                     bottleneck at cutover; kernel memory compresses well)
-    P -> V  END     u64 image bytes, u64 xxh3-64 of the whole image as P read it, optionally
-                    followed by a JSON object of P's timings
+    P -> V  END     u64 image bytes, u64 image checksum, optionally followed by a JSON object of
+                    P's timings. The checksum is xxh3-64 over the header and metadata pages, then
+                    over the little-endian xxh3-64 of every data page in image order: P hashes each
+                    page once (for dedup and checksum alike) and V checks every byte it assembled
     V -> P  ACK     json {"pages", "loaded"}  | NACK reason   (ACK: V holds the exact image, loaded
                     into the waiting VM; P may power off — the point of no return)
     P -> V  COMMIT  empty: P will power off now and never unfreeze (V may start the VM)
@@ -23,6 +25,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import numpy as np
+
 HELLO, OK, NACK, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
     b"h", b"o", b"n", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
 NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", HEADER: "HEADER", CHUNK: "CHUNK", ZCHUNK: "ZCHUNK", END: "END",
@@ -32,6 +36,11 @@ CHUNK_HEAD = struct.Struct("<II")
 END_BODY = struct.Struct("<QQ")
 #: Largest payload a receiver accepts (a chunk of 256 pages is 1 MiB + flags).
 MAX_FRAME = 64 << 20
+
+
+def page_hash_bytes(hashes: np.ndarray) -> bytes:
+    """The per-page hashes as they enter the image checksum (little-endian u64)."""
+    return hashes.astype("<u8", copy=False).tobytes()
 
 
 class WireError(RuntimeError):

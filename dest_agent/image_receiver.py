@@ -29,6 +29,7 @@ import zstandard
 
 from common import image_wire as W
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
+from common.pagecodec import page_hashes
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ class ImageReceiver:
                 res.image_bytes, res.image_pages = header.size, header.image_pages
                 self.feed.begin(header.size)
                 began = True
-                self._emit(fd, hasher, payload)
+                hasher.update(payload)
+                self._emit(fd, payload)
                 next_index = 0
                 while True:
                     kind, payload = self._next(conn)
@@ -260,8 +262,7 @@ class ImageReceiver:
             raise ReceiveError(f"P aborted the cutover: {bytes(payload).decode(errors='replace')}")
         return kind, payload
 
-    def _emit(self, fd: int, hasher, data: bytes | bytearray | memoryview) -> None:
-        hasher.update(data)
+    def _emit(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         self.feed.write(data)
         view = memoryview(data)
         while view:
@@ -307,5 +308,6 @@ class ImageReceiver:
             i = j
         self.result.pages_sent += literal
         self.result.pages_from_store += count - literal
-        self._emit(fd, hasher, out)
+        hasher.update(W.page_hash_bytes(page_hashes(out)))  # over every assembled byte (image_wire)
+        self._emit(fd, out)
         return first + count

@@ -142,7 +142,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     snap = snapshot or PlaybackSnapshot(image)
     block = RecordingBlock()
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
-                       block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20)
+                       block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
+                       drop_caches_path=str(tmp_path / "drop_caches"))
     held = store.hashes(0, MAX_PFN)
     helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
     result = helper.run()
@@ -173,6 +174,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path) -> None:
     assert res.pages_from_store == n_held
     assert helper.fig.pages_sent == res.pages_sent and helper.fig.pages_skipped == n_held
     assert helper.fig.wire_bytes < len(image) * 0.2
+    assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
 
 
 def test_wrong_token_is_refused_and_p_runs_on(tmp_path: Path) -> None:
@@ -264,7 +266,8 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     ran: list[str] = []
     snap = PlaybackSnapshot(image, in_suspend=0)
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
-                       resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}])
+                       resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}],
+                       drop_caches_path=str(tmp_path / "drop_caches"))
     from source_agent import resume
 
     def runner(actions):
