@@ -84,9 +84,11 @@ def test_workloads_observed_from_outside(rig: Rig) -> None:
     pids = rig.workload_pids()
     assert all(pids.values()), pids
 
+    # the rig is session-wide: earlier tests (pre-copy under TCG) may have made gaps before ours
+    window_start = time.time()
     before_counter, before_tcp = rig.counter_stats(), rig.tcp_stats()
     time.sleep(3)
-    counter, tcp = rig.counter_stats(), rig.tcp_stats()
+    counter, tcp = rig.counter_stats(since_time=window_start), rig.tcp_stats(since=window_start)
 
     # counter: one process, still counting, seen on P's console from the host
     assert counter.pids == [pids["counter"]]
