@@ -27,7 +27,7 @@ from rig.core import Rig
 
 
 def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s: float) -> dict:
-    from tests.rig import cutover_rig as cr
+    from rig import destination as cr
 
     cfg = RigConfig()
     if memory_mib:

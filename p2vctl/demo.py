@@ -39,17 +39,17 @@ def _final(status: dict | None) -> bool:
 def migrate_on_rig(rig) -> int:  # rig: rig.core.Rig (kept untyped: p2vctl must import without the rig)
     from rig import config as C
     from rig import workloads
-    from rig.observers import parse_counter_file
 
-    # V's side of the rig (destination agent, NBD export, waiting VM's network) is the harness the
-    # end-to-end test uses; the demo runs from the repository root (./p2v-dev demo), where it lives.
-    from tests.rig.cutover_rig import (
+    # V's side of the rig (destination agent, NBD export, waiting VM's network), as the e2e test
+    # and bench.e2e drive it
+    from rig.destination import (
         build_redundancy,
         start_destination,
         start_migration,
         stop_destination,
         wait_vm_command,
     )
+    from rig.observers import parse_counter_file
 
     console.rule("[bold]V: destination agent and the waiting VM's network")
     dest = start_destination(rig, with_export=True)

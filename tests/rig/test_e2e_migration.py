@@ -23,8 +23,8 @@ import pytest
 
 from rig import Rig, libvirtd, workloads
 from rig import config as C
+from rig import destination as cr
 from rig.observers import parse_counter_file
-from tests.rig import cutover_rig as cr
 
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
 
