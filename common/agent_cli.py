@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from common.config import ConfigError, load
+from common.log import setup_logging
+from common.rpc import run
 
 T = TypeVar("T")
 
@@ -38,6 +42,22 @@ def load_config(cls: type[T], args: argparse.Namespace, default_config: str, ext
     except ConfigError as exc:
         print(f"{sys.argv[0]}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def flag_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """A daemon's own shortcut flags as `section.key=value` overrides ({args attribute: config key})."""
+    return [f"{key}={getattr(args, attr)}" for attr, key in flags.items() if getattr(args, attr, None)]
+
+
+def run_daemon(args: argparse.Namespace, log_level: str, serve: Coroutine[Any, Any, None], log: logging.Logger
+               ) -> None:
+    """Logging as asked, then serve until stopped; a failure to start is one clear line and exit 1."""
+    setup_logging(args.log_level or log_level, json_lines=not args.text_logs)
+    try:
+        run(serve)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
 
 
 def machine_id() -> str:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from common.agent_cli import base_parser, load_config, machine_id
+from common.agent_cli import base_parser, flag_overrides, load_config, machine_id, run_daemon
 from common.config import DestConfig
-from common.log import setup_logging
-from common.rpc import MAX_MESSAGE_BYTES, AgentServer, run
+from common.rpc import MAX_MESSAGE_BYTES, AgentServer
 from p2v.v1 import destination_pb2, destination_pb2_grpc
 
 from .service import DestinationService
@@ -35,18 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", help="host:port for the agents' mutual-TLS API")
     parser.add_argument("--state-dir", help="where page stores and journals live")
     args = parser.parse_args(argv)
-    extra = []
-    if args.listen:
-        extra.append(f"agent.listen={args.listen}")
-    if args.state_dir:
-        extra.append(f"agent.state_dir={args.state_dir}")
+    extra = flag_overrides(args, {"listen": "agent.listen", "state_dir": "agent.state_dir"})
     config = load_config(DestConfig, args, DEFAULT_CONFIG, extra)
-    setup_logging(args.log_level or config.agent.log_level, json_lines=not args.text_logs)
-    try:
-        run(serve(config, ready_file=args.ready_file))
-    except (OSError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        raise SystemExit(1) from None
+    run_daemon(args, config.agent.log_level, serve(config, ready_file=args.ready_file), log)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from common.agent_cli import base_parser, load_config, machine_id
+from common.agent_cli import base_parser, flag_overrides, load_config, machine_id, run_daemon
 from common.config import SourceConfig
-from common.log import setup_logging
-from common.rpc import AgentServer, run
+from common.rpc import AgentServer
 from p2v.v1 import source_pb2, source_pb2_grpc
 
 from .service import SourceService
@@ -36,18 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen-tcp", help="host:port for remote tooling (always mutual TLS)")
     parser.add_argument("--state-dir", help="where journals live")
     args = parser.parse_args(argv)
-    extra = []
-    for flag, key in (("listen_unix", "agent.listen_unix"), ("listen_tcp", "agent.listen_tcp"),
-                      ("state_dir", "agent.state_dir")):
-        if getattr(args, flag):
-            extra.append(f"{key}={getattr(args, flag)}")
+    extra = flag_overrides(args, {"listen_unix": "agent.listen_unix", "listen_tcp": "agent.listen_tcp",
+                                  "state_dir": "agent.state_dir"})
     config = load_config(SourceConfig, args, DEFAULT_CONFIG, extra)
-    setup_logging(args.log_level or config.agent.log_level, json_lines=not args.text_logs)
-    try:
-        run(serve(config, ready_file=args.ready_file))
-    except (OSError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        raise SystemExit(1) from None
+    run_daemon(args, config.agent.log_level, serve(config, ready_file=args.ready_file), log)
 
 
 if __name__ == "__main__":
