@@ -20,7 +20,6 @@ import json
 import sys
 import time
 
-from rig import config as C
 from rig import workloads
 from rig.config import RigConfig
 from rig.core import Rig
@@ -43,11 +42,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
         t_start = time.time()
         cr.start_migration(rig, dest, extra=f"--max-rounds {max_rounds}" if max_rounds else "")
         off_at = cr.wait_p_off(rig, timeout_s=1800)
-        out = ""
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not cr.final_state(out):
-            out = cr.wait_vm_command(dest, f"cat {C.P_STATE_DIR}/migrate.out", 120)
-            time.sleep(1)
+        out = cr.wait_migration_end_in_vm(dest, timeout_s=600)
         if cr.final_state(out) != "completed":
             raise RuntimeError(f"migration did not complete:\n{out[-3000:]}")
         journal = json.loads(cr.wait_vm_command(

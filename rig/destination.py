@@ -225,6 +225,32 @@ def wait_vm_command(dest: Destination, cmd: str, timeout_s: float) -> str:
     raise TimeoutError(f"VM control channel: {cmd!r} did not succeed in {timeout_s:.0f}s: {last}")
 
 
+def vm_kernel_tail(dest: Destination, lines: int = 25) -> str:
+    """The VM console's last kernel/restore lines (workload lines left out): what to read when the OS
+    did not come back in the VM."""
+    keep = [ln for ln in vm_console_text(dest).splitlines() if "P2V-COUNTER" not in ln]
+    return "\n".join(keep[-lines:])
+
+
+def wait_migration_end_in_vm(dest: Destination, timeout_s: float) -> str:
+    """p2vctl migrate's output, read inside the VM once it names a final state. The control channel
+    answers only once the OS runs on in the VM: until the deadline, silence is waited out."""
+    deadline = time.monotonic() + timeout_s
+    out, last = "", ""
+    while time.monotonic() < deadline:
+        try:
+            out = dest.vm_run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=30)
+        except (ControlError, OSError) as exc:
+            last = str(exc)
+            time.sleep(2)
+            continue
+        if final_state(out):
+            return out
+        time.sleep(2)
+    raise TimeoutError(f"no final state inside the VM after {timeout_s:.0f}s (control channel: {last or 'ok'})\n"
+                       f"migrate output: {out[-1500:]}\nVM console:\n{vm_kernel_tail(dest)}")
+
+
 def quote(s: str) -> str:
     return shlex.quote(s)
 

@@ -92,6 +92,21 @@ def find_local_disk(virtual: str, serial: str, exclude: Iterable[str] = (), root
     raise CancelError(f"no local virtio disk with {what} in this machine")
 
 
+VANISHED_MEMBER_TIMEOUT_S = 60.0
+LEG_READ_TIMEOUT_S = 30.0
+
+
+def leg_answers(leg_name: str, timeout_s: float = LEG_READ_TIMEOUT_S) -> None:
+    """One direct read of the network leg's superblock area, bounded: a leg that does not answer is
+    named as the cause instead of mdadm's 'cannot load array metadata'."""
+    try:
+        sysops.run(["dd", f"if=/dev/{leg_name}", "of=/dev/null", "bs=4096", "count=2", "iflag=direct",
+                    "status=none"], timeout=timeout_s)
+    except sysops.CommandError as exc:
+        raise CancelError(f"the network leg {leg_name} does not answer reads ({exc}): the array cannot "
+                          "be moved onto the local disk; check the NBD connection to V") from None
+
+
 def move_md_to_local(entry: Entry, local: str | None = None, sync_timeout_s: float = 3600.0) -> str:
     md = entry.detail["md"]
     leg = entry.detail["leg"]
@@ -104,13 +119,20 @@ def move_md_to_local(entry: Entry, local: str | None = None, sync_timeout_s: flo
         raise CancelError(f"local disk {local} is the network leg itself")
     mdmirror.same_backing_guard(md, local)
     mdp = f"/dev/{md}"
-    # vanished physical members first: they free the slot the local disk takes
+    # vanished physical members first: they free the slot the local disk takes. An IDE disk that
+    # vanished under the VM keeps requests pending for its ~10 s of failed revalidation: md answers
+    # EBUSY until then, so this waits longer than a plain removal would
     for m in st.members:
         gone = not Path(f"/dev/{m.name}").exists() or "faulty" in m.state
         if m.name != leg_name and gone:
-            mdmirror.remove_member(md, m.name)
+            mdmirror.remove_member(md, m.name, timeout_s=VANISHED_MEMBER_TIMEOUT_S)
+    # mdadm --add reads the array's metadata from an in-sync member: here the network leg
+    leg_answers(leg_name)
     before_add = mdmirror.array_state(md)
-    sysops.run(["mdadm", mdp, "--add", local], timeout=120)
+    try:
+        sysops.run(["mdadm", mdp, "--add", local], timeout=120)
+    except sysops.CommandError as exc:
+        raise CancelError(f"{exc} [{mdmirror.describe_array(mdmirror.array_state(md))}]") from None
     if mdmirror.free_slots(before_add) == 0:  # no free slot: make room for it
         sysops.run(["mdadm", "--grow", mdp, f"--raid-devices={before_add.raid_disks + 1}"], timeout=120)
     mdmirror.wait_in_sync(md, local, timeout_s=sync_timeout_s)

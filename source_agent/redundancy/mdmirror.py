@@ -90,6 +90,12 @@ class ArrayState:
         }
 
 
+def describe_array(st: ArrayState) -> str:
+    """One line for error messages: `md127 raid1 2 disks, degraded 1: nbd0 in_sync, sdb faulty`."""
+    members = ", ".join(f"{m.name} {'+'.join(m.state)}" for m in st.members) or "no members"
+    return f"{st.name} {st.level} {st.raid_disks} disks, degraded {st.degraded}: {members}"
+
+
 def array_state(md: str, root: Path = Path("/")) -> ArrayState:
     name = md_kernel_name(md, root)
     base = _sys(root, f"/block/{name}/md")
@@ -359,10 +365,10 @@ def wait_in_sync(
     raise MirrorError(f"{status.describe()}: not in sync after {timeout_s:g} s")
 
 
-def remove_member(md: str, leg_name: str) -> None:
+def remove_member(md: str, leg_name: str, timeout_s: float = 10.0) -> None:
     """Fail and remove one member through sysfs (works when its device is dead, too)."""
     state = Path(f"/sys/block/{md}/md/dev-{leg_name}/state")
-    for _ in range(100):
+    for _ in range(max(1, int(timeout_s * 10))):
         if not state.exists():
             return
         try:
