@@ -279,6 +279,7 @@ class Helper:
         whole.update(head)
         whole.update(meta)
         self._send(W.HEADER, head + meta)
+        spent["header"] = time.monotonic() - t_start
         # the image checksum covers the data pages through their hashes (image_wire): one pass
         for first in range(0, header.image_pages, CHUNK_PAGES):
             count = min(CHUNK_PAGES, header.image_pages - first)
@@ -306,6 +307,7 @@ class Helper:
         # where P's time went (P powers off: V keeps these figures)
         spent["total"] = time.monotonic() - t_start
         spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at
+        spent["drop_caches"] = self.fig.drop_caches_s
         trailer = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
         self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()) + trailer)
         self.fig.sent_at = time.time()

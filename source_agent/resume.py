@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from source_agent.discovery import hw_info
+
 log = logging.getLogger(__name__)
 
 SYS = Path("/sys")
@@ -154,9 +156,12 @@ def remove_feed_nic(mac: str) -> str:
             name = wait_netdev_by_mac(mac, timeout_s=3)
         except TimeoutError:
             return "feed NIC not present"
-    dev = (SYS / "class/net" / name / "device").resolve()
-    _write(dev / "remove", "1")
-    return f"removed {name} ({dev.name})"
+    # the netdev's device is the virtio device; the PCI function that can be removed is above it
+    address = hw_info(SYS.parent, SYS / "class/net" / name / "device").pci_address
+    if not address:
+        raise RuntimeError(f"{name} sits on no PCI function")
+    _write(SYS / "bus/pci/devices" / address / "remove", "1")
+    return f"removed {name} ({address})"
 
 
 def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None,

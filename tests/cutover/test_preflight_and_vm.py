@@ -224,3 +224,18 @@ def test_resume_plan_from_inventory_and_journal() -> None:
     announce = [a for n, a in by_name if n == "announce"]
     assert {"interface": "p2vbond0", "ip": "10.77.0.10"} in announce
     assert {"interface": "", "ip": "10.88.0.5"} in announce
+
+
+def test_remove_feed_nic_removes_the_pci_function_above_the_virtio_device(tmp_path, monkeypatch) -> None:
+    from source_agent import resume
+    from tests.redundancy import fakesys
+
+    # sysfs as the VM has it: eth2 -> virtio2 -> PCI function 0000:00:05.0 (only that one can be removed)
+    pci = fakesys.pci_function(tmp_path, "0000:00:05.0", "1af4", "1000", "virtio-pci")
+    fakesys.nic(tmp_path, "eth2", f"{pci}/virtio2")
+    fakesys.write(tmp_path, "/sys/class/net/eth2/address", "52:54:00:77:00:20\n")
+    fakesys.link(tmp_path, "/sys/bus/pci/devices/0000:00:05.0", pci)
+    monkeypatch.setattr(resume, "SYS", tmp_path / "sys")
+    assert resume.remove_feed_nic("52:54:00:77:00:20") == "removed eth2 (0000:00:05.0)"
+    assert (tmp_path / pci.lstrip("/") / "remove").read_text() == "1"
+    assert not (tmp_path / pci.lstrip("/") / "virtio2" / "remove").exists()
