@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
+import socket
+import struct
 import subprocess
 from collections.abc import Sequence
 
@@ -31,6 +34,11 @@ PRIO_V = 2
 ETH_P_IP = 0x0800
 #: clsact's parents (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS))
 PARENT_INGRESS, PARENT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h): header and struct tcmsg
+RTM_DELTFILTER, NLMSG_ERROR = 45, 2
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+_NLMSGHDR = struct.Struct("=IHHII")
+_TCMSG = struct.Struct("=BBHiIII")
 
 
 class BlockError(RuntimeError):
@@ -78,7 +86,7 @@ def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 
             res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
             if res.returncode != 0:
                 raise BlockError(f"{' '.join(argv)}: {res.stderr.strip()}")
-            if argv[2] == "qdisc":
+            if argv[1] == "qdisc":
                 done.append(argv[4])
     except (BlockError, OSError, subprocess.TimeoutExpired) as exc:
         lift(done)
@@ -87,19 +95,37 @@ def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 
 
 
 def tighten(interfaces: Sequence[str]) -> None:
-    """Drop the "anything with V" pass rule (netlink from this process: it runs while frozen)."""
-    import socket
-
-    from pyroute2 import IPRoute
-
+    """Drop the "anything with V" pass rule on every interface, both directions. Raises BlockError
+    unless the kernel acknowledged each deletion: a pass rule left in place lets P's kernel keep
+    talking to V after the snapshot (md's superblock writes over NBD did), and V's TCP state then
+    runs ahead of the image's. Plain netlink from this process: it runs while everything is frozen."""
     info = (PRIO_V << 16) | socket.htons(ETH_P_IP)
-    with IPRoute() as ipr:
-        for name in interfaces:
-            idx = ipr.link_lookup(ifname=name)
-            if not idx:
-                raise BlockError(f"interface {name} vanished")
-            for parent in (PARENT_EGRESS, PARENT_INGRESS):
-                ipr.tc("del-filter", index=idx[0], parent=parent, info=info)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5.0)
+        for seq, (name, parent) in enumerate(
+                ((n, p) for n in interfaces for p in (PARENT_EGRESS, PARENT_INGRESS)), start=1):
+            try:
+                index = socket.if_nametoindex(name)
+            except OSError:
+                raise BlockError(f"interface {name} vanished") from None
+            error = _netlink_request(nl, RTM_DELTFILTER, seq, _TCMSG.pack(socket.AF_UNSPEC, 0, 0, index, 0, parent,
+                                                                           info))
+            if error:
+                raise BlockError(f"removing the V pass rule on {name} ({parent:#x}): {os.strerror(error)}")
+
+
+def _netlink_request(nl: socket.socket, msg_type: int, seq: int, body: bytes) -> int:
+    """Send one rtnetlink request with NLM_F_ACK; return the kernel's errno (0 = done)."""
+    nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
+    for _ in range(16):  # bounded: the answer to our request is the next error/ack message
+        data = nl.recv(65536)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, _flags, rseq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            if kind == NLMSG_ERROR and rseq == seq:
+                return -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+            offset += max((length + 3) & ~3, _NLMSGHDR.size)
+    raise BlockError("no answer from rtnetlink")
 
 
 def lift(interfaces: Sequence[str]) -> list[str]:

@@ -1,0 +1,71 @@
+"""The cutover's traffic block with real packets, inside P (the host kernel lacks tc's gact action):
+a namespace in P stands in for V, with an "image" port and another port (NBD's). Before FREEZE both
+pass; after `tighten` only the image stream passes; `lift` restores everything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rig import Rig
+from rig import config as C
+
+pytestmark = [pytest.mark.rig, pytest.mark.timeout(600)]
+
+SCRIPT = r"""
+set -e
+ip netns del p2vt-v 2>/dev/null || true
+ip netns add p2vt-v
+ip link add p2vt-a type veth peer name p2vt-b netns p2vt-v
+ip addr add 10.99.0.1/24 dev p2vt-a && ip link set p2vt-a up
+ip -n p2vt-v addr add 10.99.0.2/24 dev p2vt-b && ip -n p2vt-v link set p2vt-b up && ip -n p2vt-v link set lo up
+ip netns exec p2vt-v timeout 120 python3 -c '
+import socket, threading
+def serve(port):
+    s = socket.create_server(("10.99.0.2", port))
+    while True:
+        c, _ = s.accept(); c.sendall(b"hi"); c.close()
+for p in (40000, 10809):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+threading.Event().wait(115)
+' &
+sleep 1
+cd OPT && timeout 90 python3 - <<'PY'
+import json, socket
+from source_agent import traffic_block as tb
+
+def reach(port):
+    try:
+        with socket.create_connection(("10.99.0.2", port), timeout=1.5) as s:
+            return s.recv(2) == b"hi"
+    except OSError:
+        return False
+
+out = {"before": [reach(40000), reach(10809)]}
+blocked = tb.apply(["p2vt-a"], "10.99.0.2", 40000)
+out["applied_on"] = blocked
+out["applied"] = [reach(40000), reach(10809)]
+tb.tighten(blocked)
+out["tightened"] = [reach(40000), reach(10809)]
+out["lifted_on"] = tb.lift(blocked)
+out["lifted"] = [reach(40000), reach(10809)]
+print(json.dumps(out))
+PY
+"""
+
+
+def test_block_passes_only_the_image_stream_after_tighten(rig: Rig) -> None:
+    try:
+        res = rig.run(SCRIPT.replace("OPT", C.P_PROJECT_DIR), timeout=180)
+    finally:
+        rig.run("kill %1 2>/dev/null; ip link del p2vt-a 2>/dev/null; ip netns del p2vt-v 2>/dev/null; true",
+                timeout=60)
+    assert res.rc == 0, res.err
+    out = json.loads(res.out.strip().splitlines()[-1])
+    assert out["before"] == [True, True]
+    assert out["applied_on"] == ["p2vt-a"]
+    assert out["applied"] == [True, True]  # NBD and the like still flow until FREEZE has synced
+    assert out["tightened"] == [True, False]  # then nothing but the image stream
+    assert out["lifted_on"] == ["p2vt-a"]
+    assert out["lifted"] == [True, True]
