@@ -126,7 +126,7 @@ def migrate_on_rig(rig) -> int:  # rig: rig.core.Rig (kept untyped: p2vctl must 
                                            timeout=120).strip().splitlines()[-1])
             row("files on md", f"{files['checked']} checked, bad {len(files['bad'])}, missing "
                 f"{len(files['missing'])}", not files["bad"] and not files["missing"])
-            agent = dest.vm_run("pgrep -f source_agent.main || echo gone").strip()
+            agent = dest.vm_run("pgrep -f '[s]ource_agent[.]main' || echo gone").strip()
             row("agent unloaded", agent, agent == "gone")
         except Exception as exc:  # the VM is not answering: say so rather than crash the demo
             row("the VM", f"not reachable: {exc}", False)

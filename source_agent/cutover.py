@@ -240,7 +240,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         held_path = f.name
     try:
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
-                  "held_hashes": held_path, "block_interfaces": blocked,
+                  "held_hashes": held_path, "block_interfaces": blocked, "network_legs": legs,
                   "resume_actions": [{"name": a.name, "args": a.args} for a in actions]}
         result = await (helper or HelperProcess()).run(config)
     except BaseException:

@@ -20,6 +20,7 @@ after "committed").
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import fcntl
 import json
@@ -40,7 +41,6 @@ from common.hibernate_image import (
     SNAPSHOT_CREATE_IMAGE,
     SNAPSHOT_FREE,
     SNAPSHOT_FREEZE,
-    SNAPSHOT_POWER_OFF,
     SNAPSHOT_PREF_IMAGE_SIZE,
     SNAPSHOT_UNFREEZE,
     meta_pages_for,
@@ -54,6 +54,7 @@ from source_agent import resume, traffic_block
 CHUNK_PAGES = 256
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
 RB_POWER_OFF = 0x4321FEDC
+NBD_CLEAR_SOCK = 0xAB04  # _IO(0xab, 4), linux/nbd.h
 
 
 class CutoverAborted(RuntimeError):
@@ -105,11 +106,29 @@ class SnapshotDevice:
         fcntl.ioctl(self.fd, SNAPSHOT_UNFREEZE)
 
     def power_off(self) -> None:
+        # SNAPSHOT_POWER_OFF acts only in the ACPI platform mode, which this helper does not use; the
+        # kernel's own power-off is what hibernation's "shutdown" mode does. No sync: the writeback
+        # workers are frozen, a sync with dirty data would wait for them forever (P never went off).
+        ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
+        raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) returned")
+
+
+def release_network_legs(devices: list[str]) -> list[str]:
+    """After COMMIT: cut P's NBD legs loose (NBD_CLEAR_SOCK), so that P's requests to V fail at once.
+    The traffic block drops them (V and the VM must never see P's late writes), and md's shutdown,
+    which writes superblocks, would otherwise wait for the cutover's long request timeout. The
+    socket's FIN is dropped by the block too: V's end stays the VM's. Best effort; returns what failed."""
+    failed = []
+    for name in devices:
         try:
-            fcntl.ioctl(self.fd, SNAPSHOT_POWER_OFF)
-        finally:  # only reached when the ioctl failed
-            os.sync()
-            ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
+            fd = os.open(f"/dev/{name}", os.O_RDWR)
+            try:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            failed.append(f"{name}: {exc}")
+    return failed
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -125,6 +144,8 @@ class HelperConfig:
     snapshot_device: str = "/dev/snapshot"
     connect_timeout_s: float = 15.0
     ack_timeout_s: float = 120.0
+    #: P's NBD devices (md's network legs): cut loose after COMMIT, before power-off
+    network_legs: list[str] = field(default_factory=list)
     #: rehearsal (tests): after ACK do not power off; send ABORT, unfreeze and run on
     rehearse: bool = False
     #: zstd level for the pages that travel (0 = uncompressed)
@@ -162,6 +183,67 @@ def emit(outcome: str, figures: Figures, **extra: Any) -> None:
     os.write(1, line.encode() + b"\n")
 
 
+# --- the image stream ------------------------------------------------------------------------------
+
+class Outbox:
+    """Frames to V, sent as far as the socket takes them without waiting, up to `limit` bytes held.
+
+    CREATE_IMAGE suspends and resumes every device: P's NIC comes back with its link down for a
+    few seconds (~3 s for the rig's e1000). Reading, hashing and compressing the image go on
+    meanwhile; only a full outbox or the end of the image waits for the network."""
+
+    def __init__(self, sock: socket.socket, limit: int = 64 << 20) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.queue: collections.deque[memoryview] = collections.deque()
+        self.held = 0
+        self.waited_s = 0.0  # time spent blocked on the network
+
+    def push(self, parts: list[bytes | memoryview]) -> int:
+        size = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            if view.nbytes:
+                self.queue.append(view)
+                self.held += view.nbytes
+                size += view.nbytes
+        self.pump()
+        if self.held > self.limit:
+            self._drain(until=self.limit // 2)
+        return size
+
+    def pump(self) -> None:
+        """Send what the socket takes now."""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            while self.queue:
+                try:
+                    n = self.sock.send(self.queue[0])
+                except (BlockingIOError, InterruptedError):
+                    return
+                self._sent(n)
+        finally:
+            self.sock.settimeout(timeout)
+
+    def flush(self) -> None:
+        self._drain(until=0)
+
+    def _drain(self, until: int) -> None:
+        t0 = time.monotonic()
+        while self.held > until:
+            self._sent(self.sock.send(self.queue[0]))  # blocking, bounded by the socket's timeout
+        self.waited_s += time.monotonic() - t0
+
+    def _sent(self, n: int) -> None:
+        head = self.queue[0]
+        self.held -= n
+        if n >= head.nbytes:
+            self.queue.popleft()
+        else:
+            self.queue[0] = head[n:]
+
+
 # --- the helper -----------------------------------------------------------------------------------
 
 class Helper:
@@ -177,6 +259,7 @@ class Helper:
         self.uname = uname or os.uname()
         self.fig = Figures()
         self.sock: socket.socket | None = None
+        self.outbox: Outbox | None = None
         self.blocked: list[str] = []
         self.frozen = False
         self.compressor = zstandard.ZstdCompressor(level=cfg.zstd_level) if cfg.zstd_level else None
@@ -264,10 +347,12 @@ class Helper:
         raise CutoverAborted("/dev/snapshot reads made no progress")
 
     def _send(self, kind: bytes, payload: bytes | bytearray | memoryview) -> None:
-        assert self.sock is not None
-        self.fig.wire_bytes += W.send_frame(self.sock, kind, payload)
+        assert self.outbox is not None
+        self.fig.wire_bytes += self.outbox.push(W.frame(kind, payload))
 
     def _send_image(self) -> None:
+        assert self.sock is not None
+        self.outbox = Outbox(self.sock)
         whole = xxhash.xxh3_64()
         spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
         t_start = time.monotonic()
@@ -308,8 +393,10 @@ class Helper:
         spent["total"] = time.monotonic() - t_start
         spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at
         spent["drop_caches"] = self.fig.drop_caches_s
+        spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
         trailer = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
         self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()) + trailer)
+        self.outbox.flush()
         self.fig.sent_at = time.time()
 
     def _await_ack(self) -> None:
@@ -332,13 +419,16 @@ class Helper:
             self.sock.close()
         except OSError:
             pass  # V starts the VM only on COMMIT: if it is lost, V keeps the VM waiting (no 2nd copy)
+        for problem in release_network_legs(self.cfg.network_legs):
+            print(f"cutover helper: {problem}", file=sys.stderr, flush=True)
         self.snap.power_off()
 
     def _abort(self, reason: str) -> None:
         """Back to P running as it was; never raises."""
         if self.sock is not None:
-            try:
-                W.send_frame(self.sock, W.ABORT, reason.encode()[:4000])
+            try:  # not after a frame cut in half: closing the socket tells V just as well
+                if self.outbox is None or self.outbox.held == 0:
+                    W.send_frame(self.sock, W.ABORT, reason.encode()[:4000])
             except OSError:
                 pass
             try:

@@ -51,3 +51,19 @@ def rig(rig_config: RigConfig) -> Iterator[Rig]:
     finally:
         instance.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def later_tests_use_the_rig(request: pytest.FixtureRequest) -> bool:
+    items = request.session.items
+    later = items[items.index(request.node) + 1:]
+    return any("rig" in item.fixturenames for item in later)
+
+
+@pytest.fixture
+def rig_restarted_after(rig: Rig, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """For a test that leaves P changed for good (moved into a VM, powered off): the session rig is
+    started afresh afterwards when later tests in this session use it."""
+    yield rig
+    if later_tests_use_the_rig(request):
+        rig.stop()
+        rig.start()

@@ -6,6 +6,7 @@ failure before the point of no return must end with P unfrozen and the block lif
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,36 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
     receiver.close()
     t.join(10)
+
+
+def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None:
+    import socket as socketmod
+
+    from source_agent.cutover_helper import Outbox
+
+    a, b = socketmod.socketpair()
+    a.settimeout(20)
+    frames = [bytes([i]) * (200_000 + i) for i in range(12)]  # ~2.4 MB: far more than the socket buffers
+    total = sum(map(len, frames))
+    box = Outbox(a, limit=8 << 20)
+    t0 = time.monotonic()
+    for f in frames:
+        box.push([f])
+    assert time.monotonic() - t0 < 2.0  # nobody reads yet: queued, not waited for
+    assert box.held > 0 and box.waited_s == 0.0
+    got = bytearray()
+
+    def read_all() -> None:
+        while len(got) < total:
+            chunk = b.recv(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    box.flush()
+    reader.join(20)
+    assert box.held == 0 and bytes(got) == b"".join(frames)
+    a.close()
+    b.close()

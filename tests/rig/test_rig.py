@@ -19,6 +19,7 @@ import pytest
 from rig import Rig, RigConfig, libvirtd, teardown
 from rig import config as C
 from rig.build import build
+from tests.conftest import later_tests_use_the_rig
 
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(1800)]
 
@@ -192,7 +193,5 @@ def test_teardown_leaves_nothing(rig: Rig, tmp_path, request: pytest.FixtureRequ
     assert rig.power_state() == "off"
 
     # the `rig` fixture is session-wide: bring it back for tests that run after this one
-    items = request.session.items
-    later = items[items.index(request.node) + 1:]
-    if any("rig" in item.fixturenames for item in later):
+    if later_tests_use_the_rig(request):
         rig.start()
