@@ -186,6 +186,7 @@ class CutoverDesk:
         if st.result is not None:
             status.stats.downtime_bytes = st.result.wire_bytes
             status.stats.skipped = st.result.pages_from_store
+            status.stats.cutover_pages = st.result.image_pages
         if st.resumed is not None and st.resumed.unfrozen_at:
             if st.resumed.frozen_at:
                 status.stats.downtime_ms = int((st.resumed.unfrozen_at - st.resumed.frozen_at) * 1000)

@@ -103,10 +103,20 @@ def summary(status: common_pb2.MigrationStatus) -> None:
     console.print(f"[bold {colour}]migration {status.migration_id}: {state}[/]"
                   + (f" — {status.error}" if status.error else ""))
     table = Table(show_header=False, box=None)
-    for key, value in (("rounds", s.dirty_sync_count), ("transferred", size(s.transferred)),
-                       ("total memory", size(s.total)), ("zero pages", s.duplicate),
-                       ("full pages", s.normal), ("skipped (held)", s.skipped),
-                       ("total time", f"{s.total_time_ms / 1000:.2f} s"),
-                       ("downtime", f"{s.downtime_ms} ms" if s.downtime_ms else "-")):
+    rows: list[tuple[str, object]] = [
+        ("rounds", s.dirty_sync_count), ("transferred", size(s.transferred)), ("total memory", size(s.total)),
+        ("zero pages", s.duplicate), ("full pages", s.normal)]
+    if s.cutover_pages:  # the whole-OS move: pre-copy, then the final image
+        image = s.cutover_pages * 4096
+        rows += [("pre-copy", size(s.precopy_bytes)),
+                 ("cutover", f"{size(s.downtime_bytes)} on the wire for a {size(image)} image "
+                             f"({s.downtime_bytes / image:.1%})"),
+                 ("dedup at cutover", f"{s.skipped} of {s.cutover_pages} pages from V's store "
+                                      f"({s.skipped / s.cutover_pages:.1%})")]
+    else:
+        rows.append(("skipped (held)", s.skipped))
+    rows += [("total time", f"{s.total_time_ms / 1000:.2f} s"),
+             ("downtime", f"{s.downtime_ms} ms (OS frozen)" if s.downtime_ms else "-")]
+    for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)

@@ -165,6 +165,7 @@ class SourceMigration:
         await self._phase("cutover", "snapshot and final transfer", state=common_pb2.MIGRATION_STATE_CUTOVER,
                           stats=stats)
         t0 = time.time()
+        stats.precopy_bytes = stats.transferred
         figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
                                         self.config.agent.state_dir, self.helper)
         # From here on this process runs inside the VM: the only way is forward.
@@ -180,6 +181,7 @@ class SourceMigration:
         if final is not None:
             stats.downtime_bytes = final.stats.downtime_bytes
             stats.skipped = final.stats.skipped
+            stats.cutover_pages = final.stats.cutover_pages
         stats.total_time_ms = int((time.time() - self.started_wall) * 1000)
         detail = (f"downtime {stats.downtime_ms} ms (OS frozen), cutover {stats.downtime_bytes} B, "
                   f"{stats.skipped} pages from V's store; cancelled {len(outcome.cancelled)}, "

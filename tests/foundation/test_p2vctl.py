@@ -138,3 +138,23 @@ def test_watch_follows_rounds_live(agents, short_tmp):
     assert statuses[-1]["state"] == "MIGRATION_STATE_COMPLETED"
     human = p2vctl("watch", migration_id, "--agent", sock)
     assert "completed" in human.stdout and "transferred" in human.stdout
+
+
+def test_summary_of_a_whole_os_move_names_precopy_cutover_and_dedup(monkeypatch) -> None:
+    from rich.console import Console
+
+    from p2v.v1 import common_pb2
+    from p2vctl import render
+
+    out = Console(record=True, width=160)
+    monkeypatch.setattr(render, "console", out)
+    status = common_pb2.MigrationStatus(migration_id="m1", state=common_pb2.MIGRATION_STATE_COMPLETED)
+    s = status.stats
+    s.dirty_sync_count, s.precopy_bytes, s.downtime_bytes = 5, 360 << 20, 32 << 20
+    s.cutover_pages, s.skipped, s.downtime_ms, s.total_time_ms = 100_000, 75_000, 14990, 146_350
+    render.summary(status)
+    text = out.export_text()
+    assert "pre-copy" in text and "360.0 MiB" in text
+    assert "32.0 MiB on the wire for a 390.6 MiB image (8.2%)" in text
+    assert "75000 of 100000 pages from V's store (75.0%)" in text
+    assert "14990 ms (OS frozen)" in text

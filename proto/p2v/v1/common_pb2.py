@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13p2v/v1/common.proto\x12\x06p2v.v1\"\x8b\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1c\n\x14min_protocol_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\"{\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x15\n\rpeer_identity\x18\x05 \x01(\t\"\x93\x03\n\x0eMigrationStats\x12\x13\n\x0btransferred\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x04\x12\x0e\n\x06normal\x18\x05 \x01(\x04\x12\x14\n\x0cnormal_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x64irty_pages_rate\x18\x07 \x01(\x01\x12\x0c\n\x04mbps\x18\x08 \x01(\x01\x12\x18\n\x10\x64irty_sync_count\x18\t \x01(\x04\x12\x18\n\x10pages_per_second\x18\n \x01(\x01\x12\x1c\n\x14\x65xpected_downtime_ms\x18\x0b \x01(\x04\x12\x15\n\rsetup_time_ms\x18\x0c \x01(\x04\x12\x15\n\rtotal_time_ms\x18\r \x01(\x04\x12\x13\n\x0b\x64owntime_ms\x18\x0e \x01(\x04\x12\x15\n\rprecopy_bytes\x18\x0f \x01(\x04\x12\x16\n\x0e\x64owntime_bytes\x18\x10 \x01(\x04\x12\x0f\n\x07skipped\x18\x11 \x01(\x04\x12\x14\n\x0cresent_bytes\x18\x12 \x01(\x04\";\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xe9\x01\n\x0fMigrationStatus\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.p2v.v1.MigrationState\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.p2v.v1.MigrationStats\x12\"\n\x08progress\x18\x04 \x01(\x0b\x32\x10.p2v.v1.Progress\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x07 \x01(\x04\x12\x1a\n\x12point_of_no_return\x18\x08 \x01(\x08\"$\n\x0cMigrationRef\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"5\n\rCancelRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Z\n\x0b\x43\x61ncelReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.p2v.v1.MigrationState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\x80\x02\n\x0eMigrationState\x12\x1f\n\x1bMIGRATION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MIGRATION_STATE_SETUP\x10\x01\x12\x1a\n\x16MIGRATION_STATE_ACTIVE\x10\x02\x12\x1b\n\x17MIGRATION_STATE_CUTOVER\x10\x03\x12\x1d\n\x19MIGRATION_STATE_COMPLETED\x10\x04\x12\x1a\n\x16MIGRATION_STATE_FAILED\x10\x05\x12\x1d\n\x19MIGRATION_STATE_CANCELLED\x10\x06\x12\x1f\n\x1bMIGRATION_STATE_ROLLED_BACK\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13p2v/v1/common.proto\x12\x06p2v.v1\"\x8b\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1c\n\x14min_protocol_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\"{\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x15\n\rpeer_identity\x18\x05 \x01(\t\"\xaa\x03\n\x0eMigrationStats\x12\x13\n\x0btransferred\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x04\x12\x0e\n\x06normal\x18\x05 \x01(\x04\x12\x14\n\x0cnormal_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x64irty_pages_rate\x18\x07 \x01(\x01\x12\x0c\n\x04mbps\x18\x08 \x01(\x01\x12\x18\n\x10\x64irty_sync_count\x18\t \x01(\x04\x12\x18\n\x10pages_per_second\x18\n \x01(\x01\x12\x1c\n\x14\x65xpected_downtime_ms\x18\x0b \x01(\x04\x12\x15\n\rsetup_time_ms\x18\x0c \x01(\x04\x12\x15\n\rtotal_time_ms\x18\r \x01(\x04\x12\x13\n\x0b\x64owntime_ms\x18\x0e \x01(\x04\x12\x15\n\rprecopy_bytes\x18\x0f \x01(\x04\x12\x16\n\x0e\x64owntime_bytes\x18\x10 \x01(\x04\x12\x0f\n\x07skipped\x18\x11 \x01(\x04\x12\x14\n\x0cresent_bytes\x18\x12 \x01(\x04\x12\x15\n\rcutover_pages\x18\x13 \x01(\x04\";\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xe9\x01\n\x0fMigrationStatus\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.p2v.v1.MigrationState\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.p2v.v1.MigrationStats\x12\"\n\x08progress\x18\x04 \x01(\x0b\x32\x10.p2v.v1.Progress\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x07 \x01(\x04\x12\x1a\n\x12point_of_no_return\x18\x08 \x01(\x08\"$\n\x0cMigrationRef\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"5\n\rCancelRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Z\n\x0b\x43\x61ncelReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.p2v.v1.MigrationState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\x80\x02\n\x0eMigrationState\x12\x1f\n\x1bMIGRATION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MIGRATION_STATE_SETUP\x10\x01\x12\x1a\n\x16MIGRATION_STATE_ACTIVE\x10\x02\x12\x1b\n\x17MIGRATION_STATE_CUTOVER\x10\x03\x12\x1d\n\x19MIGRATION_STATE_COMPLETED\x10\x04\x12\x1a\n\x16MIGRATION_STATE_FAILED\x10\x05\x12\x1d\n\x19MIGRATION_STATE_CANCELLED\x10\x06\x12\x1f\n\x1bMIGRATION_STATE_ROLLED_BACK\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2v.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONSTATE']._serialized_start=1187
-  _globals['_MIGRATIONSTATE']._serialized_end=1443
+  _globals['_MIGRATIONSTATE']._serialized_start=1210
+  _globals['_MIGRATIONSTATE']._serialized_end=1466
   _globals['_HELLO']._serialized_start=32
   _globals['_HELLO']._serialized_end=171
   _globals['_HELLOREPLY']._serialized_start=173
   _globals['_HELLOREPLY']._serialized_end=296
   _globals['_MIGRATIONSTATS']._serialized_start=299
-  _globals['_MIGRATIONSTATS']._serialized_end=702
-  _globals['_PROGRESS']._serialized_start=704
-  _globals['_PROGRESS']._serialized_end=763
-  _globals['_MIGRATIONSTATUS']._serialized_start=766
-  _globals['_MIGRATIONSTATUS']._serialized_end=999
-  _globals['_MIGRATIONREF']._serialized_start=1001
-  _globals['_MIGRATIONREF']._serialized_end=1037
-  _globals['_CANCELREQUEST']._serialized_start=1039
-  _globals['_CANCELREQUEST']._serialized_end=1092
-  _globals['_CANCELREPLY']._serialized_start=1094
-  _globals['_CANCELREPLY']._serialized_end=1184
+  _globals['_MIGRATIONSTATS']._serialized_end=725
+  _globals['_PROGRESS']._serialized_start=727
+  _globals['_PROGRESS']._serialized_end=786
+  _globals['_MIGRATIONSTATUS']._serialized_start=789
+  _globals['_MIGRATIONSTATUS']._serialized_end=1022
+  _globals['_MIGRATIONREF']._serialized_start=1024
+  _globals['_MIGRATIONREF']._serialized_end=1060
+  _globals['_CANCELREQUEST']._serialized_start=1062
+  _globals['_CANCELREQUEST']._serialized_end=1115
+  _globals['_CANCELREPLY']._serialized_start=1117
+  _globals['_CANCELREPLY']._serialized_end=1207
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class HelloReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., agent_version: _Optional[str] = ..., host_id: _Optional[str] = ..., peer_identity: _Optional[str] = ...) -> None: ...
 
 class MigrationStats(_message.Message):
-    __slots__ = ("transferred", "remaining", "total", "duplicate", "normal", "normal_bytes", "dirty_pages_rate", "mbps", "dirty_sync_count", "pages_per_second", "expected_downtime_ms", "setup_time_ms", "total_time_ms", "downtime_ms", "precopy_bytes", "downtime_bytes", "skipped", "resent_bytes")
+    __slots__ = ("transferred", "remaining", "total", "duplicate", "normal", "normal_bytes", "dirty_pages_rate", "mbps", "dirty_sync_count", "pages_per_second", "expected_downtime_ms", "setup_time_ms", "total_time_ms", "downtime_ms", "precopy_bytes", "downtime_bytes", "skipped", "resent_bytes", "cutover_pages")
     TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class MigrationStats(_message.Message):
     DOWNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     RESENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUTOVER_PAGES_FIELD_NUMBER: _ClassVar[int]
     transferred: int
     remaining: int
     total: int
@@ -94,7 +95,8 @@ class MigrationStats(_message.Message):
     downtime_bytes: int
     skipped: int
     resent_bytes: int
-    def __init__(self, transferred: _Optional[int] = ..., remaining: _Optional[int] = ..., total: _Optional[int] = ..., duplicate: _Optional[int] = ..., normal: _Optional[int] = ..., normal_bytes: _Optional[int] = ..., dirty_pages_rate: _Optional[float] = ..., mbps: _Optional[float] = ..., dirty_sync_count: _Optional[int] = ..., pages_per_second: _Optional[float] = ..., expected_downtime_ms: _Optional[int] = ..., setup_time_ms: _Optional[int] = ..., total_time_ms: _Optional[int] = ..., downtime_ms: _Optional[int] = ..., precopy_bytes: _Optional[int] = ..., downtime_bytes: _Optional[int] = ..., skipped: _Optional[int] = ..., resent_bytes: _Optional[int] = ...) -> None: ...
+    cutover_pages: int
+    def __init__(self, transferred: _Optional[int] = ..., remaining: _Optional[int] = ..., total: _Optional[int] = ..., duplicate: _Optional[int] = ..., normal: _Optional[int] = ..., normal_bytes: _Optional[int] = ..., dirty_pages_rate: _Optional[float] = ..., mbps: _Optional[float] = ..., dirty_sync_count: _Optional[int] = ..., pages_per_second: _Optional[float] = ..., expected_downtime_ms: _Optional[int] = ..., setup_time_ms: _Optional[int] = ..., total_time_ms: _Optional[int] = ..., downtime_ms: _Optional[int] = ..., precopy_bytes: _Optional[int] = ..., downtime_bytes: _Optional[int] = ..., skipped: _Optional[int] = ..., resent_bytes: _Optional[int] = ..., cutover_pages: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "fraction", "detail")
