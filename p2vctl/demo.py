@@ -126,8 +126,9 @@ def migrate_on_rig(rig) -> int:  # rig: rig.core.Rig (kept untyped: p2vctl must 
                 and counter.discontinuities == 0)
             files = json.loads(dest.vm_run(f"python3 {C.P_RIG_DIR}/verify_files.py {C.P_FILES_DIR}",
                                            timeout=120).strip().splitlines()[-1])
-            row("files on md", f"{files['checked']} checked, bad {len(files['bad'])}, missing "
-                f"{len(files['missing'])}", not files["bad"] and not files["missing"])
+            row("files on md", f"writer at file {files_before.last_seq} -> {files['last_seq']}, "
+                f"{files['checked']} checked, bad {len(files['bad'])}, missing {len(files['missing'])}",
+                files["last_seq"] > files_before.last_seq and not files["bad"] and not files["missing"])
             agent = dest.vm_run("pgrep -f '[s]ource_agent[.]main' || echo gone").strip()
             row("agent unloaded", agent, agent == "gone")
         except Exception as exc:  # the VM is not answering: say so rather than crash the demo
