@@ -74,7 +74,9 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
     ap.add_argument("--memory", type=int, help="P's memory in MiB (default: the rig's, 1024)")
-    ap.add_argument("--max-rounds", type=int, default=0, help="pre-copy rounds at most (0 = agent default)")
+    ap.add_argument("--max-rounds", type=int, default=5,
+                    help="pre-copy rounds at most (default 5: under TCG the agent dirties pages faster than "
+                         "pre-copy converges; 0 = the agent's default)")
     ap.add_argument("--no-redundancy", action="store_true", help="plain P: no bond, no md leg")
     ap.add_argument("--skip-qemu", action="store_true", help="do not run QEMU's own migration")
     ap.add_argument("--settle", type=float, default=5.0)

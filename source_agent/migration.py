@@ -47,6 +47,7 @@ class SourceMigration:
         self.started = time.monotonic()
         self.session: prepare.Session | None = None
         self.journal_path = Path(config.agent.state_dir) / "migrations" / f"{self.id}.json"
+        self.journal_extra: dict = {}
         self.point_of_no_return = False
         self.started_wall = time.time()
         self.helper = cutover.HelperProcess()
@@ -60,11 +61,13 @@ class SourceMigration:
                                 **fields)
 
     def _journal(self, **extra) -> None:
+        """Write the journal; what a call adds (remote id, figures) stays for the later writes."""
+        self.journal_extra.update(extra)
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.journal_path, {
             "id": self.id, "destination": self.request.destination,
             "state": common_pb2.MigrationState.Name(self.feed.status.state),
-            "error": self.feed.status.error, "updated": time.time(), **extra})
+            "error": self.feed.status.error, "updated": time.time(), **self.journal_extra})
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
