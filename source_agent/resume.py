@@ -13,13 +13,14 @@ and the rest still attempted (the OS is in the VM now: the only way is forward).
                       routes the physical NIC had onto the virtual NIC
     lift-block        remove the traffic block
     announce          gratuitous ARP for P's addresses from the NIC that now carries them
-    fail-md-leg       md member on a physical disk -> faulty (cancel removes it from the array later:
+    fail-md-leg       md member on a physical disk -> faulty by SET_DISK_FAULTY (cancel removes it later:
                       "remove" waits for md's lock, held while md writes superblocks to the network
                       leg; measured on the rig, that froze the whole OS in the VM for minutes)
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -90,11 +91,27 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+SET_DISK_FAULTY = 0x929  # _IO(MD_MAJOR, 0x29), linux/raid/md_u.h
+
+
+def encode_dev(major: int, minor: int) -> int:
+    """The kernel's new_encode_dev(): how md's ioctls take a device number."""
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
 def fail_md_leg(md: str, member: str) -> str:
-    state = SYS / "block" / md / "md" / f"dev-{member}" / "state"
-    if not state.exists():
+    base = SYS / "block" / md / "md" / f"dev-{member}"
+    if not base.exists():
         return f"{member} is no member of {md} any more"
-    _write(state, "faulty")
+    # SET_DISK_FAULTY, as `mdadm --fail` does: md handles it without the array's reconfiguration lock,
+    # which md's own thread holds while it writes superblocks to the NBD leg (its TCP connection still
+    # in retransmission backoff right after the move: the sysfs "faulty" write waited 3.5 s for it)
+    major, minor = (int(x) for x in (base / "block" / "dev").read_text().split(":"))
+    fd = os.open(f"/dev/{md}", os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, SET_DISK_FAULTY, encode_dev(major, minor))
+    finally:
+        os.close(fd)
     return f"{member} of {md} failed"
 
 

@@ -239,3 +239,11 @@ def test_remove_feed_nic_removes_the_pci_function_above_the_virtio_device(tmp_pa
     assert resume.remove_feed_nic("52:54:00:77:00:20") == "removed eth2 (0000:00:05.0)"
     assert (tmp_path / pci.lstrip("/") / "remove").read_text() == "1"
     assert not (tmp_path / pci.lstrip("/") / "virtio2" / "remove").exists()
+
+
+def test_md_device_numbers_encode_as_the_kernel_does() -> None:
+    from source_agent.resume import encode_dev
+
+    assert encode_dev(8, 16) == 0x810  # sdb
+    assert encode_dev(43, 0) == 0x2B00  # nbd0
+    assert encode_dev(259, 300) == (300 & 0xFF) | (259 << 8) | ((300 & ~0xFF) << 12)  # minor > 255
