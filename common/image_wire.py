@@ -47,8 +47,10 @@ class WireError(RuntimeError):
     pass
 
 
-def frame(kind: bytes, payload: bytes | bytearray | memoryview = b"") -> list[bytes | memoryview]:
-    return [_FRAME.pack(kind, len(payload)), memoryview(payload)]
+def frame(kind: bytes, *parts: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+    """One frame as buffers to send in order; its payload is the parts joined (without copying them)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    return [_FRAME.pack(kind, sum(v.nbytes for v in views)), *views]
 
 
 def send_frame(sock: socket.socket, kind: bytes, payload: bytes | bytearray | memoryview = b"") -> int:

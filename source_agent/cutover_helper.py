@@ -346,9 +346,9 @@ class Helper:
             done += n
         raise CutoverAborted("/dev/snapshot reads made no progress")
 
-    def _send(self, kind: bytes, payload: bytes | bytearray | memoryview) -> None:
+    def _send(self, kind: bytes, *parts: bytes | bytearray | memoryview) -> None:
         assert self.outbox is not None
-        self.fig.wire_bytes += self.outbox.push(W.frame(kind, payload))
+        self.fig.wire_bytes += self.outbox.push(W.frame(kind, *parts))
 
     def _send_image(self) -> None:
         assert self.sock is not None
@@ -363,7 +363,7 @@ class Helper:
         self.fig.image_bytes, self.fig.image_pages = header.size, header.image_pages
         whole.update(head)
         whole.update(meta)
-        self._send(W.HEADER, head + meta)
+        self._send(W.HEADER, head, meta)
         spent["header"] = time.monotonic() - t_start
         # the image checksum covers the data pages through their hashes (image_wire): one pass
         for first in range(0, header.image_pages, CHUNK_PAGES):
@@ -382,7 +382,7 @@ class Helper:
             if self.compressor is not None and literal:
                 literal, kind = self.compressor.compress(literal), W.ZCHUNK
             t3 = time.monotonic()
-            self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + literal)
+            self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes(), literal)
             spent["read"] += t1 - t0
             spent["hash"] += t2 - t1
             spent["compress"] += t3 - t2
