@@ -5,7 +5,7 @@
 The region is a /dev/shm file filled with text-like pages (30 % zero). "read" copies it chunk
 by chunk (16 MiB) into a buffer, the way any reader of that memory must at least touch it.
 "scan" is the pre-copy scanner's own path for that source: the chunk is viewed in place,
-every page hashed (xxh3-64), the hashes compared with those last sent (nothing changed here,
+every page hashed (xxh64), the hashes compared with those last sent (nothing changed here,
 so nothing is encoded). Also printed: the read-then-hash path a source without zero-copy
 views (kcore) takes. Last line: {"scan_GBps", "read_GBps", "ratio"}.
 """

@@ -8,7 +8,7 @@ frames, dest_agent.bulk_receiver), as the agents do when both offer "bulk-socket
 measures the PushPages fallback. No TLS on either side unless --tls (bulk sockets only).
 With root the sender and receiver run in two network namespaces joined by a veth pair;
 without, both use loopback. The receiver verifies every batch (decode_batch: sizes, PFN
-range, xxh3 checksum) and acknowledges it; it does not store pages (that is the page store's
+range, xxh64 checksum) and acknowledges it; it does not store pages (that is the page store's
 cost, not the stream's). The raw TCP baseline sends the same number of bytes, in 64 KiB
 writes, to a receiver that reads and discards them. Both use uvloop when installed.
 Last line: {"stream_MBps", "raw_tcp_MBps", "ratio"}.

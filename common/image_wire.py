@@ -11,8 +11,8 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
     P -> V  ZCHUNK  the same, the pages that follow compressed as one zstd frame (P's network is the
                     bottleneck at cutover; kernel memory compresses well)
     P -> V  END     u64 image bytes, u64 image checksum, optionally followed by a JSON object of
-                    P's timings. The checksum is xxh3-64 over the header and metadata pages, then
-                    over the little-endian xxh3-64 of every data page in image order: P hashes each
+                    P's timings. The checksum is xxh64 over the header and metadata pages, then
+                    over the little-endian page hash of every data page in image order: P hashes each
                     page once (for dedup and checksum alike) and V checks every byte it assembled
     V -> P  ACK     json {"pages", "loaded"}  | NACK reason   (ACK: V holds the exact image, loaded
                     into the waiting VM; P may power off — the point of no return)

@@ -1,7 +1,7 @@
 """Protocol and software versions, and the capabilities this build offers."""
 
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: xxh64 page hashes and checksums (1: xxh3)
+MIN_PROTOCOL_VERSION = 2
 AGENT_VERSION = "0.1.0"
 
 # What this build can do on the wire; negotiation keeps the intersection.

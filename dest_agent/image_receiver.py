@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import xxhash
 import zstandard
 
 from common import image_wire as W
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
-from common.pagecodec import page_hashes
+from common.pagecodec import new_checksum, page_hashes
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ class ImageReceiver:
     def _receive(self, conn: socket.socket) -> ReceiveResult:
         res = self.result
         res.started_at = time.time()
-        hasher = xxhash.xxh3_64()
+        hasher = new_checksum()
         fd = os.open(self.image_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         began = False
         try:

@@ -1,7 +1,7 @@
 """The destination's page store: a sparse PFN-indexed image file plus a per-page hash index.
 
     <path>          image: page `pfn` lives at offset pfn * 4096; never-written pages are holes
-    <path>.hashes   index: a 4 KiB header, then one little-endian uint64 per PFN: xxh3-64 of the
+    <path>.hashes   index: a 4 KiB header, then one little-endian uint64 per PFN: the page hash (pagecodec) of the
                     page as held, 0 = not held
 
 Durability: `write` only puts pages into the page cache; `sync` makes everything written so far
@@ -32,7 +32,7 @@ from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, DecodedBatch, page_hashe
 INDEX_MAGIC = b"P2VHIDX1"
 HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sIIQI")  # magic, version, page_size, max_pfn, state
-_VERSION = 1
+_VERSION = 2  # 2: xxh64 page hashes (1 held xxh3)
 STATE_CLEAN = 1
 STATE_OPEN = 2
 

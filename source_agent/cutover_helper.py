@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import xxhash
 import zstandard
 
 from common import image_wire as W
@@ -48,7 +47,7 @@ from common.hibernate_image import (
     parse_pfns,
     plan_dedup,
 )
-from common.pagecodec import page_hashes
+from common.pagecodec import new_checksum, page_hashes
 from source_agent import resume, traffic_block
 
 CHUNK_PAGES = 256
@@ -353,7 +352,7 @@ class Helper:
     def _send_image(self) -> None:
         assert self.sock is not None
         self.outbox = Outbox(self.sock)
-        whole = xxhash.xxh3_64()
+        whole = new_checksum()
         spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
         t_start = time.monotonic()
         head = self._read_pages(1)

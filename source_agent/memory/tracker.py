@@ -1,6 +1,6 @@
 """Dirty tracking: which pages differ from what the destination holds.
 
-HashTracker keeps one xxh3-64 per PFN: the hash of the content the destination was sent
+HashTracker keeps one page hash (pagecodec) per PFN: the hash of the content the destination was sent
 (0 = nothing sent). A page is dirty when its current hash differs. It needs no kernel support
 and doubles as dedup at cutover (the destination's HeldHashes use the same hash).
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from common import version
 from tests.agents import REPO, AgentProcess
 from tests.foundation.conftest import dest_config
 from tests.netns import netns_pair
@@ -42,7 +43,7 @@ def run_peer(pair, scenario: str, address: str, tls_dir: Path, cert: str = "p2v-
 def test_session_over_mutual_tls(two_hosts, tls_dir):
     pair, dest, address = two_hosts
     out = run_peer(pair, "session", address, tls_dir)
-    assert out["negotiated"]["protocol"] == 1
+    assert out["negotiated"]["protocol"] == version.PROTOCOL_VERSION
     assert "zstd" in out["negotiated"]["caps"]
     assert "p2v-source" in out["negotiated"]["peer_identity"]
     assert out["catalog"], "the destination serves a non-empty virtual device catalog"
