@@ -49,7 +49,7 @@ class WireError(RuntimeError):
 
 def frame(kind: bytes, *parts: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
     """One frame as buffers to send in order; its payload is the parts joined (without copying them)."""
-    views = [memoryview(p).cast("B") for p in parts]
+    views = [v.cast("B") if v.nbytes else memoryview(b"") for v in map(memoryview, parts)]  # cast refuses empty
     return [_FRAME.pack(kind, sum(v.nbytes for v in views)), *views]
 
 

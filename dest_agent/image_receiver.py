@@ -193,6 +193,7 @@ class ImageReceiver:
                 except ImageFormatError as exc:
                     raise ReceiveError(f"image refused: {exc}") from None
                 res.image_bytes, res.image_pages = header.size, header.image_pages
+                res.steps["header"] = time.time()  # P's first bytes after CREATE_IMAGE (its NIC is back)
                 self.feed.begin(header.size)
                 began = True
                 hasher.update(payload)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from common.pagecodec import decode_batch, encode_batch
 from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError
@@ -126,7 +127,7 @@ def precopied_store(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, held_fra
 
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
-             expected: ExpectedKernel | None = None):
+             expected: ExpectedKernel | None = None, compression: str = "adaptive"):
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
     host, port = receiver.endpoint
@@ -144,7 +145,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     block = RecordingBlock()
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
                        block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
-                       drop_caches_path=str(tmp_path / "drop_caches"))
+                       drop_caches_path=str(tmp_path / "drop_caches"), compression=compression)
     held = store.hashes(0, MAX_PFN)
     helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
     result = helper.run()
@@ -155,13 +156,15 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     return result, helper, snap, block, outcome
 
 
-def test_full_cutover_sends_only_changed_pages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["adaptive", "always", "never"])
+def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str) -> None:
     pfns = np.array(sorted(set(range(100, 1100)) | set(range(4000, 4600))), dtype=np.uint64)
     image, pfns, data = make_image(pfns, seed=1)
     store = precopied_store(tmp_path, pfns, data, held_fraction=0.9)
     feed = RecordingFeed()
     result, helper, snap, block, outcome = run_pair(
-        tmp_path, image, store, feed, expected=ExpectedKernel(UNAME.release, UNAME.version))
+        tmp_path, image, store, feed, expected=ExpectedKernel(UNAME.release, UNAME.version),
+        compression=compression)
     assert result == "powered-off"
     assert snap.calls == ["freeze", "create_image", "power_off"]  # never unfrozen after the ACK
     assert block.lifted == []
@@ -176,6 +179,20 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path) -> None:
     assert helper.fig.pages_sent == res.pages_sent and helper.fig.pages_skipped == n_held
     assert helper.fig.wire_bytes < len(image) * 0.2
     assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
+    compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
+    if compression == "always":  # ZCHUNKs, decoded by V into the exact image (checked above)
+        assert compressed == 2  # both chunks carry changed pages
+    elif compression == "never":
+        assert compressed == 0
+
+
+def test_compression_policy() -> None:
+    from source_agent.cutover_helper import compress_chunk
+
+    assert compress_chunk("adaptive", network_behind=True) and not compress_chunk("adaptive", network_behind=False)
+    assert compress_chunk("always", network_behind=False) and not compress_chunk("never", network_behind=True)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        HelperConfig(migration_id="m", endpoint="h:1", token="00", compression="lz4")
 
 
 def test_wrong_token_is_refused_and_p_runs_on(tmp_path: Path) -> None:
@@ -315,3 +332,20 @@ def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None
     assert box.held == 0 and bytes(got) == b"".join(frames)
     a.close()
     b.close()
+
+
+def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:
+    import os
+
+    from source_agent.cutover_helper import memory_facts
+
+    (tmp_path / "meminfo").write_text("MemTotal: 983744 kB\nMemFree: 813748 kB\nAnonPages: 48376 kB\n"
+                                      "Slab: 19832 kB\nShmem: 84 kB\n")
+    for pid, rss in ((os.getpid(), 40960), (os.getppid(), 102400)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "status").write_text(f"Name: python3\nVmRSS:\t  {rss} kB\n")
+    facts = memory_facts(str(tmp_path / "meminfo"), str(tmp_path))
+    assert facts["mem_free_mib"] == 813748 / 1024 and facts["mem_anon_mib"] == 48376 / 1024
+    assert facts["helper_rss_mib"] == 40.0 and facts["agent_rss_mib"] == 100.0
+    assert "mem_cached_mib" not in facts  # absent lines stay absent
+    assert memory_facts(str(tmp_path / "nothing"), str(tmp_path)) == {}  # figures only: never raises
