@@ -11,6 +11,7 @@ An aborted or failed cutover puts the migration back to ACTIVE (P runs on) and r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -46,6 +47,16 @@ class CutoverState:
     completed_at: float = 0.0
     attempts: int = 0
     figures: dict = field(default_factory=dict)
+
+
+def add_figures(path: Path, key: str, figures: dict) -> None:
+    """Add one section to a figures file (cutover.json); figures only: a failure is logged."""
+    try:
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current[key] = figures
+        write_json_atomic(path, current)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot record %s figures in %s: %s", key, path, exc)
 
 
 class CutoverDesk:
@@ -168,6 +179,10 @@ class CutoverDesk:
         st = self.state(record.id)
         st.resumed, st.resumed_received_at = request, time.time()
         st.point_of_no_return = True
+        # the VM's side of the timeline next to the image's (one file for operators and benchmarks)
+        add_figures(record.dir / "cutover.json", "resumed", {
+            "frozen_at": request.frozen_at, "resumed_at": request.resumed_at, "unfrozen_at": request.unfrozen_at,
+            "reported_at": st.resumed_received_at, "steps": list(request.resume_steps)})
         ids = [e["id"] for e in record.redundancy]
         return destination_pb2.ResumedReply(cancel_ids=ids, unload=True)
 
