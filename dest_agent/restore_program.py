@@ -110,32 +110,44 @@ def write_all(fd: int, view: memoryview) -> None:
         raise OSError("/dev/snapshot writes made no progress")
 
 
-def load_image(feed: Feed, size: int) -> tuple[int, int]:
-    """Stream `size` bytes from V into /dev/snapshot. Returns (fd, pages)."""
-    fd = os.open("/dev/snapshot", os.O_WRONLY)
+def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
+               device: str = "/dev/snapshot") -> tuple[int, int]:
+    """Stream `size` bytes from V into /dev/snapshot. Returns (fd, pages); `spent` gets the seconds
+    spent waiting for the network ("recv") and writing into the kernel ("write")."""
+    spent = spent if spent is not None else {}
+    spent["recv"] = spent["write"] = 0.0
+    fd = os.open(device, os.O_WRONLY)
     try:
-        pending = bytearray(feed.buf)
+        buf = bytearray(max(4 << 20, len(feed.buf) + PAGE))
+        view = memoryview(buf)
+        held = len(feed.buf)  # bytes at the start of buf not yet written
+        view[:held] = feed.buf
         feed.buf = b""
-        received = len(pending)
+        received = held
         done = 0
         while True:
-            whole = (min(len(pending), size - done) // PAGE) * PAGE
+            whole = (min(held, size - done) // PAGE) * PAGE
             if whole:
+                t0 = time.monotonic()
                 try:
-                    write_all(fd, memoryview(pending)[:whole])
+                    write_all(fd, view[:whole])
                 except OSError as exc:
                     raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
                                        "(see the kernel log: memory size or firmware map mismatch?)") from None
-                del pending[:whole]
+                spent["write"] += time.monotonic() - t0
+                view[:held - whole] = view[whole:held]  # less than a page (or the tail after the image)
+                held -= whole
                 done += whole
             if done >= size:
                 break
-            chunk = feed.conn.recv(1 << 20)
-            if not chunk:
+            t0 = time.monotonic()
+            n = feed.conn.recv_into(view[held:])
+            spent["recv"] += time.monotonic() - t0
+            if not n:
                 raise ConnectionError(f"V closed the feed after {received} of {size} bytes")
-            pending += chunk
-            received += len(chunk)
-        feed.buf = bytes(pending)
+            held += n
+            received += n
+        feed.buf = bytes(view[:held])
         return fd, done // PAGE
     except BaseException:
         os.close(fd)
@@ -157,14 +169,16 @@ def serve_one(conn: socket.socket, token: str) -> None:
         feed.send(f"ERR bad image size {size}")
         return
     t0 = time.monotonic()
+    spent: dict[str, float] = {}
     try:
-        fd, pages = load_image(feed, size)
+        fd, pages = load_image(feed, size, spent)
     except (RuntimeError, OSError) as exc:
         log(str(exc))
         feed.send(f"ERR {exc}")
         return
     try:
-        log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s")
+        log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s "
+            f"(waiting for V {spent['recv']:.3f}s, writing {spent['write']:.3f}s)")
         feed.send(f"LOADED {pages}")
         word = feed.line()
         if word != "GO":

@@ -166,6 +166,11 @@ class HelperConfig:
     #: later step, the VM's load included, scales with) loses the page cache the VM can re-read
     drop_caches: bool = True
     drop_caches_path: str = "/proc/sys/vm/drop_caches"
+    #: raised to all of RAM for the snapshot: below the image's size the kernel first preallocates
+    #: every free page to squeeze memory (several times the work, inside the downtime); the old
+    #: value comes back when P runs on, and in the VM
+    image_size_path: str = "/sys/power/image_size"
+    meminfo_path: str = "/proc/meminfo"
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -203,8 +208,8 @@ def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[st
     """What the image will be made of, in MiB, read just before FREEZE: the image holds every page
     in use, so the agent's and the helper's own memory is downtime (V keeps these figures)."""
     out: dict[str, float] = {}
-    wanted = {"MemFree": "mem_free_mib", "AnonPages": "mem_anon_mib", "Slab": "mem_slab_mib",
-              "Cached": "mem_cached_mib", "Shmem": "mem_shmem_mib"}
+    wanted = {"MemTotal": "mem_total_mib", "MemFree": "mem_free_mib", "AnonPages": "mem_anon_mib",
+              "Slab": "mem_slab_mib", "Cached": "mem_cached_mib", "Shmem": "mem_shmem_mib"}
     try:
         with open(meminfo) as f:
             for line in f:
@@ -307,6 +312,7 @@ class Helper:
         self.frozen = False
         self.compressor = zstandard.ZstdCompressor(level=cfg.zstd_level) if cfg.zstd_level else None
         self.memory: dict[str, float] = {}
+        self.saved_image_size = ""
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -317,7 +323,8 @@ class Helper:
             host, port = self.cfg.host_port
             if self.cfg.block_interfaces:
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
-            self.memory = memory_facts()
+            self.memory = memory_facts(self.cfg.meminfo_path)
+            self._raise_image_size()
             self.snap.freeze()
             self.frozen = True
             self.fig.frozen_at = time.time()
@@ -363,6 +370,24 @@ class Helper:
         except OSError as exc:  # an optimisation only: the image is just larger
             print(f"cutover helper: cannot drop caches: {exc}", file=sys.stderr, flush=True)
         self.fig.drop_caches_s = time.monotonic() - t0
+
+    def _raise_image_size(self) -> None:
+        total_kib = self.memory.get("mem_total_mib", 0.0) * 1024
+        try:
+            with open(self.cfg.image_size_path) as f:
+                self.saved_image_size = f.read().strip()
+            with open(self.cfg.image_size_path, "w") as f:
+                f.write(f"{int(total_kib) * 1024}\n")
+        except OSError as exc:  # an optimisation only: the kernel's default then applies
+            print(f"cutover helper: cannot set the image size: {exc}", file=sys.stderr, flush=True)
+
+    def _restore_image_size(self) -> None:
+        if self.saved_image_size:
+            try:
+                with open(self.cfg.image_size_path, "w") as f:
+                    f.write(self.saved_image_size + "\n")
+            except OSError:
+                pass
 
     def _create_image(self) -> int:
         try:
@@ -495,6 +520,7 @@ class Helper:
             self.fig.unfrozen_at = time.time()
         if self.blocked:
             self.block.lift(self.blocked)
+        self._restore_image_size()
         emit("aborted", self.fig, reason=reason)
 
     def _resumed(self) -> str:
@@ -506,6 +532,7 @@ class Helper:
                 pass
         results = self.resume_runner(self.cfg.resume_actions)
         self.fig.resume_steps = resume.describe(results)
+        self._restore_image_size()
         for step in (self.snap.free, self.snap.unfreeze):
             try:
                 step()

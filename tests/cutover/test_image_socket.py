@@ -31,12 +31,16 @@ class PlaybackSnapshot:
         self.in_suspend = in_suspend
         self.create_errno = create_errno
         self.calls: list[str] = []
+        self.watch: Path | None = None
+        self.image_size_seen = ""
 
     def freeze(self) -> None:
         self.calls.append("freeze")
 
     def create_image(self) -> int:
         self.calls.append("create_image")
+        if self.watch is not None:  # what the kernel would see as /sys/power/image_size
+            self.image_size_seen = self.watch.read_text().strip()
         if self.create_errno:
             raise OSError(self.create_errno, "Cannot allocate memory")
         return self.in_suspend
@@ -125,6 +129,19 @@ def precopied_store(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, held_fra
     return store
 
 
+def image_size_file(tmp_path: Path) -> Path:
+    path = tmp_path / "image_size"
+    if not path.exists():
+        path.write_text("412000000\n")  # the kernel's default: 2/5 of RAM
+    return path
+
+
+def meminfo_file(tmp_path: Path) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text("MemTotal:        1000000 kB\nMemFree:          700000 kB\n")
+    return path
+
+
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive"):
@@ -142,10 +159,12 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     t = threading.Thread(target=serve)
     t.start()
     snap = snapshot or PlaybackSnapshot(image)
+    snap.watch = image_size_file(tmp_path)
     block = RecordingBlock()
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
                        block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
-                       drop_caches_path=str(tmp_path / "drop_caches"), compression=compression)
+                       drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)))
     held = store.hashes(0, MAX_PFN)
     helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
     result = helper.run()
@@ -179,6 +198,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert helper.fig.pages_sent == res.pages_sent and helper.fig.pages_skipped == n_held
     assert helper.fig.wire_bytes < len(image) * 0.2
     assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
+    assert snap.image_size_seen == str(1000000 * 1024)  # all of RAM: no squeezing inside the downtime
     compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
     if compression == "always":  # ZCHUNKs, decoded by V into the exact image (checked above)
         assert compressed == 2  # both chunks carry changed pages
@@ -253,6 +273,8 @@ def test_create_image_enomem_unfreezes(tmp_path: Path) -> None:
     assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
     assert block.lifted == ["eth0", "p2vbond0"]
     assert "does not fit in free RAM" in outcome["error"]
+    assert snap.image_size_seen == str(1000000 * 1024)
+    assert image_size_file(tmp_path).read_text() == "412000000\n"  # P runs on with its own setting
 
 
 def test_ack_without_commit_never_starts_the_vm(tmp_path: Path) -> None:
@@ -285,7 +307,8 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     snap = PlaybackSnapshot(image, in_suspend=0)
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
                        resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}],
-                       drop_caches_path=str(tmp_path / "drop_caches"))
+                       drop_caches_path=str(tmp_path / "drop_caches"),
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)))
     from source_agent import resume
 
     def runner(actions):
@@ -297,6 +320,7 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     assert helper.run() == "resumed"
     assert ran == ["rescan-pci", "lift-block"]
     assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
+    assert image_size_file(tmp_path).read_text() == "412000000\n"  # in the VM too
     receiver.close()
     t.join(10)
 
