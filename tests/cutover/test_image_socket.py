@@ -200,6 +200,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
     assert snap.image_size_seen == str(1000000 * 1024)  # all of RAM: no squeezing inside the downtime
     compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
+    assert res.source_timings["link_back"] >= 0  # the egress (lo here) was found and seen up
     if compression == "always":  # ZCHUNKs, decoded by V into the exact image (checked above)
         assert compressed == 2  # both chunks carry changed pages
     elif compression == "never":
@@ -373,3 +374,46 @@ def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:
     assert facts["helper_rss_mib"] == 40.0 and facts["agent_rss_mib"] == 100.0
     assert "mem_cached_mib" not in facts  # absent lines stay absent
     assert memory_facts(str(tmp_path / "nothing"), str(tmp_path)) == {}  # figures only: never raises
+
+
+def test_outbox_hands_nothing_to_tcp_before_the_link_is_back() -> None:
+    import socket as socketmod
+
+    from source_agent.cutover_helper import Outbox
+
+    a, b = socketmod.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    link = {"up": False, "polls": 0}
+
+    def link_up() -> bool:
+        link["polls"] += 1
+        if link["polls"] > 20:  # the link comes back while flush() waits for it
+            link["up"] = True
+        return link["up"]
+
+    box = Outbox(a, limit=1 << 20, link_up=link_up, poll_s=0.001)
+    box.push([b"header", b"x" * 1000])
+    assert box.behind() and box.held == 1006 and not box.link_seen_at
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(10)  # nothing reached the socket while the link was down
+    b.setblocking(True)
+    box.flush()
+    assert box.link_seen_at and box.held == 0
+    assert b.recv(2000) == b"header" + b"x" * 1000
+    a.close()
+    b.close()
+
+
+def test_carrier_check_reads_sysfs(tmp_path: Path) -> None:
+    from source_agent.cutover_helper import carrier_check
+
+    (tmp_path / "p2vbond0").mkdir()
+    (tmp_path / "p2vbond0" / "carrier").write_text("0\n")
+    up = carrier_check("p2vbond0", root=str(tmp_path))
+    assert up is not None and not up()
+    (tmp_path / "p2vbond0" / "carrier").write_text("1\n")
+    assert up()
+    assert not carrier_check("gone0", root=str(tmp_path))()  # type: ignore[misc]  # unreadable = down
+    assert carrier_check("") is None
