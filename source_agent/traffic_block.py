@@ -13,8 +13,9 @@ more; replies still in flight from V are then not acknowledged by P, V resends t
 part of P's memory, so the OS wakes up in the VM with it still in place; resume lifts it once the
 virtual NIC is in service.
 
-`block_commands` is pure (tc argv lists); `apply` and `lift` are the I/O. `lift` uses netlink from
-this process (pyroute2), because it also runs while every other task is frozen.
+`block_commands` is pure (tc argv lists, run by one `tc -batch`); `apply` and `lift` are the I/O.
+`lift` uses netlink from this process (pyroute2), because it also runs while every other task is
+frozen.
 """
 
 from __future__ import annotations
@@ -78,20 +79,37 @@ def interfaces_to_block() -> list[str]:
     return sorted(names)
 
 
-def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 10.0) -> list[str]:
-    """Install the block; on any failure remove what was installed and raise BlockError."""
-    done: list[str] = []
+def applied_before(commands: Sequence[Sequence[str]], failed_line: int | None) -> list[str]:
+    """The interfaces whose clsact qdisc `tc -batch` added before it stopped at `failed_line`
+    (1-based; None = every command ran). Pure: an abort must remove these and only these (a clsact
+    qdisc that was there before is not ours to delete)."""
+    ran = commands if failed_line is None else commands[:max(0, failed_line - 1)]
+    return [argv[4] for argv in ran if argv[1] == "qdisc"]
+
+
+_BATCH_FAILED = re.compile(r"Command failed -:(\d+)")
+
+
+def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 20.0) -> list[str]:
+    """Install the block; on any failure remove what was installed and raise BlockError.
+
+    One `tc -batch` process for all the rules (before: one per rule, 18 forks, seconds on a slow P;
+    pages the agent dirties meanwhile travel at cutover)."""
+    commands = block_commands(interfaces, v_ip, v_port)
+    script = "".join(" ".join(argv[1:]) + "\n" for argv in commands)
     try:
-        for argv in block_commands(interfaces, v_ip, v_port):
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-            if res.returncode != 0:
-                raise BlockError(f"{' '.join(argv)}: {res.stderr.strip()}")
-            if argv[1] == "qdisc":
-                done.append(argv[4])
-    except (BlockError, OSError, subprocess.TimeoutExpired) as exc:
-        lift(done)
+        res = subprocess.run(["tc", "-batch", "-"], input=script, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        lift(applied_before(commands, None) if isinstance(exc, subprocess.TimeoutExpired) else [])
         raise BlockError(f"traffic block failed, nothing left in place: {exc}") from None
-    return done
+    if res.returncode != 0:
+        m = _BATCH_FAILED.search(res.stderr)
+        failed = int(m.group(1)) if m else 1
+        lift(applied_before(commands, failed))
+        why = res.stderr.strip().splitlines()[0] if res.stderr.strip() else f"tc exited {res.returncode}"
+        cmd = " ".join(commands[failed - 1]) if 0 < failed <= len(commands) else "tc -batch"
+        raise BlockError(f"traffic block failed, nothing left in place: {cmd}: {why}")
+    return applied_before(commands, None)
 
 
 def tighten(interfaces: Sequence[str]) -> None:
