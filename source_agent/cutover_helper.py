@@ -240,6 +240,51 @@ def egress_interface(host: str) -> str:
         return ""
 
 
+NUD_STALE, NUD_PERMANENT = 0x04, 0x80
+
+
+@dataclass
+class PinnedNeighbour:
+    ip: str
+    mac: str
+    ifindex: int
+
+
+def pin_neighbour(host: str, interface: str) -> PinnedNeighbour | None:
+    """Make V's ARP entry permanent for the cutover. CREATE_IMAGE takes P's NIC down and the kernel
+    flushes the interface's ARP entries on carrier loss: the first packet after the link is back
+    would wait for ARP, and a lost first request costs ARP's 1 s retransmit (seen in the rig: link
+    back 2.05 s, first packet through 3.07 s). Before FREEZE; None when there is nothing to pin."""
+    if not interface:
+        return None
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=interface)[0]
+            for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
+                mac = entry.get_attr("NDA_LLADDR")
+                if entry.get_attr("NDA_DST") == host and mac and entry["state"] != NUD_PERMANENT:
+                    ipr.neigh("replace", dst=host, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
+                    return PinnedNeighbour(host, mac, index)
+    except Exception as exc:  # an optimisation only: ARP then resolves V as usual
+        print(f"cutover helper: cannot pin V's neighbour entry: {exc}", file=sys.stderr, flush=True)
+    return None
+
+
+def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
+    """Back to an ordinary entry (stale: the kernel confirms it on next use). Never raises."""
+    if pin is None:
+        return
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.neigh("replace", dst=pin.ip, lladdr=pin.mac, ifindex=pin.ifindex, state=NUD_STALE)
+    except Exception as exc:
+        print(f"cutover helper: cannot unpin V's neighbour entry: {exc}", file=sys.stderr, flush=True)
+
+
 def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], bool] | None:
     """A cheap "is the link up" for the outbox (sysfs: no netlink socket while frozen)."""
     if not interface:
@@ -365,6 +410,7 @@ class Helper:
         self.memory: dict[str, float] = {}
         self.saved_image_size = ""
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
+        self.pinned: PinnedNeighbour | None = None
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -407,6 +453,7 @@ class Helper:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(self.cfg.ack_timeout_s)
         self.egress = egress_interface(host)
+        self.pinned = pin_neighbour(host, self.egress)
         hello = {"migration_id": self.cfg.migration_id, "token": self.cfg.token,
                  "release": self.uname.release, "version": self.uname.version}
         W.send_frame(self.sock, W.HELLO, json.dumps(hello).encode())
@@ -576,6 +623,7 @@ class Helper:
         if self.blocked:
             self.block.lift(self.blocked)
         self._restore_image_size()
+        unpin_neighbour(self.pinned)
         emit("aborted", self.fig, reason=reason)
 
     def _resumed(self) -> str:
@@ -588,6 +636,7 @@ class Helper:
         results = self.resume_runner(self.cfg.resume_actions)
         self.fig.resume_steps = resume.describe(results)
         self._restore_image_size()
+        unpin_neighbour(self.pinned)  # V's MAC is the same seen from the VM: no ARP needed there either
         for step in (self.snap.free, self.snap.unfreeze):
             try:
                 step()
