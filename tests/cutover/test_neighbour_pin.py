@@ -35,8 +35,11 @@ def carrier_loss():
     # the peer end goes down: our link stays up, its carrier drops (as P's NIC's does); returns
     # what the table holds while the carrier is off
     subprocess.run(["ip", "-n", {peer_ns!r}, "link", "set", {peer_if!r}, "down"], check=True)
-    time.sleep(0.3)
-    seen = show()
+    for _ in range(30):  # bounded: the kernel's link watcher flushes the table shortly after
+        time.sleep(0.1)
+        seen = show()
+        if "lladdr" not in seen:
+            break
     subprocess.run(["ip", "-n", {peer_ns!r}, "link", "set", {peer_if!r}, "up"], check=True)
     time.sleep(0.3)
     return seen
