@@ -17,7 +17,9 @@ import hmac
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,70 @@ class PageSource(Protocol):
     max_pfn: int
 
     def read(self, pfn: int, count: int) -> bytes: ...
+
+
+class BackgroundFeed:
+    """A VmFeed whose writes go out from a thread of their own, in order: receiving from P,
+    assembling and storing never wait for the waiting VM, which loads the image at its own pace
+    (the VM's /dev/snapshot writes are the slowest step of the transfer: an emulated CPU). A failure
+    of the VM's side surfaces at the next call, `finish` at the latest."""
+
+    _END = object()
+
+    def __init__(self, inner: VmFeed, max_queued: int = 256) -> None:
+        self.inner = inner
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vm-feed", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if self.error is not None:
+                continue  # drain: the failure is reported by the caller's next call
+            kind, data = item
+            try:
+                if kind == "begin":
+                    self.inner.begin(data)
+                else:
+                    self.inner.write(data)
+            except BaseException as exc:  # handed to the receiving thread
+                self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _put(self, item: object) -> None:
+        self._raise()
+        self.queue.put(item)
+
+    def begin(self, size: int) -> None:
+        self._put(("begin", size))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._put(("write", bytes(data) if isinstance(data, memoryview) else data))
+
+    def _stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(self._END)
+            self.thread.join()
+
+    def finish(self) -> int:
+        self._stop()
+        self._raise()
+        return self.inner.finish()
+
+    def go(self) -> None:
+        self.inner.go()
+
+    def abort(self, reason: str) -> None:
+        self.error = self.error or RuntimeError("aborted")  # the thread drops what is still queued
+        self.inner.abort(reason)  # first: closing the feed ends a write the thread is blocked in
+        self._stop()
 
 
 @dataclass
@@ -194,6 +260,7 @@ class ImageReceiver:
                     raise ReceiveError(f"image refused: {exc}") from None
                 res.image_bytes, res.image_pages = header.size, header.image_pages
                 res.steps["header"] = time.time()  # P's first bytes after CREATE_IMAGE (its NIC is back)
+                self.feed = BackgroundFeed(self.feed)
                 self.feed.begin(header.size)
                 began = True
                 hasher.update(payload)
@@ -220,10 +287,10 @@ class ImageReceiver:
                                        f"checksum {checksum:#x} vs {hasher.intdigest():#x}")
                 res.checksum = checksum
                 res.steps["received"] = time.time()
+                os.fdatasync(fd)  # while the VM is still loading
+                res.steps["durable"] = time.time()
                 loaded = self.feed.finish()
                 res.steps["loaded"] = time.time()
-                os.fdatasync(fd)
-                res.steps["durable"] = time.time()
             except (ReceiveError, W.WireError, OSError, RuntimeError) as exc:
                 reason = str(exc) if isinstance(exc, ReceiveError) else f"image transfer failed: {exc}"
                 self._nack(conn, reason)

@@ -172,6 +172,7 @@ class HelperConfig:
     #: value comes back when P runs on, and in the VM
     image_size_path: str = "/sys/power/image_size"
     meminfo_path: str = "/proc/meminfo"
+    sys_class_net: str = "/sys/class/net"
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -285,18 +286,64 @@ def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
         print(f"cutover helper: cannot unpin V's neighbour entry: {exc}", file=sys.stderr, flush=True)
 
 
+BOND_HOLD_MS = 10_000
+
+
+def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net",
+                     hold_ms: int = BOND_HOLD_MS) -> dict[str, str]:
+    """Give p2v's bonds a downdelay long enough to ride out the snapshot's link loss; returns the
+    old values to put back. Without it the bond drops its slave when CREATE_IMAGE takes the NIC
+    down and re-activates it when the link returns, reprogramming the NIC's receive filters: the
+    rig's e1000 (QEMU) then refuses to receive for 1 s (seen as V's ACKs ignored for 1.0 s right
+    after the link came back), and every failover is another burst of gratuitous ARP. Before FREEZE."""
+    saved: dict[str, str] = {}
+    for name in interfaces:
+        bonding = f"{root}/{name}/bonding"
+        try:
+            with open(f"{bonding}/miimon") as f:
+                miimon = int(f.read().strip() or 0)
+            if miimon <= 0:
+                continue  # ARP monitoring: no downdelay to set
+            with open(f"{bonding}/downdelay") as f:
+                old = f.read().strip()
+            with open(f"{bonding}/downdelay", "w") as f:
+                f.write(f"{-(-hold_ms // miimon) * miimon}\n")  # a multiple of miimon
+            saved[name] = old
+        except (OSError, ValueError):
+            continue  # not a bond, or gone: nothing to hold
+    return saved
+
+
+def release_bond_slaves(saved: dict[str, str], root: str = "/sys/class/net") -> None:
+    """Put the bonds' downdelay back (P runs on, or in the VM). Never raises."""
+    for name, old in saved.items():
+        try:
+            with open(f"{root}/{name}/bonding/downdelay", "w") as f:
+                f.write(f"{old}\n")
+        except OSError as exc:
+            print(f"cutover helper: cannot restore {name}'s downdelay: {exc}", file=sys.stderr, flush=True)
+
+
 def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], bool] | None:
     """A cheap "is the link up" for the outbox (sysfs: no netlink socket while frozen)."""
     if not interface:
         return None
-    path = f"{root}/{interface}/carrier"
-
-    def up() -> bool:
+    def has_carrier(name: str) -> bool:
         try:
-            with open(path) as f:
+            with open(f"{root}/{name}/carrier") as f:
                 return f.read(1) == "1"
         except OSError:  # EINVAL while the interface is down
             return False
+
+    # a bond holding its slave (hold_bond_slaves) may keep its carrier while the slave's link is
+    # still down: the link is back when a lower device has carrier too
+    try:
+        lower = [n[len("lower_"):] for n in os.listdir(f"{root}/{interface}") if n.startswith("lower_")]
+    except OSError:
+        lower = []
+
+    def up() -> bool:
+        return has_carrier(interface) and (not lower or any(has_carrier(n) for n in lower))
 
     return up
 
@@ -443,6 +490,7 @@ class Helper:
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
         self.pinned: PinnedNeighbour | None = None
         self.reader: PageReader | None = None
+        self.bond_hold: dict[str, str] = {}
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -455,6 +503,7 @@ class Helper:
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
+            self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             self.snap.freeze()
             self.frozen = True
             self.fig.frozen_at = time.time()
@@ -642,6 +691,7 @@ class Helper:
             self.block.lift(self.blocked)
         self._restore_image_size()
         unpin_neighbour(self.pinned)
+        release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)
         emit("aborted", self.fig, reason=reason)
 
     def _resumed(self) -> str:
@@ -655,6 +705,7 @@ class Helper:
         self.fig.resume_steps = resume.describe(results)
         self._restore_image_size()
         unpin_neighbour(self.pinned)  # V's MAC is the same seen from the VM: no ARP needed there either
+        release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)  # the physical slave is gone by now
         for step in (self.snap.free, self.snap.unfreeze):
             try:
                 step()
