@@ -95,19 +95,20 @@ class Feed:
         self.conn.sendall(text.encode() + b"\n")
 
 
-def write_all(fd: int, view: memoryview) -> None:
-    """/dev/snapshot takes at most one page per write(); writev with page-sized vectors makes the
-    kernel call it once per vector: one system call for many pages."""
-    for _ in range(len(view) // PAGE + 2):
-        if not view:
+def write_pages(fd: int, pages: list[memoryview], count: int) -> None:
+    """Write pages[0:count] into /dev/snapshot. It takes at most one page per write(); writev with
+    page-sized vectors makes the kernel call it once per vector: one system call for many pages.
+    The vectors are made once by the caller: made per call they cost a Python object per page,
+    which an emulated CPU pays dearly for (P's reading side went 0.9 -> 0.3 s with the same change)."""
+    done = 0
+    for _ in range(count + 2):  # bounded: every pass makes progress or fails
+        if done >= count:
             return
-        vectors = [view[i:i + PAGE] for i in range(0, min(len(view), 1024 * PAGE), PAGE)]
-        n = os.writev(fd, vectors)
-        if n <= 0:
-            raise OSError("short write to /dev/snapshot")
-        view = view[n:]
-    if view:
-        raise OSError("/dev/snapshot writes made no progress")
+        n = os.writev(fd, pages[done:min(count, done + 1024)])
+        if n <= 0 or n % PAGE:
+            raise OSError(f"/dev/snapshot took {n} bytes of a page-aligned write")
+        done += n // PAGE
+    raise OSError("/dev/snapshot writes made no progress")
 
 
 def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
@@ -120,6 +121,7 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
     try:
         buf = bytearray(max(4 << 20, len(feed.buf) + PAGE))
         view = memoryview(buf)
+        pages = [view[i:i + PAGE] for i in range(0, len(buf) - PAGE + 1, PAGE)]
         held = len(feed.buf)  # bytes at the start of buf not yet written
         view[:held] = feed.buf
         feed.buf = b""
@@ -130,7 +132,7 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
             if whole:
                 t0 = time.monotonic()
                 try:
-                    write_all(fd, view[:whole])
+                    write_pages(fd, pages, whole // PAGE)
                 except OSError as exc:
                     raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
                                        "(see the kernel log: memory size or firmware map mismatch?)") from None

@@ -48,7 +48,7 @@ from common.hibernate_image import (
     parse_pfns,
     plan_dedup,
 )
-from common.pagecodec import new_checksum, page_hashes
+from common.pagecodec import hash_page_views, new_checksum
 from source_agent import resume, traffic_block
 
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
@@ -609,7 +609,8 @@ class Helper:
             t0 = time.monotonic()
             data = self._read_pages(count)
             t1 = time.monotonic()
-            hashes = page_hashes(data)
+            assert self.reader is not None
+            hashes = hash_page_views(self.reader.pages[:count])
             whole.update(W.page_hash_bytes(hashes))
             plan = plan_dedup(pfns[first:first + count], hashes, self.held)
             pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)

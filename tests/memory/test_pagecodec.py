@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xxhash
@@ -177,3 +179,13 @@ def test_compression_errors() -> None:
     msg = good_batch()
     msg.payload = msg.payload[: len(msg.payload) // 2]
     expect("compression", msg)
+
+
+def test_hash_page_views_equals_page_hashes() -> None:
+    from common.pagecodec import hash_page_views
+
+    buf = bytearray(os.urandom(PAGE_SIZE * 5))
+    view = memoryview(buf)
+    views = [view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(5)]
+    assert hash_page_views(views).tolist() == page_hashes(buf).tolist()
+    assert hash_page_views([]).size == 0
