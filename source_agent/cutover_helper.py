@@ -49,7 +49,7 @@ from common.hibernate_image import (
     plan_dedup,
 )
 from common.pagecodec import hash_page_views, new_checksum
-from source_agent import resume, traffic_block
+from source_agent import peer_kick, resume, traffic_block
 
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
@@ -173,6 +173,8 @@ class HelperConfig:
     image_size_path: str = "/sys/power/image_size"
     meminfo_path: str = "/proc/meminfo"
     sys_class_net: str = "/sys/class/net"
+    #: capture the peers' dropped segments and kick their retransmission timers after the move
+    kick_peers: bool = True
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -199,6 +201,8 @@ class Figures:
     resumed_at: float = 0.0
     unfrozen_at: float = 0.0
     resume_steps: list[str] = field(default_factory=list)
+    peer_packets: int = 0  # segments the block dropped that the capture saw before the snapshot
+    peer_flows: int = 0  # connections whose peer waits on an unacknowledged segment
 
 
 def emit(outcome: str, figures: Figures, **extra: Any) -> None:
@@ -491,6 +495,8 @@ class Helper:
         self.pinned: PinnedNeighbour | None = None
         self.reader: PageReader | None = None
         self.bond_hold: dict[str, str] = {}
+        self.capture: socket.socket | None = None
+        self.local_ips: frozenset[str] = frozenset()
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -501,6 +507,7 @@ class Helper:
             host, port = self.cfg.host_port
             if self.cfg.block_interfaces:
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
+                self._start_capture()
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
@@ -509,6 +516,7 @@ class Helper:
             self.fig.frozen_at = time.time()
             if self.blocked:
                 self.block.tighten(self.blocked)  # from now on P acknowledges nothing but the image stream
+            self._collect_peer_heads()
             in_suspend = self._create_image()
             if not in_suspend:
                 return self._resumed()
@@ -541,6 +549,33 @@ class Helper:
         kind, payload = W.recv_frame(self.sock, max_payload=1 << 16)
         if kind != W.OK:
             raise CutoverAborted(f"V refused the helper: {bytes(payload).decode(errors='replace')}")
+
+    def _start_capture(self) -> None:
+        """Watch the peers' segments the block drops from now on (peer_kick); optional."""
+        if not self.cfg.kick_peers:
+            return
+        try:
+            self.local_ips = peer_kick.local_ipv4_addresses()
+            self.capture = peer_kick.open_capture()
+        except OSError as exc:
+            print(f"cutover helper: no peer capture: {exc}", file=sys.stderr, flush=True)
+
+    def _collect_peer_heads(self) -> None:
+        """Right before the snapshot: what the peers are waiting on becomes a resume step."""
+        if self.capture is None:
+            return
+        heads = peer_kick.HeadSegments()
+        try:
+            self.fig.peer_packets = peer_kick.drain(self.capture, heads, self.local_ips)
+        except OSError as exc:
+            print(f"cutover helper: peer capture: {exc}", file=sys.stderr, flush=True)
+        finally:
+            self.capture.close()
+            self.capture = None
+        quotes = heads.quotes()
+        self.fig.peer_flows = len(quotes)
+        if quotes:  # after announce: the VM's path to the peers must be back first
+            self.cfg.resume_actions.append({"name": "kick-peers", "args": {"quotes": [q.hex() for q in quotes]}})
 
     def _drop_caches(self) -> None:
         t0 = time.monotonic()

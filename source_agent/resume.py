@@ -13,6 +13,9 @@ and the rest still attempted (the OS is in the VM now: the only way is forward).
                       routes the physical NIC had onto the virtual NIC
     lift-block        remove the traffic block
     announce          gratuitous ARP for P's addresses from the NIC that now carries them
+    kick-peers        ICMP host unreachable quoting each peer's oldest unacknowledged segment (captured
+                      by the helper while the block dropped it): peers resend now, not after their
+                      backed-off timers (RFC 6069; added by the helper, after announce)
     fail-md-leg       md member on a physical disk -> faulty by SET_DISK_FAULTY (cancel removes it later:
                       "remove" waits for md's lock, held while md writes superblocks to the network
                       leg; measured on the rig, that froze the whole OS in the VM for minutes)
@@ -246,10 +249,18 @@ def announce(ip: str, interface: str = "", count: int = 3) -> str:
     return f"{count} gratuitous ARP for {ip} from {interface} ({mac})"
 
 
+def kick_peers(quotes: list[str]) -> str:
+    """Cut the peers' retransmission backoff short (source_agent/peer_kick.py)."""
+    from source_agent import peer_kick
+
+    sent = peer_kick.kick(bytes.fromhex(q) for q in quotes)
+    return f"{sent} ICMP for {len(quotes)} peer connection(s)"
+
+
 ACTIONS: dict[str, Callable[..., str]] = {
     "fail-md-leg": fail_md_leg, "prune-stale-pci": prune_stale_pci, "rescan-pci": rescan_pci,
     "remove-feed-nic": remove_feed_nic, "adopt-nic": adopt_nic, "lift-block": lift_block,
-    "announce": announce,
+    "announce": announce, "kick-peers": kick_peers,
 }
 
 
