@@ -201,7 +201,7 @@ class Figures:
     resumed_at: float = 0.0
     unfrozen_at: float = 0.0
     resume_steps: list[str] = field(default_factory=list)
-    peer_packets: int = 0  # segments the block dropped that the capture saw before the snapshot
+    peer_packets: int = 0  # TCP segments with peers the capture saw from the block to the snapshot
     peer_flows: int = 0  # connections whose peer waits on an unacknowledged segment
 
 
@@ -496,6 +496,7 @@ class Helper:
         self.reader: PageReader | None = None
         self.bond_hold: dict[str, str] = {}
         self.capture: socket.socket | None = None
+        self.peer_waits = peer_kick.PeerWaits()
         self.local_ips: frozenset[str] = frozenset()
 
     def run(self) -> str:
@@ -506,8 +507,8 @@ class Helper:
                 self._drop_caches()
             host, port = self.cfg.host_port
             if self.cfg.block_interfaces:
+                self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
-                self._start_capture()
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
@@ -550,13 +551,14 @@ class Helper:
         if kind != W.OK:
             raise CutoverAborted(f"V refused the helper: {bytes(payload).decode(errors='replace')}")
 
-    def _start_capture(self) -> None:
-        """Watch the peers' segments the block drops from now on (peer_kick); optional."""
+    def _start_capture(self, v_host: str) -> None:
+        """Watch P's last acknowledgements and the peers' segments the block drops (peer_kick);
+        optional. Read now and then so that V's bulk traffic cannot fill it meanwhile."""
         if not self.cfg.kick_peers:
             return
         try:
             self.local_ips = peer_kick.local_ipv4_addresses()
-            self.capture = peer_kick.open_capture()
+            self.capture = peer_kick.open_capture(exclude_ip=v_host)
         except OSError as exc:
             print(f"cutover helper: no peer capture: {exc}", file=sys.stderr, flush=True)
 
@@ -564,15 +566,14 @@ class Helper:
         """Right before the snapshot: what the peers are waiting on becomes a resume step."""
         if self.capture is None:
             return
-        heads = peer_kick.HeadSegments()
         try:
-            self.fig.peer_packets = peer_kick.drain(self.capture, heads, self.local_ips)
+            self.fig.peer_packets += peer_kick.drain(self.capture, self.peer_waits, self.local_ips)
         except OSError as exc:
             print(f"cutover helper: peer capture: {exc}", file=sys.stderr, flush=True)
         finally:
             self.capture.close()
             self.capture = None
-        quotes = heads.quotes()
+        quotes = self.peer_waits.quotes()
         self.fig.peer_flows = len(quotes)
         if quotes:  # after announce: the VM's path to the peers must be back first
             self.cfg.resume_actions.append({"name": "kick-peers", "args": {"quotes": [q.hex() for q in quotes]}})
@@ -705,6 +706,9 @@ class Helper:
 
     def _abort(self, reason: str) -> None:
         """Back to P running as it was; never raises."""
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
         if self.sock is not None:
             try:  # not after a frame cut in half: closing the socket tells V just as well
                 if self.outbox is None or self.outbox.held == 0:

@@ -8,23 +8,31 @@ backoff step (Linux: tcp_ld_RTO_revert, RFC 6069); a few of them undo all of it,
 shortened timer has already run out resends at once.
 
 What it takes: the quoted segment, exactly (addresses, ports, sequence number = the peer's
-snd_una). The cutover helper captures the peers' segments that arrive while the block drops them
-(before CREATE_IMAGE, so the capture travels in the image); after the move the resume step
-`kick-peers` sends the ICMPs from the VM, once the network path is back.
+snd_una = the last acknowledgement P sent). The cutover helper captures from just before the
+block until CREATE_IMAGE (so what it learnt travels in the image): P's last acknowledgements, and
+the peers' segments the block drops; after the move the resume step `kick-peers` sends the ICMPs
+from the VM, once the network path is back.
 
-`parse_incoming`, `HeadSegments` and `icmp_host_unreachable` are pure; the sockets are the edges.
+`parse_incoming`, `parse_outgoing_ack`, `PeerWaits`, `capture_filter` and `icmp_host_unreachable`
+are pure; the sockets are the edges.
 """
 
 from __future__ import annotations
 
+import ctypes
 import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 ETH_P_IP = 0x0800
+SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
+ETH_P_ALL = 0x0003
+SKF_AD_PROTOCOL = 0xFFFFF000  # SKF_AD_OFF + SKF_AD_PROTOCOL: the packet's ethertype
 PACKET_HOST = 0
 TCP_FLAGS_SYN_FIN = 0x03
+TCP_FLAG_ACK = 0x10
+PACKET_OUTGOING = 4
 ICMP_DEST_UNREACH, ICMP_HOST_UNREACH = 3, 1
 #: each ICMP undoes one backoff step; 8 cover ~50 s of silence (0.2 s doubled 8 times)
 KICKS_PER_PEER = 8
@@ -41,25 +49,44 @@ class Flow:
 
 def parse_incoming(packet: bytes, local_ips: frozenset[str]) -> tuple[Flow, int, bytes] | None:
     """(flow, sequence number, ICMP quote) of an IPv4 TCP segment to one of `local_ips` that carries
-    data (or SYN/FIN: they take a sequence number too); None for anything else. Pure."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
+    data (or SYN/FIN: they take a sequence number too); None for anything else. Pure. `packet` may
+    be cut short after the TCP header (the capture keeps headers only)."""
+    seen = _tcp(packet)
+    if seen is None:
         return None
-    ihl = (packet[0] & 0x0F) * 4
-    if ihl < 20 or len(packet) < ihl + 20 or packet[9] != socket.IPPROTO_TCP:
-        return None
-    if struct.unpack_from("!H", packet, 6)[0] & 0x1FFF:
-        return None  # a later fragment: no TCP header
-    total = struct.unpack_from("!H", packet, 2)[0]
-    dst, src = socket.inet_ntoa(packet[16:20]), socket.inet_ntoa(packet[12:16])
+    src, dst, ihl, total = seen
     if dst not in local_ips or src in local_ips or src.startswith("127."):
         return None  # not for us, or between this host's own processes (nothing blocked there)
     sport, dport, seq = struct.unpack_from("!HHI", packet, ihl)
     data_offset = (packet[ihl + 12] >> 4) * 4
-    payload = min(total, len(packet)) - ihl - data_offset
-    if payload <= 0 and not packet[ihl + 13] & TCP_FLAGS_SYN_FIN:
+    if total - ihl - data_offset <= 0 and not packet[ihl + 13] & TCP_FLAGS_SYN_FIN:
         return None  # a pure ACK: nothing for the peer to resend
-    flow = Flow(src, sport, dst, dport)
-    return flow, seq, bytes(packet[:ihl + 8])
+    return Flow(src, sport, dst, dport), seq, bytes(packet[:ihl + 8])
+
+
+def parse_outgoing_ack(packet: bytes, local_ips: frozenset[str]) -> tuple[Flow, int] | None:
+    """(flow, acknowledgement number) of an IPv4 TCP segment this host sent to a peer. Pure."""
+    seen = _tcp(packet)
+    if seen is None:
+        return None
+    src, dst, ihl, _total = seen
+    if src not in local_ips or dst in local_ips or dst.startswith("127.") or not packet[ihl + 13] & TCP_FLAG_ACK:
+        return None
+    sport, dport, _seq, ack = struct.unpack_from("!HHII", packet, ihl)
+    return Flow(dst, dport, src, sport), ack
+
+
+def _tcp(packet: bytes) -> tuple[str, str, int, int] | None:
+    """(src, dst, IP header length, IP total length) of an unfragmented IPv4 TCP packet."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if ihl < 20 or len(packet) < ihl + 14 or packet[9] != socket.IPPROTO_TCP:
+        return None
+    if struct.unpack_from("!H", packet, 6)[0] & 0x1FFF:
+        return None  # a later fragment: no TCP header
+    return (socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20]), ihl,
+            struct.unpack_from("!H", packet, 2)[0])
 
 
 def _before(a: int, b: int) -> bool:
@@ -68,22 +95,45 @@ def _before(a: int, b: int) -> bool:
 
 
 @dataclass
-class HeadSegments:
-    """Per flow, the quote of the earliest segment seen: the peer's oldest unacknowledged one (P
-    acknowledged nothing since the block went up), which is what its retransmission timer guards."""
+class PeerWaits:
+    """Which peers wait on P, and for what.
 
-    heads: dict[Flow, tuple[int, bytes]] = field(default_factory=dict)
+    A peer's oldest unacknowledged byte is the last acknowledgement P sent it (P acknowledges
+    nothing once the block is up); the capture starts before the block to see it. A flow waits when
+    the peer sent data at or beyond that point. Without an acknowledgement seen, the earliest data
+    segment seen stands in (right when the peer has resent its oldest segment meanwhile)."""
 
-    def add(self, flow: Flow, seq: int, quote: bytes) -> None:
-        known = self.heads.get(flow)
-        if known is None:
-            if len(self.heads) < MAX_FLOWS:
-                self.heads[flow] = (seq, quote)
-        elif _before(seq, known[0]):
-            self.heads[flow] = (seq, quote)
+    last_ack: dict[Flow, int] = field(default_factory=dict)
+    earliest: dict[Flow, tuple[int, bytes]] = field(default_factory=dict)
+    latest: dict[Flow, int] = field(default_factory=dict)
+
+    def add_incoming(self, flow: Flow, seq: int, quote: bytes) -> None:
+        known = self.earliest.get(flow)
+        if known is None and len(self.earliest) >= MAX_FLOWS:
+            return
+        if known is None or _before(seq, known[0]):
+            self.earliest[flow] = (seq, quote)
+        if flow not in self.latest or _before(self.latest[flow], seq):
+            self.latest[flow] = seq
+
+    def add_outgoing_ack(self, flow: Flow, ack: int) -> None:
+        if flow in self.last_ack:
+            if _before(self.last_ack[flow], ack):
+                self.last_ack[flow] = ack
+        elif len(self.last_ack) < MAX_FLOWS:
+            self.last_ack[flow] = ack
 
     def quotes(self) -> list[bytes]:
-        return [quote for _, quote in self.heads.values()]
+        """One quote per waiting flow, carrying the sequence number the peer's timer guards."""
+        out = []
+        for flow, (_seq, quote) in self.earliest.items():
+            ack = self.last_ack.get(flow)
+            if ack is None:
+                out.append(quote)
+            elif not _before(self.latest[flow], ack):  # data at or beyond what P acknowledged
+                ihl = (quote[0] & 0x0F) * 4
+                out.append(quote[:ihl + 4] + struct.pack("!I", ack) + quote[ihl + 8:])
+        return out
 
 
 def icmp_checksum(data: bytes) -> int:
@@ -103,16 +153,54 @@ def icmp_host_unreachable(quote: bytes) -> bytes:
 
 # --- the edges ---------------------------------------------------------------------------------------
 
-def open_capture(rcvbuf: int = 4 << 20) -> socket.socket:
-    """A packet socket seeing every IPv4 packet this host receives, on every interface: packet taps
-    come before the traffic block's tc ingress rules, so it sees what the block then drops."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+def capture_filter(exclude_ip: str = "", snap: int = 96) -> bytes:
+    """Classic BPF for the capture (network header at offset 0, as a SOCK_DGRAM packet socket sees
+    it): IPv4 TCP only, headers only (`snap` bytes), nothing to or from `exclude_ip` (V: the image
+    stream and the NBD leg are bulk, and need no kick). Pure."""
+    DROP = -1
+    body: list[tuple[int, int, int]] = [  # (opcode, jump-if-false target, k); targets: DROP or next
+        (0x28, 0, SKF_AD_PROTOCOL),  # ldh #proto
+        (0x15, DROP, ETH_P_IP),  # jeq IPv4
+        (0x30, 0, 9),  # ldb [9]: IP protocol
+        (0x15, DROP, socket.IPPROTO_TCP),  # jeq TCP
+    ]
+    if exclude_ip:
+        v = struct.unpack("!I", socket.inet_aton(exclude_ip))[0]
+        body += [(0x20, 0, 12), (0x15, -2, v),  # ld [12]: source; from V -> drop
+                 (0x20, 0, 16), (0x15, -2, v)]  # ld [16]: destination; to V -> drop
+    accept, drop = len(body), len(body) + 1
+    prog = []
+    for i, (op, target, k) in enumerate(body):
+        if op == 0x15 and target == DROP:  # mismatch -> drop
+            prog.append((op, 0, drop - i - 1, k))
+        elif op == 0x15:  # match -> drop
+            prog.append((op, drop - i - 1, 0, k))
+        else:
+            prog.append((op, 0, 0, k))
+    prog += [(0x06, 0, 0, snap), (0x06, 0, 0, 0)]  # accept `snap` bytes / drop
+    assert len(prog) == accept + 2
+    return b"".join(struct.pack("HBBI", *insn) for insn in prog)
+
+
+def open_capture(exclude_ip: str = "", rcvbuf: int = 16 << 20) -> socket.socket:
+    """A packet socket seeing the IPv4 TCP segments this host receives and sends, on every
+    interface. Packet taps see incoming packets before the traffic block's tc ingress rules (so it
+    sees what the block drops) and outgoing ones after its egress rules (so it sees the last
+    acknowledgements that left)."""
+    # ETH_P_ALL: a socket bound to one protocol sees incoming packets only
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+    code = ctypes.create_string_buffer(capture_filter(exclude_ip))
+    fprog = struct.pack("HL", (len(code) - 1) // 8, ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     return sock
 
 
-def drain(sock: socket.socket, heads: HeadSegments, local_ips: frozenset[str], max_packets: int = 100_000) -> int:
+def drain(sock: socket.socket, waits: PeerWaits, local_ips: frozenset[str], max_packets: int = 100_000) -> int:
     """Read what the capture holds now (non-blocking, bounded); returns the packets read."""
     read = 0
     while read < max_packets:
@@ -121,11 +209,14 @@ def drain(sock: socket.socket, heads: HeadSegments, local_ips: frozenset[str], m
         except (BlockingIOError, InterruptedError):
             break
         read += 1
-        if address[2] != PACKET_HOST:
-            continue
-        seen = parse_incoming(packet, local_ips)
-        if seen is not None:
-            heads.add(*seen)
+        if address[2] == PACKET_HOST:
+            seen = parse_incoming(packet, local_ips)
+            if seen is not None:
+                waits.add_incoming(*seen)
+        elif address[2] == PACKET_OUTGOING:
+            ack = parse_outgoing_ack(packet, local_ips)
+            if ack is not None:
+                waits.add_outgoing_ack(*ack)
     return read
 
 

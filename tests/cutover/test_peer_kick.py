@@ -11,7 +11,14 @@ import sys
 
 import pytest
 
-from source_agent.peer_kick import Flow, HeadSegments, icmp_checksum, icmp_host_unreachable, parse_incoming
+from source_agent.peer_kick import (
+    Flow,
+    PeerWaits,
+    icmp_checksum,
+    icmp_host_unreachable,
+    parse_incoming,
+    parse_outgoing_ack,
+)
 from tests.agents import REPO
 from tests.netns import can_use_netns, netns_pair
 
@@ -39,14 +46,34 @@ def test_parse_keeps_data_segments_to_us_only() -> None:
     assert parse_incoming(b"\x45\x00", LOCAL) is None
 
 
-def test_head_is_the_earliest_sequence_number_across_wraparound() -> None:
-    heads = HeadSegments()
+def test_outgoing_acks_are_read_from_our_segments_only() -> None:
+    ours = segment("10.0.0.10", "10.0.0.3", 7000, 40000, 9, flags=0x10)
+    ours = ours[:28] + struct.pack("!I", 777) + ours[32:]  # the acknowledgement number
+    assert parse_outgoing_ack(ours, LOCAL) == (Flow("10.0.0.3", 40000, "10.0.0.10", 7000), 777)
+    assert parse_outgoing_ack(segment("10.0.0.3", "10.0.0.10", 1, 2, 5, flags=0x10), LOCAL) is None  # incoming
+    assert parse_outgoing_ack(segment("10.0.0.10", "10.0.0.3", 1, 2, 5, flags=0x02), LOCAL) is None  # no ACK
+
+
+def test_waiting_peer_is_quoted_at_the_last_acknowledgement() -> None:
+    waits = PeerWaits()
     flow = Flow("10.0.0.3", 40000, "10.0.0.10", 7000)
-    for seq in (0xFFFFFF00, 0x10, 0xFFFFFFF0):  # 0x10 comes after the wrap
-        heads.add(flow, seq, seq.to_bytes(4, "big"))
-    assert heads.heads[flow][0] == 0xFFFFFF00
-    heads.add(Flow("10.0.0.4", 1, "10.0.0.10", 7000), 5, b"q")
-    assert sorted(heads.quotes()) == sorted([0xFFFFFF00.to_bytes(4, "big"), b"q"])
+    waits.add_outgoing_ack(flow, 0xFFFFFF00)
+    waits.add_outgoing_ack(flow, 0x10)  # after the wrap: later
+    waits.add_outgoing_ack(flow, 0xFFFFFFF0)  # a reordered older one
+    for seq in (0x30, 0x10):  # the block dropped these: new data, then the resend of the oldest
+        waits.add_incoming(flow, seq, segment("10.0.0.3", "10.0.0.10", 40000, 7000, seq)[:28])
+    (quote,) = waits.quotes()
+    assert struct.unpack_from("!I", quote, 24)[0] == 0x10 and quote[20:24] == struct.pack("!HH", 40000, 7000)
+    # a flow whose data P acknowledged already waits for nothing
+    done = Flow("10.0.0.4", 40001, "10.0.0.10", 7000)
+    waits.add_outgoing_ack(done, 500)
+    waits.add_incoming(done, 400, segment("10.0.0.4", "10.0.0.10", 40001, 7000, 400)[:28])
+    # without an acknowledgement seen, the earliest dropped segment stands in
+    unseen = Flow("10.0.0.5", 40002, "10.0.0.10", 7000)
+    for seq in (90, 70):
+        waits.add_incoming(unseen, seq, segment("10.0.0.5", "10.0.0.10", 40002, 7000, seq)[:28])
+    quotes = waits.quotes()
+    assert len(quotes) == 2 and struct.unpack_from("!I", quotes[1], 24)[0] == 70
 
 
 def test_icmp_message_checksums_to_zero() -> None:
@@ -75,15 +102,17 @@ ip, ifname = {server!r}, {ifname!r}
 srv = socket.create_server((ip, 7000)); srv.settimeout(20)
 peer = subprocess.Popen(["ip", "netns", "exec", {peer_ns!r}, sys.executable, "-c", {peer_code!r}],
                         stdout=subprocess.PIPE, text=True)
+capture = peer_kick.open_capture()  # before the block: P's acknowledgements tell what the peer waits on
 conn, _ = srv.accept(); conn.recv(16); conn.sendall(b"a\n")
-capture = peer_kick.open_capture()
+time.sleep(0.2)
 subprocess.run(["ip", "addr", "del", ip + "/24", "dev", ifname], check=True)  # P goes silent
-heads = peer_kick.HeadSegments()
-packets = 0
+waits = peer_kick.PeerWaits()
+peer_kick.drain(capture, waits, frozenset([ip]))  # P's acknowledgement of "a" is in here
+packets = 0  # from now on only the peer sends: "b", then its resends 0.2, 0.4, 0.8, 1.6, 3.2 s apart
 deadline = time.monotonic() + 30
-while packets < 6 and time.monotonic() < deadline:  # the segment and 5 resends (0.2 .. 3.2 s apart)
+while packets < 5 and time.monotonic() < deadline:  # P comes back right after the 4th resend
     time.sleep(0.02)
-    packets += peer_kick.drain(capture, heads, frozenset([ip]))
+    packets += peer_kick.drain(capture, waits, frozenset([ip]))
 subprocess.run(["ip", "addr", "add", ip + "/24", "dev", ifname], check=True)  # P is back; next resend in ~6.4 s
 conn.settimeout(1.5)
 try:
@@ -91,14 +120,14 @@ try:
 except socket.timeout:
     early = b""
 t0 = time.monotonic()
-sent = peer_kick.kick(heads.quotes()) if not early else 0
+sent = peer_kick.kick(waits.quotes()) if not early else 0
 conn.settimeout(5)
 try:
     got = conn.recv(16)
 except socket.timeout:
     got = b""
-out = {{"packets": packets, "flows": len(heads.quotes()), "early": early.decode(), "sent": sent,
-       "got": got.decode(), "after_kick_s": time.monotonic() - t0}}
+out = {{"packets": packets, "flows": len(waits.quotes()), "acks": len(waits.last_ack), "early": early.decode(),
+       "sent": sent, "got": got.decode(), "after_kick_s": time.monotonic() - t0}}
 conn.sendall(b"b\n"); peer.wait(10)
 print(json.dumps(out))
 """
@@ -117,6 +146,6 @@ def test_kick_makes_a_real_peer_resend_at_once() -> None:
                              capture_output=True, text=True, timeout=100)
     assert res.returncode == 0 and res.stdout.strip(), res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["flows"] == 1 and out["packets"] >= 6, out  # the segment and its resends were seen, one flow
+    assert out["flows"] == 1 and out["acks"] == 1, out  # one waiting flow, quoted at P's last ACK
     assert out["early"] == "", out  # backed off: nothing in the 1.5 s after P came back
     assert out["got"] == "b\n" and out["after_kick_s"] < 1.0, out  # kicked: it resends at once
