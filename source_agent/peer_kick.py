@@ -30,7 +30,7 @@ SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
 ETH_P_ALL = 0x0003
 SKF_AD_PROTOCOL = 0xFFFFF000  # SKF_AD_OFF + SKF_AD_PROTOCOL: the packet's ethertype
 PACKET_HOST = 0
-TCP_FLAGS_SYN_FIN = 0x03
+TCP_FLAG_FIN, TCP_FLAG_SYN = 0x01, 0x02
 TCP_FLAG_ACK = 0x10
 PACKET_OUTGOING = 4
 ICMP_DEST_UNREACH, ICMP_HOST_UNREACH = 3, 1
@@ -49,8 +49,8 @@ class Flow:
 
 def parse_incoming(packet: bytes, local_ips: frozenset[str]) -> tuple[Flow, int, bytes] | None:
     """(flow, sequence number, ICMP quote) of an IPv4 TCP segment to one of `local_ips` that carries
-    data (or SYN/FIN: they take a sequence number too); None for anything else. Pure. `packet` may
-    be cut short after the TCP header (the capture keeps headers only)."""
+    data (or a FIN: it takes a sequence number too); None for anything else, SYNs included. Pure.
+    `packet` may be cut short after the TCP header (the capture keeps headers only)."""
     seen = _tcp(packet)
     if seen is None:
         return None
@@ -59,7 +59,10 @@ def parse_incoming(packet: bytes, local_ips: frozenset[str]) -> tuple[Flow, int,
         return None  # not for us, or between this host's own processes (nothing blocked there)
     sport, dport, seq = struct.unpack_from("!HHI", packet, ihl)
     data_offset = (packet[ihl + 12] >> 4) * 4
-    if total - ihl - data_offset <= 0 and not packet[ihl + 13] & TCP_FLAGS_SYN_FIN:
+    flags = packet[ihl + 13]
+    if flags & TCP_FLAG_SYN:
+        return None  # a peer still connecting: an ICMP unreachable would abort its connect()
+    if total - ihl - data_offset <= 0 and not flags & TCP_FLAG_FIN:
         return None  # a pure ACK: nothing for the peer to resend
     return Flow(src, sport, dst, dport), seq, bytes(packet[:ihl + 8])
 

@@ -39,6 +39,7 @@ def test_parse_keeps_data_segments_to_us_only() -> None:
     assert len(quote) == 28 and quote[20:24] == struct.pack("!HH", 40000, 7000)
     assert parse_incoming(segment("10.0.0.3", "10.0.0.10", 1, 2, 5, payload=b"", flags=0x10), LOCAL) is None  # ACK
     assert parse_incoming(segment("10.0.0.3", "10.0.0.10", 1, 2, 5, payload=b"", flags=0x11), LOCAL)  # FIN
+    assert parse_incoming(segment("10.0.0.3", "10.0.0.10", 1, 2, 5, payload=b"", flags=0x02), LOCAL) is None  # SYN
     assert parse_incoming(segment("10.0.0.3", "10.0.0.99", 1, 2, 5), LOCAL) is None  # not ours
     assert parse_incoming(segment("127.0.0.1", "10.0.0.10", 1, 2, 5), LOCAL) is None  # our own
     assert parse_incoming(segment("10.0.0.3", "10.0.0.10", 1, 2, 5, frag=10), LOCAL) is None
