@@ -130,7 +130,8 @@ class CutoverDesk:
         st.receive = asyncio.create_task(self._receive(record, st, receiver), name=f"image-{record.id}")
         log.info("image socket open", extra={"migration": record.id, "endpoint": f"{host}:{port}"})
         return destination_pb2.CutoverReply(endpoint=f"{host}:{port}", token=token, ready=True,
-                                            feed_mac=self.config.vm.feed_vm_mac)
+                                            feed_mac=self.config.vm.feed_vm_mac,
+                                            feed_pci_address=st.vm.feed_pci_address)
 
     async def _receive(self, record: MigrationRecord, st: CutoverState, receiver) -> None:
         try:

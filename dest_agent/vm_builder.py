@@ -89,6 +89,14 @@ def allocate_slots(count: int, reserved: frozenset[int]) -> list[int]:
     return slots[:count]
 
 
+def feed_nic_pci_address(spec: WaitingVmSpec) -> str:
+    """Where domain_xml puts the feed NIC (virtio disks, then P's NICs, then the feed NIC). P's
+    resume removes that function before any driver binds it. Pure."""
+    virtio_disks = [d for d in spec.disks if d.bus == "virtio"]
+    slots = allocate_slots(len(spec.nics) + 1 + len(virtio_disks), spec.reserved_slots)
+    return f"0000:00:{slots[len(virtio_disks) + len(spec.nics)]:02x}.0"
+
+
 def slot_of(pci_address: str) -> int | None:
     """Slot number of a bus-0 address like 0000:00:05.0 (None for other buses or malformed)."""
     try:

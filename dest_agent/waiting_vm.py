@@ -185,6 +185,7 @@ class WaitingVm:
         self.started = False
         self.error = ""
         self.booted_at = 0.0
+        self.feed_pci_address = ""  # where the feed NIC sits in the VM (set when built)
         self._feed_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -226,7 +227,9 @@ class WaitingVm:
                 with disk.open("wb") as f:
                     f.truncate(c.disk_bytes)
         vm_builder.destroy(self.name)  # a leftover of an earlier attempt with the same id
-        vm_builder.start(self.spec(initrd))
+        spec = self.spec(initrd)
+        self.feed_pci_address = vm_builder.feed_nic_pci_address(spec)
+        vm_builder.start(spec)
         self.started = True
         self.booted_at = time.time()
         self.connect_feed_in_background()

@@ -134,6 +134,8 @@ def test_domain_xml() -> None:
     slots = [int(e.find("address").get("slot"), 16) for e in root.findall("devices/*") if
              e.find("address") is not None and e.find("address").get("type") == "pci"]
     assert 2 not in slots and len(set(slots)) == len(slots) == 3  # P's e1000 slot stays empty
+    feed = next(i for i in root.findall("devices/interface") if i.find("mac").get("address") == "52:54:00:77:00:20")
+    assert vm_builder.feed_nic_pci_address(spec()) == f"0000:00:{int(feed.find('address').get('slot'), 16):02x}.0"
     disks = {d.find("target").get("dev"): d for d in root.findall("devices/disk")}
     assert disks["vda"].find("target").get("bus") == "virtio"
     assert disks["vda"].find("boot") is None  # no boot order: SeaBIOS must not touch it (e820)
@@ -239,6 +241,50 @@ def test_remove_feed_nic_removes_the_pci_function_above_the_virtio_device(tmp_pa
     assert resume.remove_feed_nic("52:54:00:77:00:20") == "removed eth2 (0000:00:05.0)"
     assert (tmp_path / pci.lstrip("/") / "remove").read_text() == "1"
     assert not (tmp_path / pci.lstrip("/") / "virtio2" / "remove").exists()
+
+
+def test_feed_nic_is_removed_before_any_driver_binds_it(tmp_path, monkeypatch) -> None:
+    """rescan-pci with `skip`, against a stand-in for the kernel's sysfs (pure sequencing; the real
+    one runs in the rig's whole-OS move): PCI functions bind virtio-pci at once, their virtio
+    devices wait while the virtio bus's autoprobe is off."""
+    from source_agent import resume
+
+    sysfs = tmp_path / "sys"
+    pci, virtio = sysfs / "bus/pci/devices", sysfs / "bus/virtio/devices"
+    pci.mkdir(parents=True)
+    virtio.mkdir(parents=True)
+    log: list[str] = []
+    new = {"0000:00:03.0": "virtio0", "0000:00:04.0": "virtio1", "0000:00:05.0": "virtio2"}  # disk, NIC, feed
+
+    def kernel_write(path, value: str) -> None:
+        rel = str(path.relative_to(sysfs))
+        log.append(f"{rel}={value}")
+        autoprobe = log.count("bus/virtio/drivers_autoprobe=0") == log.count("bus/virtio/drivers_autoprobe=1")
+        if rel == "bus/pci/rescan":
+            for fn, vdev in new.items():
+                (pci / fn).mkdir()
+                (virtio / vdev).mkdir()
+                if autoprobe:
+                    (virtio / vdev / "driver").mkdir()
+        elif rel.endswith("/remove"):
+            fn = path.parent.name
+            assert not (virtio / new[fn] / "driver").exists(), "the feed NIC was probed"
+            (virtio / new[fn]).rmdir()
+            path.parent.rmdir()
+        elif rel == "bus/virtio/drivers_probe":
+            (virtio / value / "driver").mkdir()
+
+    monkeypatch.setattr(resume, "SYS", sysfs)
+    monkeypatch.setattr(resume, "_write", kernel_write)
+    detail = resume.rescan_pci(skip="0000:00:05.0")
+    assert log == ["bus/virtio/drivers_autoprobe=0", "bus/pci/rescan=1", "bus/pci/devices/0000:00:05.0/remove=1",
+                   "bus/virtio/drivers_autoprobe=1", "bus/virtio/drivers_probe=virtio0",
+                   "bus/virtio/drivers_probe=virtio1"]
+    assert detail == "rescanned, 0000:00:05.0 removed unprobed; probed virtio0, virtio1"
+    assert resume.remove_feed_nic("52:54:00:77:00:20", address="0000:00:05.0").startswith("feed NIC 0000:00:05.0")
+    actions = plan_resume([], [], [], "52:54:00:77:00:20", [], feed_address="0000:00:05.0")
+    assert actions[0].args == {"skip": "0000:00:05.0"}
+    assert actions[2].args == {"mac": "52:54:00:77:00:20", "address": "0000:00:05.0"}
 
 
 def test_md_device_numbers_encode_as_the_kernel_does() -> None:
