@@ -606,6 +606,13 @@ class Helper:
             except OSError:
                 pass
 
+    def _undo_settings(self) -> None:
+        """What the cutover set for the snapshot goes back, P running on or in the VM (V's MAC is the
+        same seen from the VM, the physical slave is gone there by now). Never raises."""
+        self._restore_image_size()
+        unpin_neighbour(self.pinned)
+        release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)
+
     def _create_image(self) -> int:
         try:
             return self.snap.create_image()
@@ -729,9 +736,7 @@ class Helper:
             self.fig.unfrozen_at = time.time()
         if self.blocked:
             self.block.lift(self.blocked)
-        self._restore_image_size()
-        unpin_neighbour(self.pinned)
-        release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)
+        self._undo_settings()
         emit("aborted", self.fig, reason=reason)
 
     def _resumed(self) -> str:
@@ -743,9 +748,7 @@ class Helper:
                 pass
         results = self.resume_runner(self.cfg.resume_actions)
         self.fig.resume_steps = resume.describe(results)
-        self._restore_image_size()
-        unpin_neighbour(self.pinned)  # V's MAC is the same seen from the VM: no ARP needed there either
-        release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)  # the physical slave is gone by now
+        self._undo_settings()
         for step in (self.snap.free, self.snap.unfreeze):
             try:
                 step()
