@@ -50,6 +50,7 @@ from common.hibernate_image import (
 )
 from common.pagecodec import hash_page_views, new_checksum
 from source_agent import peer_kick, resume, traffic_block
+from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
@@ -175,6 +176,8 @@ class HelperConfig:
     sys_class_net: str = "/sys/class/net"
     #: capture the peers' dropped segments and kick their retransmission timers after the move
     kick_peers: bool = True
+    #: take P's NIC down after FREEZE and up when its PHY has link after CREATE_IMAGE (link_cycle)
+    cycle_links: bool = True
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -291,41 +294,51 @@ def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
 
 
 BOND_HOLD_MS = 10_000
+BOND_HOLD_MIIMON_MS = 10
 
 
-def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net",
-                     hold_ms: int = BOND_HOLD_MS) -> dict[str, str]:
-    """Give p2v's bonds a downdelay long enough to ride out the snapshot's link loss; returns the
-    old values to put back. Without it the bond drops its slave when CREATE_IMAGE takes the NIC
-    down and re-activates it when the link returns, reprogramming the NIC's receive filters: the
-    rig's e1000 (QEMU) then refuses to receive for 1 s (seen as V's ACKs ignored for 1.0 s right
-    after the link came back), and every failover is another burst of gratuitous ARP. Before FREEZE."""
-    saved: dict[str, str] = {}
+def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net", hold_ms: int = BOND_HOLD_MS,
+                     miimon_ms: int = BOND_HOLD_MIIMON_MS) -> dict[str, dict[str, str]]:
+    """Give p2v's bonds a downdelay long enough to ride out the snapshot's link loss, and a short
+    MII polling interval so that the bond sees its slave's link back within 10 ms instead of up to
+    its usual 100; returns the old values to put back. Without the downdelay the bond drops its
+    slave when the snapshot takes the NIC down and re-activates it when the link returns,
+    reprogramming the NIC's receive filters: the rig's e1000 (QEMU) then refuses to receive for 1 s
+    (seen as V's ACKs ignored for 1.0 s right after the link came back), and every failover is
+    another burst of gratuitous ARP. (The bond's own carrier still drops while its slave is "going
+    down": only a slave whose link is up counts for it.) Before FREEZE."""
+    saved: dict[str, dict[str, str]] = {}
     for name in interfaces:
         bonding = f"{root}/{name}/bonding"
         try:
             with open(f"{bonding}/miimon") as f:
-                miimon = int(f.read().strip() or 0)
-            if miimon <= 0:
+                old_miimon = f.read().strip()
+            if int(old_miimon or 0) <= 0:
                 continue  # ARP monitoring: no downdelay to set
             with open(f"{bonding}/downdelay") as f:
-                old = f.read().strip()
+                old_downdelay = f.read().strip()
+            poll = min(int(old_miimon), miimon_ms)
+            # the kernel keeps the delays in polling intervals: interval first, then the delay
+            with open(f"{bonding}/miimon", "w") as f:
+                f.write(f"{poll}\n")
+            saved[name] = {"miimon": old_miimon, "downdelay": old_downdelay}
             with open(f"{bonding}/downdelay", "w") as f:
-                f.write(f"{-(-hold_ms // miimon) * miimon}\n")  # a multiple of miimon
-            saved[name] = old
+                f.write(f"{-(-hold_ms // poll) * poll}\n")  # a multiple of miimon
         except (OSError, ValueError):
             continue  # not a bond, or gone: nothing to hold
     return saved
 
 
-def release_bond_slaves(saved: dict[str, str], root: str = "/sys/class/net") -> None:
-    """Put the bonds' downdelay back (P runs on, or in the VM). Never raises."""
+def release_bond_slaves(saved: dict[str, dict[str, str]], root: str = "/sys/class/net") -> None:
+    """Put the bonds' polling interval and downdelay back, in that order (the kernel keeps the
+    delay in intervals). P runs on, or in the VM. Never raises."""
     for name, old in saved.items():
-        try:
-            with open(f"{root}/{name}/bonding/downdelay", "w") as f:
-                f.write(f"{old}\n")
-        except OSError as exc:
-            print(f"cutover helper: cannot restore {name}'s downdelay: {exc}", file=sys.stderr, flush=True)
+        for option in ("miimon", "downdelay"):
+            try:
+                with open(f"{root}/{name}/bonding/{option}", "w") as f:
+                    f.write(f"{old[option]}\n")
+            except (OSError, KeyError) as exc:
+                print(f"cutover helper: cannot restore {name}'s {option}: {exc}", file=sys.stderr, flush=True)
 
 
 def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], bool] | None:
@@ -494,10 +507,11 @@ class Helper:
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
         self.pinned: PinnedNeighbour | None = None
         self.reader: PageReader | None = None
-        self.bond_hold: dict[str, str] = {}
+        self.bond_hold: dict[str, dict[str, str]] = {}
         self.capture: socket.socket | None = None
         self.peer_waits = peer_kick.PeerWaits()
         self.local_ips: frozenset[str] = frozenset()
+        self.cycle: LinkCycle | None = None
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
@@ -512,11 +526,15 @@ class Helper:
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
+            if self.cfg.cycle_links and self.egress:
+                self.cycle = LinkCycle(nics_to_cycle(path_nics(self.egress, self.cfg.sys_class_net)))
             self.snap.freeze()
             self.frozen = True
             self.fig.frozen_at = time.time()
             if self.blocked:
                 self.block.tighten(self.blocked)  # from now on P acknowledges nothing but the image stream
+            if self.cycle is not None:
+                self.cycle.take_down()  # after FREEZE's sync: md's network leg needs the link for it
             self._collect_peer_heads()
             in_suspend = self._create_image()
             if not in_suspend:
@@ -630,9 +648,22 @@ class Helper:
         assert self.outbox is not None
         self.fig.wire_bytes += self.outbox.push(W.frame(kind, *parts))
 
+    def _link_check(self) -> Callable[[], bool] | None:
+        """The outbox's "is the link back": the cycled NICs brought up once their PHY has link,
+        then carrier on the egress (and a lower device)."""
+        carrier = carrier_check(self.egress, self.cfg.sys_class_net)
+        cycle = self.cycle
+        if cycle is None or not cycle.down:
+            return carrier
+
+        def link_up() -> bool:
+            return cycle.poll() and (carrier is None or carrier())
+
+        return link_up
+
     def _send_image(self) -> None:
         assert self.sock is not None
-        self.outbox = Outbox(self.sock, link_up=carrier_check(self.egress))
+        self.outbox = Outbox(self.sock, link_up=self._link_check())
         whole = new_checksum()
         spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
         compressed = 0
@@ -680,6 +711,10 @@ class Helper:
         spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
         if self.outbox.link_seen_at:  # after CREATE_IMAGE, as P saw its egress link come back
             spent["link_back"] = self.outbox.link_seen_at - t_start
+        if self.cycle is not None and self.cycle.down:
+            spent["nic_down"] = self.cycle.down_s
+            if self.cycle.raised:
+                spent["nic_up"] = max(self.cycle.raised.values()) - t_start
         spent["compressed_chunks"] = compressed
         spent.update(self.memory)
         trailer = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
@@ -736,8 +771,20 @@ class Helper:
             self.fig.unfrozen_at = time.time()
         if self.blocked:
             self.block.lift(self.blocked)
+        self._bring_links_back()
         self._undo_settings()
         emit("aborted", self.fig, reason=reason)
+
+    def _bring_links_back(self, wait_s: float = 4.0) -> None:
+        """P runs on: the NICs taken down come up, and the bonds get their slaves' carrier back
+        before their downdelay returns to normal (else each fails over once more). Bounded."""
+        if self.cycle is None or not self.cycle.down:
+            return
+        self.cycle.restore()
+        carrier = carrier_check(self.egress, self.cfg.sys_class_net)
+        deadline = time.monotonic() + wait_s
+        while carrier is not None and not carrier() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _resumed(self) -> str:
         self.fig.resumed_at = time.time()

@@ -22,13 +22,21 @@ def _bond(root: Path, name: str, miimon: str, downdelay: str, slaves: list[str])
 def test_bond_downdelay_held_and_given_back(tmp_path: Path) -> None:
     _bond(tmp_path, "p2vbond0", "100", "0", ["eth0"])
     _bond(tmp_path, "arpbond", "0", "0", ["eth1"])  # ARP-monitored: left alone
-    saved = hold_bond_slaves(["eth0", "p2vbond0", "arpbond", "gone0"], root=str(tmp_path), hold_ms=9950)
-    assert saved == {"p2vbond0": "0"}
+    _bond(tmp_path, "fastbond", "5", "15", ["eth2"])  # polls faster than the hold's interval already
+    saved = hold_bond_slaves(["eth0", "p2vbond0", "arpbond", "fastbond", "gone0"], root=str(tmp_path),
+                             hold_ms=9995)
+    assert saved == {"p2vbond0": {"miimon": "100", "downdelay": "0"},
+                     "fastbond": {"miimon": "5", "downdelay": "15"}}
+    assert (tmp_path / "p2vbond0/bonding/miimon").read_text() == "10\n"
     assert (tmp_path / "p2vbond0/bonding/downdelay").read_text() == "10000\n"  # a multiple of miimon
+    assert (tmp_path / "fastbond/bonding/miimon").read_text() == "5\n"
+    assert (tmp_path / "fastbond/bonding/downdelay").read_text() == "9995\n"
     assert (tmp_path / "arpbond/bonding/downdelay").read_text() == "0\n"
     release_bond_slaves(saved, root=str(tmp_path))
+    assert (tmp_path / "p2vbond0/bonding/miimon").read_text() == "100\n"
     assert (tmp_path / "p2vbond0/bonding/downdelay").read_text() == "0\n"
-    release_bond_slaves({"gone0": "0"}, root=str(tmp_path))  # never raises
+    assert (tmp_path / "fastbond/bonding/downdelay").read_text() == "15\n"
+    release_bond_slaves({"gone0": {"miimon": "100", "downdelay": "0"}}, root=str(tmp_path))  # never raises
 
 
 def test_link_is_back_when_a_slave_has_carrier(tmp_path: Path) -> None:
