@@ -4,6 +4,11 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
 
     P -> V  HELLO   json {"migration_id", "token" (hex), "release", "version"}
     V -> P  OK      json {}                  | NACK utf-8 reason (and V closes)
+    P -> V  WARM    padding V discards, any number of them (at most MAX_WARM bytes in all), before
+                    the snapshot: they open TCP's windows (P's congestion window, V's receive
+                    window) so that right after CREATE_IMAGE P can send megabytes without waiting
+                    for acknowledgements (the rig's e1000 receives nothing for 1 s after it is
+                    brought up: see source_agent/link_cycle.py)
     P -> V  HEADER  the image's header page + its PFN metadata pages (raw)
     P -> V  CHUNK   u32 first data page index, u32 count, count flag bytes (1 = page follows,
                     0 = V takes the page from its store by PFN), then the pages that follow
@@ -27,15 +32,17 @@ import struct
 
 import numpy as np
 
-HELLO, OK, NACK, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
-    b"h", b"o", b"n", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
-NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", HEADER: "HEADER", CHUNK: "CHUNK", ZCHUNK: "ZCHUNK", END: "END",
-         ACK: "ACK", COMMIT: "COMMIT", ABORT: "ABORT"}
+HELLO, OK, NACK, WARM, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
+    b"h", b"o", b"n", b"W", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
+NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", WARM: "WARM", HEADER: "HEADER", CHUNK: "CHUNK", ZCHUNK: "ZCHUNK",
+         END: "END", ACK: "ACK", COMMIT: "COMMIT", ABORT: "ABORT"}
 _FRAME = struct.Struct("<cI")
 CHUNK_HEAD = struct.Struct("<II")
 END_BODY = struct.Struct("<QQ")
 #: Largest payload a receiver accepts (a chunk of 256 pages is 1 MiB + flags).
 MAX_FRAME = 64 << 20
+#: Most WARM padding a receiver accepts in all, before the header.
+MAX_WARM = 256 << 20
 
 
 def page_hash_bytes(hashes: np.ndarray) -> bytes:

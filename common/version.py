@@ -1,7 +1,8 @@
 """Protocol and software versions, and the capabilities this build offers."""
 
-PROTOCOL_VERSION = 2  # 2: xxh64 page hashes and checksums (1: xxh3)
-MIN_PROTOCOL_VERSION = 2
+# 3: the image socket's WARM frames; 2: xxh64 page hashes and checksums (1: xxh3)
+PROTOCOL_VERSION = 3
+MIN_PROTOCOL_VERSION = 3
 AGENT_VERSION = "0.1.0"
 
 # What this build can do on the wire; negotiation keeps the intersection.

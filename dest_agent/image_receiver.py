@@ -133,7 +133,8 @@ class ReceiveResult:
     image_pages: int = 0  # data pages
     pages_sent: int = 0  # data pages that came over the wire
     pages_from_store: int = 0
-    wire_bytes: int = 0  # bytes received on the image socket
+    wire_bytes: int = 0  # bytes received on the image socket for the image (WARM padding not counted)
+    warm_bytes: int = 0  # WARM padding received before the snapshot
     checksum: int = 0
     acked: bool = False
     committed: bool = False
@@ -149,6 +150,22 @@ class ReceiveResult:
 class ExpectedKernel:
     release: str
     version: str
+
+
+SO_RCVBUFFORCE = 33
+RECEIVE_BUFFER = 32 << 20
+
+
+def _widen_receive_buffer(listener: socket.socket, size: int = RECEIVE_BUFFER) -> None:
+    """A receive buffer the image fits in, set before P connects (the window scale is chosen at
+    the handshake): after its snapshot P may have to send megabytes before it can hear an
+    acknowledgement (WARM in image_wire). Beyond net.core.rmem_max only as root."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
 
 
 class ImageReceiver:
@@ -167,6 +184,7 @@ class ImageReceiver:
         self.commit_timeout_s = commit_timeout_s
         self.listener = socket.create_server(bind, reuse_port=False)
         self.listener.settimeout(accept_timeout_s)
+        _widen_receive_buffer(self.listener)
         self.result = ReceiveResult(migration_id)
         self._closed = False
 
@@ -251,6 +269,12 @@ class ImageReceiver:
         try:
             try:
                 kind, payload = self._next(conn)
+                while kind == W.WARM:  # padding that opened TCP's windows before P's snapshot
+                    res.warm_bytes += 5 + len(payload)
+                    res.wire_bytes -= 5 + len(payload)
+                    if res.warm_bytes > W.MAX_WARM:
+                        raise ReceiveError(f"more than {W.MAX_WARM} bytes of WARM padding")
+                    kind, payload = self._next(conn)
                 if kind != W.HEADER:
                     raise ReceiveError(f"expected HEADER, got {W.NAMES[kind]}")
                 try:

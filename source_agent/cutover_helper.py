@@ -178,6 +178,18 @@ class HelperConfig:
     kick_peers: bool = True
     #: take P's NIC down after FREEZE and up when its PHY has link after CREATE_IMAGE (link_cycle)
     cycle_links: bool = True
+    #: WARM padding sent (and acknowledged) before the snapshot, so that V's receive window is
+    #: open when the image follows (0 = none)
+    warm_bytes: int = 16 << 20
+    #: P's route to V for the cutover: TCP may send this many segments at once after the idle
+    #: snapshot, and retransmits nothing for this long (the rig's e1000 hears no acknowledgement for
+    #: 1 s after it is brought up); 0 = leave the route alone
+    stream_initcwnd: int = 10_000
+    stream_rto_min_ms: int = 1_500
+    #: P's send buffer for the image (root only beyond net.core.wmem_max), so that several
+    #: megabytes of the image go to TCP before V's first acknowledgement gets through (64 MiB
+    #: measured no better in the rig: sending then costs P CPU while it still reads and hashes)
+    stream_sndbuf: int = 16 << 20
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -201,6 +213,7 @@ class Figures:
     sent_at: float = 0.0
     acked_at: float = 0.0
     drop_caches_s: float = 0.0
+    warm_s: float = 0.0
     resumed_at: float = 0.0
     unfrozen_at: float = 0.0
     resume_steps: list[str] = field(default_factory=list)
@@ -235,6 +248,30 @@ def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[st
     return out
 
 
+SO_SNDBUFFORCE = 32
+SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
+    return buf[0]
+
+
+def _swap_sysctl(path: str, value: str) -> str:
+    """Write `value`, return the old one ("" when it cannot be read or written: every setting the
+    cutover makes this way is an optimisation only). Never raises."""
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+        with open(path, "w") as f:
+            f.write(value + "\n")
+        return old
+    except OSError as exc:
+        print(f"cutover helper: cannot set {path}: {exc}", file=sys.stderr, flush=True)
+        return ""
+
+
 def egress_interface(host: str) -> str:
     """The interface the kernel routes `host` through ("" when it cannot tell). Before FREEZE."""
     try:
@@ -246,6 +283,64 @@ def egress_interface(host: str) -> str:
     except Exception as exc:  # an optimisation only: then nothing waits for a link
         print(f"cutover helper: no egress interface for {host}: {exc}", file=sys.stderr, flush=True)
         return ""
+
+
+RTAX_RTO_MIN = 13
+RT_TABLE_MAIN = 254
+
+
+@dataclass
+class StreamRoute:
+    dst: str
+    oif: int
+    gateway: str | None
+    prefsrc: str | None
+
+
+def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None:
+    """A host route to V with the same path as the kernel's, whose connections start (and restart
+    after idling) with `initcwnd` segments and never retransmit before `rto_min_ms`. None when
+    nothing was added (V has a host route of its own, or the kernel refused). Before connecting to
+    V. Netlink (pyroute2, loaded by warm_up): in the VM its removal runs with everything frozen, and
+    a program read from disk then could wait on P's stale disks."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            got = ipr.route("get", dst=host)[0]
+            for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+                if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
+                    return None  # not ours to replace
+            route = StreamRoute(host, got.get_attr("RTA_OIF"), got.get_attr("RTA_GATEWAY"),
+                                got.get_attr("RTA_PREFSRC"))
+            ipr.route("add", **_route_keys(route),  # the kernel heeds a locked rto_min only
+                      metrics={"initcwnd": initcwnd, "rto_min": rto_min_ms, "lock": 1 << RTAX_RTO_MIN})
+            return route
+    except Exception as exc:  # an optimisation only: the connection then starts as any other
+        print(f"cutover helper: no cutover route to {host}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def _route_keys(route: StreamRoute) -> dict[str, Any]:
+    keys: dict[str, Any] = {"dst": route.dst, "dst_len": 32, "oif": route.oif, "table": RT_TABLE_MAIN}
+    if route.gateway:
+        keys["gateway"] = route.gateway
+    if route.prefsrc:
+        keys["prefsrc"] = route.prefsrc
+    return keys
+
+
+def narrow_route(route: StreamRoute | None) -> None:
+    """Remove widen_route's route (P runs on, or in the VM). Never raises."""
+    if route is None:
+        return
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.route("del", **_route_keys(route))
+    except Exception as exc:
+        print(f"cutover helper: cannot remove the cutover route to {route.dst}: {exc}", file=sys.stderr, flush=True)
 
 
 NUD_STALE, NUD_PERMANENT = 0x04, 0x80
@@ -504,6 +599,7 @@ class Helper:
         self.compressor = zstandard.ZstdCompressor(level=cfg.zstd_level) if cfg.zstd_level else None
         self.memory: dict[str, float] = {}
         self.saved_image_size = ""
+        self.stream_route: StreamRoute | None = None
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
         self.pinned: PinnedNeighbour | None = None
         self.reader: PageReader | None = None
@@ -554,6 +650,8 @@ class Helper:
     # -- steps ---------------------------------------------------------------------------------------
     def _connect(self) -> None:
         host, port = self.cfg.host_port
+        if self.cfg.stream_initcwnd > 0:  # before connecting: the socket takes its route's metrics then
+            self.stream_route = widen_route(host, self.cfg.stream_initcwnd, self.cfg.stream_rto_min_ms)
         try:
             self.sock = socket.create_connection((host, port), timeout=self.cfg.connect_timeout_s)
         except OSError as exc:
@@ -568,6 +666,32 @@ class Helper:
         kind, payload = W.recv_frame(self.sock, max_payload=1 << 16)
         if kind != W.OK:
             raise CutoverAborted(f"V refused the helper: {bytes(payload).decode(errors='replace')}")
+        if self.cfg.warm_bytes > 0:
+            self._warm_stream()
+
+    def _warm_stream(self, settle_s: float = 5.0) -> None:
+        """Open V's receive window before the snapshot. After CREATE_IMAGE the rig's e1000 receives
+        nothing for 1 s (link_cycle): what P may send without an acknowledgement is then all it
+        sends. V's window starts at 10 segments and grows only with data received: WARM padding
+        grows it (P's side: the route's initcwnd, widen_route, and a large send buffer). Waits
+        (bounded) until V has acknowledged all of it: nothing of it may be in flight when the link
+        goes down."""
+        assert self.sock is not None
+        t0 = time.monotonic()
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.cfg.stream_sndbuf)
+        except OSError:
+            pass  # not root (tests): the kernel's own send buffer sizing applies
+        pad = memoryview(bytes(min(self.cfg.warm_bytes, 1 << 20)))
+        left = self.cfg.warm_bytes
+        while left > 0:
+            part = pad[:min(left, pad.nbytes)]
+            W.send_frame(self.sock, W.WARM, part)
+            left -= part.nbytes
+        deadline = time.monotonic() + settle_s
+        while _unacknowledged(self.sock) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        self.fig.warm_s = time.monotonic() - t0
 
     def _start_capture(self, v_host: str) -> None:
         """Watch P's last acknowledgements and the peers' segments the block drops (peer_kick);
@@ -608,26 +732,14 @@ class Helper:
 
     def _raise_image_size(self) -> None:
         total_kib = self.memory.get("mem_total_mib", 0.0) * 1024
-        try:
-            with open(self.cfg.image_size_path) as f:
-                self.saved_image_size = f.read().strip()
-            with open(self.cfg.image_size_path, "w") as f:
-                f.write(f"{int(total_kib) * 1024}\n")
-        except OSError as exc:  # an optimisation only: the kernel's default then applies
-            print(f"cutover helper: cannot set the image size: {exc}", file=sys.stderr, flush=True)
-
-    def _restore_image_size(self) -> None:
-        if self.saved_image_size:
-            try:
-                with open(self.cfg.image_size_path, "w") as f:
-                    f.write(self.saved_image_size + "\n")
-            except OSError:
-                pass
+        self.saved_image_size = _swap_sysctl(self.cfg.image_size_path, str(int(total_kib) * 1024))
 
     def _undo_settings(self) -> None:
         """What the cutover set for the snapshot goes back, P running on or in the VM (V's MAC is the
         same seen from the VM, the physical slave is gone there by now). Never raises."""
-        self._restore_image_size()
+        if self.saved_image_size:
+            _swap_sysctl(self.cfg.image_size_path, self.saved_image_size)
+        narrow_route(self.stream_route)
         unpin_neighbour(self.pinned)
         release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)
 
@@ -708,6 +820,7 @@ class Helper:
         spent["total"] = time.monotonic() - t_start
         spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at
         spent["drop_caches"] = self.fig.drop_caches_s
+        spent["warm"] = self.fig.warm_s
         spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
         if self.outbox.link_seen_at:  # after CREATE_IMAGE, as P saw its egress link come back
             spent["link_back"] = self.outbox.link_seen_at - t_start

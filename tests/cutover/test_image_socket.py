@@ -164,7 +164,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
                        block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
-                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)))
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
     held = store.hashes(0, MAX_PFN)
     helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
     result = helper.run()
@@ -197,6 +198,8 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert res.pages_from_store == n_held
     assert helper.fig.pages_sent == res.pages_sent and helper.fig.pages_skipped == n_held
     assert helper.fig.wire_bytes < len(image) * 0.2
+    assert res.warm_bytes == 16 * ((1 << 20) + 5)  # WARM padding: received, not counted as the image's
+    assert res.wire_bytes == helper.fig.wire_bytes  # header to END, both sides
     assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
     assert snap.image_size_seen == str(1000000 * 1024)  # all of RAM: no squeezing inside the downtime
     compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
@@ -278,6 +281,20 @@ def test_create_image_enomem_unfreezes(tmp_path: Path) -> None:
     assert image_size_file(tmp_path).read_text() == "412000000\n"  # P runs on with its own setting
 
 
+def test_endless_warm_padding_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import image_wire
+
+    monkeypatch.setattr(image_wire, "MAX_WARM", 3 << 20)  # the helper sends 16 MiB of it
+    image, pfns, data = make_image(range(10, 200))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, _, snap, _, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "aborted"
+    assert "WARM padding" in outcome["error"]
+    assert feed.events == []  # refused before any image reached the VM
+    assert "power_off" not in snap.calls
+
+
 def test_ack_without_commit_never_starts_the_vm(tmp_path: Path) -> None:
     image, pfns, data = make_image(range(10, 200))
     store = precopied_store(tmp_path, pfns, data, 0.5)
@@ -309,7 +326,8 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
                        resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}],
                        drop_caches_path=str(tmp_path / "drop_caches"),
-                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)))
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
     from source_agent import resume
 
     def runner(actions):
