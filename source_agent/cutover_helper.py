@@ -203,7 +203,9 @@ class HelperConfig:
 
 @dataclass
 class Figures:
+    blocked_at: float = 0.0  # P's peers hear nothing from here on
     frozen_at: float = 0.0
+    freeze_s: float = 0.0  # SNAPSHOT_FREEZE itself (sync, then every task frozen)
     image_created_at: float = 0.0
     image_bytes: int = 0
     image_pages: int = 0
@@ -619,14 +621,17 @@ class Helper:
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
+                self.fig.blocked_at = time.time()
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             if self.cfg.cycle_links and self.egress:
                 self.cycle = LinkCycle(nics_to_cycle(path_nics(self.egress, self.cfg.sys_class_net)))
+            t_freeze = time.monotonic()
             self.snap.freeze()
             self.frozen = True
             self.fig.frozen_at = time.time()
+            self.fig.freeze_s = time.monotonic() - t_freeze
             if self.blocked:
                 self.block.tighten(self.blocked)  # from now on P acknowledges nothing but the image stream
             if self.cycle is not None:
@@ -821,6 +826,9 @@ class Helper:
         spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at
         spent["drop_caches"] = self.fig.drop_caches_s
         spent["warm"] = self.fig.warm_s
+        spent["freeze"] = self.fig.freeze_s
+        if self.fig.blocked_at:
+            spent["blocked_to_frozen"] = self.fig.frozen_at - self.fig.blocked_at
         spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
         if self.outbox.link_seen_at:  # after CREATE_IMAGE, as P saw its egress link come back
             spent["link_back"] = self.outbox.link_seen_at - t_start
