@@ -181,20 +181,44 @@ class DedupPlan:
     send: np.ndarray  # bool per data page: True = send its bytes, False = V holds it
     pages: int
     sent_pages: int
+    #: bool per data page: V holds its content, though at another PFN (sent as its hash); never
+    #: set where `send` is
+    by_hash: np.ndarray | None = None
+
+    @property
+    def by_hash_pages(self) -> int:
+        return 0 if self.by_hash is None else int(np.count_nonzero(self.by_hash))
 
     @property
     def skipped_pages(self) -> int:
-        return self.pages - self.sent_pages
+        """Pages V takes from its store at the same PFN."""
+        return self.pages - self.sent_pages - self.by_hash_pages
 
 
-def plan_dedup(pfns: np.ndarray, page_hashes: np.ndarray, held: np.ndarray) -> DedupPlan:
+def held_content(held: np.ndarray) -> np.ndarray:
+    """Every page hash V holds, sorted and unique (0 = nothing held is left out), for plan_dedup's
+    lookup by content. Pure."""
+    unique = np.unique(held.astype(np.uint64, copy=False))
+    return unique[unique != 0]
+
+
+def plan_dedup(pfns: np.ndarray, page_hashes: np.ndarray, held: np.ndarray,
+               content: np.ndarray | None = None) -> DedupPlan:
     """Which data pages must travel: those whose hash differs from V's held hash for that PFN
-    (0 in `held` = not held; a PFN beyond `held` = not held)."""
+    (0 in `held` = not held; a PFN beyond `held` = not held). With `content` (held_content(held)),
+    a page V holds at another PFN travels as its hash only: the kernel moves pages between the
+    last pre-copy round and the snapshot (rig: 30 % of the pages that differ by PFN). Pure."""
     if pfns.shape != page_hashes.shape:
         raise ValueError(f"{pfns.size} PFNs but {page_hashes.size} hashes")
     idx = pfns.astype(np.int64)
     known = idx < held.size
     held_for = np.zeros(pfns.size, dtype=np.uint64)
     held_for[known] = held[idx[known]]
-    send = (held_for == 0) | (held_for != page_hashes.astype(np.uint64))
-    return DedupPlan(send=send, pages=int(pfns.size), sent_pages=int(np.count_nonzero(send)))
+    hashes = page_hashes.astype(np.uint64, copy=False)
+    send = (held_for == 0) | (held_for != hashes)
+    by_hash = None
+    if content is not None and content.size:
+        at = np.minimum(np.searchsorted(content, hashes), content.size - 1)
+        by_hash = send & (content[at] == hashes)
+        send = send & ~by_hash
+    return DedupPlan(send=send, pages=int(pfns.size), sent_pages=int(np.count_nonzero(send)), by_hash=by_hash)

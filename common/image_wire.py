@@ -11,7 +11,9 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
                     brought up: see source_agent/link_cycle.py)
     P -> V  HEADER  the image's header page + its PFN metadata pages (raw)
     P -> V  CHUNK   u32 first data page index, u32 count, count flag bytes (1 = page follows,
-                    0 = V takes the page from its store by PFN), then the pages that follow
+                    0 = V takes the page from its store by PFN, 2 = V takes the page from its store
+                    by content), then the little-endian hash of each flag-2 page (8 bytes each),
+                    then the pages that follow
     ...
     P -> V  ZCHUNK  the same, the pages that follow compressed as one zstd frame (P's network is the
                     bottleneck at cutover; kernel memory compresses well)
@@ -43,6 +45,8 @@ END_BODY = struct.Struct("<QQ")
 MAX_FRAME = 64 << 20
 #: Most WARM padding a receiver accepts in all, before the header.
 MAX_WARM = 256 << 20
+#: CHUNK flag values
+PAGE_HELD, PAGE_FOLLOWS, PAGE_BY_HASH = 0, 1, 2
 
 
 def page_hash_bytes(hashes: np.ndarray) -> bytes:

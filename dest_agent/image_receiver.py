@@ -61,6 +61,8 @@ class PageSource(Protocol):
 
     def read(self, pfn: int, count: int) -> bytes: ...
 
+    def hashes(self, start_pfn: int = 0, end_pfn: int | None = None) -> np.ndarray: ...  # 0 = not held
+
 
 class BackgroundFeed:
     """A VmFeed whose writes go out from a thread of their own, in order: receiving from P,
@@ -132,7 +134,8 @@ class ReceiveResult:
     image_bytes: int = 0
     image_pages: int = 0  # data pages
     pages_sent: int = 0  # data pages that came over the wire
-    pages_from_store: int = 0
+    pages_from_store: int = 0  # by PFN or by content
+    pages_by_hash: int = 0  # of those, by content (held at another PFN)
     wire_bytes: int = 0  # bytes received on the image socket for the image (WARM padding not counted)
     warm_bytes: int = 0  # WARM padding received before the snapshot
     checksum: int = 0
@@ -187,6 +190,7 @@ class ImageReceiver:
         _widen_receive_buffer(self.listener)
         self.result = ReceiveResult(migration_id)
         self._closed = False
+        self._content: tuple[np.ndarray, np.ndarray] | None = None  # store hashes sorted, their PFNs
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -353,6 +357,20 @@ class ImageReceiver:
             raise ReceiveError(f"P aborted the cutover: {bytes(payload).decode(errors='replace')}")
         return kind, payload
 
+    def _pfns_of(self, refs: np.ndarray) -> np.ndarray:
+        """Where the store holds each of these page hashes (the index is built on first use)."""
+        if self._content is None:
+            held = self.store.hashes(0, self.store.max_pfn)
+            order = np.argsort(held, kind="stable")
+            self._content = (held[order], order)
+        ordered, pfn_of = self._content
+        wanted = refs.astype(np.uint64)
+        at = np.minimum(np.searchsorted(ordered, wanted), max(ordered.size - 1, 0))
+        if ordered.size == 0 or np.any((ordered[at] != wanted) | (wanted == 0)):
+            missing = wanted[(ordered[at] != wanted) | (wanted == 0)] if ordered.size else wanted
+            raise ReceiveError(f"CHUNK refers to a page V does not hold (hash {int(missing[0]):#x})")
+        return pfn_of[at]
+
     def _emit(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         self.feed.write(data)
         view = memoryview(data)
@@ -369,11 +387,16 @@ class ImageReceiver:
             raise ReceiveError(f"CHUNK of pages {first}+{count} out of order or range "
                                f"(expected {next_index}, image has {pfns.size})")
         flags = np.frombuffer(payload, dtype=np.uint8, count=count, offset=W.CHUNK_HEAD.size)
-        if np.any(flags > 1):
-            raise ReceiveError("CHUNK flags must be 0 or 1")
-        literal = int(np.count_nonzero(flags))
-        data_off = W.CHUNK_HEAD.size + count
-        src = memoryview(payload)[data_off:]
+        if np.any(flags > W.PAGE_BY_HASH):
+            raise ReceiveError("CHUNK flags must be 0, 1 or 2")
+        literal = int(np.count_nonzero(flags == W.PAGE_FOLLOWS))
+        n_refs = int(np.count_nonzero(flags == W.PAGE_BY_HASH))
+        refs_off = W.CHUNK_HEAD.size + count
+        if len(payload) < refs_off + 8 * n_refs:
+            raise ReceiveError("short CHUNK: page hashes missing")
+        refs = np.frombuffer(payload, dtype="<u8", count=n_refs, offset=refs_off)
+        ref_pfns = self._pfns_of(refs) if n_refs else refs
+        src = memoryview(payload)[refs_off + 8 * n_refs:]
         if compressed:
             try:
                 src = memoryview(zstandard.ZstdDecompressor().decompress(
@@ -386,17 +409,24 @@ class ImageReceiver:
         chunk_pfns = pfns[first:first + count]
         i = 0
         lit = 0
+        ref = 0
         while i < count:
-            if flags[i]:
+            if flags[i] == W.PAGE_FOLLOWS:
                 out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = src[lit * PAGE_SIZE:(lit + 1) * PAGE_SIZE]
                 lit += 1
                 i += 1
                 continue
+            if flags[i] == W.PAGE_BY_HASH:
+                out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.store.read(int(ref_pfns[ref]), 1)
+                ref += 1
+                i += 1
+                continue
             j = i + 1  # a run of held pages with consecutive PFNs: one read
-            while j < count and not flags[j] and int(chunk_pfns[j]) == int(chunk_pfns[j - 1]) + 1:
+            while j < count and flags[j] == W.PAGE_HELD and int(chunk_pfns[j]) == int(chunk_pfns[j - 1]) + 1:
                 j += 1
             out[i * PAGE_SIZE:j * PAGE_SIZE] = self.store.read(int(chunk_pfns[i]), j - i)
             i = j
+        self.result.pages_by_hash += n_refs
         self.result.pages_sent += literal
         self.result.pages_from_store += count - literal
         hasher.update(W.page_hash_bytes(page_hashes(out)))  # over every assembled byte (image_wire)

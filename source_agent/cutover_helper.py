@@ -43,6 +43,7 @@ from common.hibernate_image import (
     SNAPSHOT_FREEZE,
     SNAPSHOT_PREF_IMAGE_SIZE,
     SNAPSHOT_UNFREEZE,
+    held_content,
     meta_pages_for,
     parse_header,
     parse_pfns,
@@ -211,6 +212,7 @@ class Figures:
     image_pages: int = 0
     pages_sent: int = 0
     pages_skipped: int = 0
+    pages_by_hash: int = 0  # V holds their content at another PFN: sent as hashes
     wire_bytes: int = 0
     sent_at: float = 0.0
     acked_at: float = 0.0
@@ -589,6 +591,7 @@ class Helper:
         self.cfg = cfg
         self.snap = snapshot
         self.held = held
+        self.held_content = held_content(held)  # before FREEZE: a sort of every hash V holds
         self.block = block
         self.resume_runner = resume_runner or (lambda actions: resume.run_resume(
             [resume.ResumeAction(a["name"], a.get("args", {})) for a in actions]))
@@ -803,9 +806,14 @@ class Helper:
             assert self.reader is not None
             hashes = hash_page_views(self.reader.pages[:count])
             whole.update(W.page_hash_bytes(hashes))
-            plan = plan_dedup(pfns[first:first + count], hashes, self.held)
+            plan = plan_dedup(pfns[first:first + count], hashes, self.held, self.held_content)
             pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
-            flags = plan.send.astype(np.uint8)
+            flags = plan.send.astype(np.uint8)  # W.PAGE_FOLLOWS or W.PAGE_HELD
+            refs = b""
+            if plan.by_hash_pages:
+                assert plan.by_hash is not None
+                flags[plan.by_hash] = W.PAGE_BY_HASH
+                refs = W.page_hash_bytes(hashes[plan.by_hash])
             literal: bytes | np.ndarray = pages[plan.send]  # one copy, contiguous
             t2 = time.monotonic()
             kind = W.CHUNK
@@ -814,13 +822,14 @@ class Helper:
                 literal, kind = self.compressor.compress(literal), W.ZCHUNK
                 compressed += 1
             t3 = time.monotonic()
-            self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes(), literal)
+            self._send(kind, W.CHUNK_HEAD.pack(first, count) + flags.tobytes() + refs, literal)
             spent["read"] += t1 - t0
             spent["hash"] += t2 - t1
             spent["compress"] += t3 - t2
             spent["send"] += time.monotonic() - t3
             self.fig.pages_sent += plan.sent_pages
             self.fig.pages_skipped += plan.skipped_pages
+            self.fig.pages_by_hash += plan.by_hash_pages
         # where P's time went (P powers off: V keeps these figures)
         spent["total"] = time.monotonic() - t_start
         spent["create_image"] = self.fig.image_created_at - self.fig.frozen_at

@@ -92,3 +92,19 @@ def test_dedup_plan() -> None:
     assert (plan.pages, plan.sent_pages, plan.skipped_pages) == (5, 3, 2)
     with pytest.raises(ValueError):
         H.plan_dedup(pfns, hashes[:2], held)
+
+
+def test_dedup_plan_by_content() -> None:
+    pfns = np.array([1, 2, 3, 10, 20], dtype=np.uint64)
+    hashes = np.array([11, 22, 33, 44, 55], dtype=np.uint64)
+    held = np.zeros(16, dtype=np.uint64)
+    held[1], held[2], held[5], held[10], held[15] = 11, 99, 33, 44, 55  # 33 and 55 moved, 22 is new
+    content = H.held_content(held)
+    assert content.tolist() == [11, 33, 44, 55, 99]  # sorted, unique, no 0
+    plan = H.plan_dedup(pfns, hashes, held, content)
+    assert plan.send.tolist() == [False, True, False, False, False]
+    assert plan.by_hash is not None and plan.by_hash.tolist() == [False, False, True, False, True]
+    assert (plan.sent_pages, plan.by_hash_pages, plan.skipped_pages) == (1, 2, 2)
+    assert H.plan_dedup(pfns, hashes, held, H.held_content(np.zeros(4, np.uint64))).by_hash_pages == 0
+    top = np.array([2**64 - 1], dtype=np.uint64)  # beyond every held hash: searchsorted's end
+    assert H.plan_dedup(np.array([1], np.uint64), top, held, content).send.tolist() == [True]

@@ -113,15 +113,21 @@ class RecordingFeed:
 UNAME = type("U", (), {"release": "6.1.0-56-amd64", "version": "#1 SMP Debian 6.1.158-1"})()
 
 
-def precopied_store(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, held_fraction: float) -> PageStore:
+MOVED_BASE_PFN = 6000  # below MAX_PFN, above every test image's PFNs
+
+
+def precopied_store(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, held_fraction: float,
+                    moved: int = 0) -> PageStore:
     """A page store holding the first `held_fraction` of the image's pages as they are, and an older
-    version of a few others (pages that changed after pre-copy)."""
+    version of a few others (pages that changed after pre-copy); with `moved`, the next pages are
+    held at other PFNs (the kernel moved them after pre-copy)."""
     store = PageStore(tmp_path / "memory.img", MAX_PFN)
     n_held = int(pfns.size * held_fraction)
     stale = data[n_held:n_held + 5].copy()
     stale[:, 0] ^= 0xFF
-    held_pfns = np.concatenate([pfns[:n_held], pfns[n_held:n_held + 5]])
-    held_data = np.concatenate([data[:n_held], stale])
+    moved_pfns = np.arange(MOVED_BASE_PFN, MOVED_BASE_PFN + moved, dtype=np.uint64)
+    held_pfns = np.concatenate([pfns[:n_held], pfns[n_held:n_held + 5], moved_pfns])
+    held_data = np.concatenate([data[:n_held], stale, data[n_held + 5:n_held + 5 + moved]])
     msg = encode_batch(held_pfns, held_data.tobytes(), migration_id="m", stream_id=1, seq=1, round=1,
                        batch_id=1, zstd_level=None)
     store.write(decode_batch(msg, max_pfn=MAX_PFN, max_raw_bytes=1 << 26))
@@ -144,7 +150,8 @@ def meminfo_file(tmp_path: Path) -> Path:
 
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
-             expected: ExpectedKernel | None = None, compression: str = "adaptive"):
+             expected: ExpectedKernel | None = None, compression: str = "adaptive",
+             claim_held: dict[int, int] | None = None):
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
     host, port = receiver.endpoint
@@ -167,6 +174,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
                        stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
     held = store.hashes(0, MAX_PFN)
+    for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
+        held[pfn] = page_hash
     helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
     result = helper.run()
     if result == "aborted" and t.is_alive():
@@ -208,6 +217,34 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
         assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
+
+
+def test_pages_v_holds_at_other_pfns_travel_as_hashes(tmp_path: Path) -> None:
+    image, pfns, data = make_image(range(100, 700), seed=3)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.5, moved=40)
+    feed = RecordingFeed()
+    result, helper, _, _, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "powered-off"
+    assert bytes(feed.data) == image  # assembled from pages found by content
+    res = outcome["result"]
+    assert res.pages_by_hash == helper.fig.pages_by_hash == 40
+    assert res.pages_sent == 600 - 300 - 40  # the 5 stale pages travel; the 40 moved ones do not
+    assert res.pages_from_store == 300 + 40
+
+
+def test_reference_to_content_v_lacks_is_refused(tmp_path: Path) -> None:
+    from common.pagecodec import page_hashes
+
+    image, pfns, data = make_image(range(100, 300), seed=4)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.5)
+    feed = RecordingFeed()
+    # P wrongly believes V holds the last page's content at a spare PFN
+    claim = {MOVED_BASE_PFN: int(page_hashes(data[-1].tobytes())[0])}
+    result, _, snap, _, outcome = run_pair(tmp_path, image, store, feed, claim_held=claim)
+    assert result == "aborted"
+    assert "does not hold" in outcome["error"]
+    assert snap.calls[-2:] == ["free", "unfreeze"] and "power_off" not in snap.calls
+    assert feed.events[-1] == "abort"
 
 
 def test_compression_policy() -> None:
