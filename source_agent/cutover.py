@@ -254,7 +254,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     try:
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "held_hashes": held_path, "block_interfaces": blocked, "network_legs": legs,
-                  "resume_actions": [{"name": a.name, "args": a.args} for a in actions]}
+                  "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         del held  # the helper has its own copy
         return_free_memory()
         result = await (helper or HelperProcess()).run(config)

@@ -594,7 +594,7 @@ class Helper:
         self.held_content = held_content(held)  # before FREEZE: a sort of every hash V holds
         self.block = block
         self.resume_runner = resume_runner or (lambda actions: resume.run_resume(
-            [resume.ResumeAction(a["name"], a.get("args", {})) for a in actions]))
+            [resume.ResumeAction(a["name"], a.get("args", {}), a.get("late", False)) for a in actions]))
         self.uname = uname or os.uname()
         self.fig = Figures()
         self.sock: socket.socket | None = None
@@ -923,8 +923,9 @@ class Helper:
                 self.sock.close()
             except OSError:
                 pass
-        results = self.resume_runner(self.cfg.resume_actions)
-        self.fig.resume_steps = resume.describe(results)
+        now = [a for a in self.cfg.resume_actions if not a.get("late")]
+        late = [a for a in self.cfg.resume_actions if a.get("late")]
+        self.fig.resume_steps = resume.describe(self.resume_runner(now))
         self._undo_settings()
         for step in (self.snap.free, self.snap.unfreeze):
             try:
@@ -933,6 +934,8 @@ class Helper:
                 pass
         self.frozen = False
         self.fig.unfrozen_at = time.time()
+        if late:  # the OS runs again: outside the downtime
+            self.fig.resume_steps += [f"after unfreeze: {d}" for d in resume.describe(self.resume_runner(late))]
         emit("resumed", self.fig)
         return "resumed"
 

@@ -361,20 +361,23 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     ran: list[str] = []
     snap = PlaybackSnapshot(image, in_suspend=0)
     cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
-                       resume_actions=[{"name": "rescan-pci"}, {"name": "lift-block"}],
+                       resume_actions=[{"name": "rescan-pci"}, {"name": "prune-stale-pci", "late": True},
+                                       {"name": "lift-block"}],
                        drop_caches_path=str(tmp_path / "drop_caches"),
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
                        stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
     from source_agent import resume
 
     def runner(actions):
-        ran.extend(a["name"] for a in actions)
+        ran.extend(f"{a['name']}@{snap.calls[-1]}" for a in actions)  # what the snapshot saw last
         return [resume.ActionResult(a["name"], True, "done", 0.0) for a in actions]
 
     helper = Helper(cfg, snap, np.zeros(0, np.uint64), block=RecordingBlock(), resume_runner=runner,
                     uname=UNAME)  # type: ignore[arg-type]
     assert helper.run() == "resumed"
-    assert ran == ["rescan-pci", "lift-block"]
+    # frozen ones first, the late one after UNFREEZE
+    assert ran == ["rescan-pci@create_image", "lift-block@create_image", "prune-stale-pci@unfreeze"]
+    assert helper.fig.resume_steps[-1].startswith("after unfreeze: prune-stale-pci")
     assert snap.calls == ["freeze", "create_image", "free", "unfreeze"]
     assert image_size_file(tmp_path).read_text() == "412000000\n"  # in the VM too
     receiver.close()

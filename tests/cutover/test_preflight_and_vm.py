@@ -176,8 +176,9 @@ def test_booted_vm_facts_against_p() -> None:
 def test_resume_plan_order_and_garp() -> None:
     actions = plan_resume([NicFacts("eth0", "52:54:00:77:00:10", bond="p2vbond0")], [("md127", "sdb")],
                           ["eth0", "p2vbond0"], "52:54:00:77:00:20", [("p2vbond0", "10.77.0.10")])
-    assert [a.name for a in actions] == ["rescan-pci", "prune-stale-pci", "remove-feed-nic", "adopt-nic",
-                                         "lift-block", "announce", "fail-md-leg"]
+    assert [a.name for a in actions] == ["rescan-pci", "remove-feed-nic", "adopt-nic", "lift-block", "announce",
+                                         "fail-md-leg", "prune-stale-pci"]
+    assert [a.name for a in actions if a.late] == ["prune-stale-pci"]  # after UNFREEZE
     frame = garp_frame("52:54:00:77:00:10", "10.77.0.10")
     assert len(frame) == 42 and frame[:6] == b"\xff" * 6 and frame[12:14] == b"\x08\x06"
     assert frame[28:32] == frame[38:42] == bytes([10, 77, 0, 10])
@@ -284,7 +285,7 @@ def test_feed_nic_is_removed_before_any_driver_binds_it(tmp_path, monkeypatch) -
     assert resume.remove_feed_nic("52:54:00:77:00:20", address="0000:00:05.0").startswith("feed NIC 0000:00:05.0")
     actions = plan_resume([], [], [], "52:54:00:77:00:20", [], feed_address="0000:00:05.0")
     assert actions[0].args == {"skip": "0000:00:05.0"}
-    assert actions[2].args == {"mac": "52:54:00:77:00:20", "address": "0000:00:05.0"}
+    assert actions[1].args == {"mac": "52:54:00:77:00:20", "address": "0000:00:05.0"}
 
 
 def test_md_device_numbers_encode_as_the_kernel_does() -> None:
