@@ -129,9 +129,13 @@ class CutoverDesk:
         host, port = receiver.endpoint
         st.receive = asyncio.create_task(self._receive(record, st, receiver), name=f"image-{record.id}")
         log.info("image socket open", extra={"migration": record.id, "endpoint": f"{host}:{port}"})
-        return destination_pb2.CutoverReply(endpoint=f"{host}:{port}", token=token, ready=True,
-                                            feed_mac=self.config.vm.feed_vm_mac,
-                                            feed_pci_address=st.vm.feed_pci_address)
+        layout = st.vm.pci_layout
+        address = vm_builder.PciLayout.address
+        return destination_pb2.CutoverReply(
+            endpoint=f"{host}:{port}", token=token, ready=True, feed_mac=self.config.vm.feed_vm_mac,
+            feed_pci_address=st.vm.feed_pci_address,
+            vm_nic_pci_addresses=[address(s) for s in layout.nics] if layout else [],
+            vm_disk_pci_addresses=[address(s) for s in layout.disks] if layout else [])
 
     async def _receive(self, record: MigrationRecord, st: CutoverState, receiver) -> None:
         try:

@@ -89,12 +89,29 @@ def allocate_slots(count: int, reserved: frozenset[int]) -> list[int]:
     return slots[:count]
 
 
+@dataclass(frozen=True)
+class PciLayout:
+    """Where domain_xml puts the VM's PCI devices (bus 0, function 0 each)."""
+    disks: tuple[int, ...]  # virtio disks, in spec order
+    nics: tuple[int, ...]  # P's NICs, in spec order
+    feed: int  # the feed NIC
+
+    @staticmethod
+    def address(slot: int) -> str:
+        return f"0000:00:{slot:02x}.0"
+
+
+def pci_layout(spec: WaitingVmSpec) -> PciLayout:
+    """Virtio disks, then P's NICs, then the feed NIC, on the slots allocate_slots gives. P's resume
+    enables the NICs' slots only (the disks' after UNFREEZE, the feed NIC's never). Pure."""
+    n_disks = sum(1 for d in spec.disks if d.bus == "virtio")
+    slots = allocate_slots(n_disks + len(spec.nics) + 1, spec.reserved_slots)
+    return PciLayout(tuple(slots[:n_disks]), tuple(slots[n_disks:n_disks + len(spec.nics)]), slots[-1])
+
+
 def feed_nic_pci_address(spec: WaitingVmSpec) -> str:
-    """Where domain_xml puts the feed NIC (virtio disks, then P's NICs, then the feed NIC). P's
-    resume removes that function before any driver binds it. Pure."""
-    virtio_disks = [d for d in spec.disks if d.bus == "virtio"]
-    slots = allocate_slots(len(spec.nics) + 1 + len(virtio_disks), spec.reserved_slots)
-    return f"0000:00:{slots[len(virtio_disks) + len(spec.nics)]:02x}.0"
+    """Where domain_xml puts the feed NIC. Pure."""
+    return PciLayout.address(pci_layout(spec).feed)
 
 
 def slot_of(pci_address: str) -> int | None:
@@ -150,8 +167,8 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             raise ValueError(f"disk {d.target}: bus {d.bus!r} unsupported")
         if d.bus == "ide" and d.ide_position is None:
             raise ValueError(f"IDE disk {d.target} needs its position (P's kernel knows it by position)")
-    slots = allocate_slots(len(spec.nics) + 1 + len(virtio_disks), spec.reserved_slots)
-    slot_iter = iter(slots)
+    layout = pci_layout(spec)
+    slot_iter = iter((*layout.disks, *layout.nics, layout.feed))
     dev: list[str] = ["<emulator>/usr/bin/qemu-system-x86_64</emulator>"]
     # Per-device boot order on one device that P has too (or on the feed NIC, whose ROM is off) keeps
     # libvirt from giving the virtio disk a boot index: SeaBIOS would then set it up at boot and

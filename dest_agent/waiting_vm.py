@@ -186,6 +186,7 @@ class WaitingVm:
         self.error = ""
         self.booted_at = 0.0
         self.feed_pci_address = ""  # where the feed NIC sits in the VM (set when built)
+        self.pci_layout: vm_builder.PciLayout | None = None
         self._feed_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -228,7 +229,8 @@ class WaitingVm:
                     f.truncate(c.disk_bytes)
         vm_builder.destroy(self.name)  # a leftover of an earlier attempt with the same id
         spec = self.spec(initrd)
-        self.feed_pci_address = vm_builder.feed_nic_pci_address(spec)
+        self.pci_layout = vm_builder.pci_layout(spec)
+        self.feed_pci_address = vm_builder.PciLayout.address(self.pci_layout.feed)
         vm_builder.start(spec)
         self.started = True
         self.booted_at = time.time()

@@ -69,7 +69,8 @@ def physical_nics(inventory: source_pb2.Inventory) -> list[source_pb2.Nic]:
 
 
 def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
-             feed_address: str = "") -> list[resume.ResumeAction]:
+             feed_address: str = "", vm_nics: list[str] | None = None,
+             vm_disks: list[str] | None = None) -> list[resume.ResumeAction]:
     """Resume steps from P's inventory and p2v's redundancy journal entries. Pure.
 
     NIC: bonded by p2v -> the virtual NIC joins that bond; otherwise it takes over the NIC's IPv4
@@ -115,7 +116,7 @@ def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: li
             parent = by_name.get(disk.parent) if disk and disk.parent else disk
             if parent is not None and parent.pci_address:
                 md_legs.append((md, member))
-    return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips, feed_address)
+    return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips, feed_address, vm_nics, vm_disks)
 
 
 def load_journal_entries(state_dir: str) -> tuple[object | None, list]:
@@ -245,7 +246,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     if not reply.ready:
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
-    actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address)
+    actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
+                       list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses))
     legs = nbd_legs(entries)
     saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:

@@ -7,8 +7,11 @@ named actions (a "late" one runs after UNFREEZE: outside the downtime); `run_res
 in order, each bounded in time, each failure recorded and the rest still attempted (the OS is in
 the VM now: the only way is forward).
 
-    rescan-pci        probe the VM's devices (drivers were loaded on P beforehand); the feed NIC's
-                      function is removed before any driver binds it
+    enable-slots      probe the VM's NICs only: their PCI slots are enabled one by one (ACPI
+                      hotplug; the kernel scans that slot alone), so the feed NIC is never probed;
+                      the virtio disks' slots the same way, late. Without hotplug slots: rescan-pci
+    rescan-pci        probe all of the VM's devices (drivers were loaded on P beforehand); the feed
+                      NIC's function is removed before any driver binds it
     prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone);
                       late: after UNFREEZE (plan_resume says why)
     remove-feed-nic   the restore program's NIC is not P's: remove its PCI function
@@ -70,14 +73,20 @@ class NicFacts:
 
 
 def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: list[str], feed_mac: str,
-                announce_ips: list[tuple[str, str]], feed_address: str = "") -> list[ResumeAction]:
+                announce_ips: list[tuple[str, str]], feed_address: str = "", vm_nics: list[str] | None = None,
+                vm_disks: list[str] | None = None) -> list[ResumeAction]:
     """The resume steps, in order. Pure.
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
-    announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce."""
-    # rescan before pruning: the VM's NICs register while P's vanished ones still hold their names,
+    announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce;
+    vm_nics / vm_disks: the VM's PCI functions (V's layout; without them: one rescan of all)."""
+    # probe before pruning: the VM's NICs register while P's vanished ones still hold their names,
     # so no virtual NIC takes a physical NIC's name (cancellation tells them apart by name)
-    actions = [ResumeAction("rescan-pci", {"skip": feed_address} if feed_address else {})]
+    if vm_nics:
+        actions = [ResumeAction("enable-slots", {"addresses": list(vm_nics), "later": list(vm_disks or []),
+                                                 "skip": feed_address})]
+    else:
+        actions = [ResumeAction("rescan-pci", {"skip": feed_address} if feed_address else {})]
     if feed_mac:  # (when rescan already removed it unprobed, this only checks it is gone)
         actions.append(ResumeAction("remove-feed-nic", {"mac": feed_mac, **({"address": feed_address}
                                                                             if feed_address else {})}))
@@ -94,6 +103,8 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     # watchdog touches the dead device), the bond's new slave took over, the VM's devices never
     # sit on P's slots (vm_builder)
     actions.append(ResumeAction("prune-stale-pci", late=True))
+    if vm_nics and vm_disks:  # only cancellation needs them (md's local leg in the VM)
+        actions.append(ResumeAction("enable-slots", {"addresses": list(vm_disks)}, late=True))
     return actions
 
 
@@ -181,6 +192,42 @@ def rescan_pci(skip: str = "") -> str:
     return f"rescanned{removed}; probed {', '.join(probed) or 'nothing'}"
 
 
+def _slot_power_files(addresses: list[str]) -> dict[str, Path] | None:
+    """The hotplug slot `power` file of each bus-0 function's slot; None when one has none."""
+    slots = SYS / "bus/pci/slots"
+    by_slot: dict[str, Path] = {}
+    for d in (slots.iterdir() if slots.is_dir() else ()):
+        try:
+            by_slot[(d / "address").read_text().strip()] = d / "power"
+        except OSError:
+            continue
+    out = {}
+    for address in addresses:
+        power = by_slot.get(address.rsplit(".", 1)[0])  # "0000:00:0a.0" sits in slot "0000:00:0a"
+        if power is None:
+            return None
+        out[address] = power
+    return out
+
+
+def enable_slots(addresses: list[str], later: list[str] | None = None, skip: str = "") -> str:
+    """Probe just these functions: their slots are enabled one by one (ACPI hotplug: the kernel scans
+    that slot, binds its driver and the virtio bus probes the device, all inside the write). A PCI
+    rescan instead probes every new function: under TCG ~110-175 ms of virtio-pci probe each (rig,
+    initcall_debug), the feed NIC's and the disk's included. Without hotplug slots for all of
+    `addresses` and `later`: rescan_pci(skip), which finds everything now."""
+    power = _slot_power_files([*addresses, *(later or [])])
+    if power is None:
+        return rescan_pci(skip) + " (no hotplug slots)"
+    pending = [a for a in addresses if not (SYS / "bus/pci/devices" / a).exists()]
+    for address in pending:
+        _write(power[address], "1")
+    missing = [a for a in pending if not (SYS / "bus/pci/devices" / a).exists()]
+    if missing:
+        raise RuntimeError(f"slot enabled, no function at {', '.join(missing)}")
+    return "enabled " + (", ".join(pending) if pending else "nothing (all present)")
+
+
 def _netdev_by_mac(mac: str, exclude_masters: bool = True) -> str | None:
     for d in sorted((SYS / "class/net").iterdir()):
         try:
@@ -208,7 +255,7 @@ def wait_netdev_by_mac(mac: str, timeout_s: float = 10.0) -> str:
 
 def remove_feed_nic(mac: str, address: str = "") -> str:
     if address and not (SYS / "bus/pci/devices" / address).exists():
-        return f"feed NIC {address} removed before a driver bound it"
+        return f"feed NIC {address} absent: never probed, or removed before a driver bound it"
     name = _netdev_by_mac(mac)
     if not name:
         try:
@@ -298,6 +345,7 @@ def kick_peers(quotes: list[str]) -> str:
 
 ACTIONS: dict[str, Callable[..., str]] = {
     "fail-md-leg": fail_md_leg, "prune-stale-pci": prune_stale_pci, "rescan-pci": rescan_pci,
+    "enable-slots": enable_slots,
     "remove-feed-nic": remove_feed_nic, "adopt-nic": adopt_nic, "lift-block": lift_block,
     "announce": announce, "kick-peers": kick_peers,
 }

@@ -294,3 +294,60 @@ def test_md_device_numbers_encode_as_the_kernel_does() -> None:
     assert encode_dev(8, 16) == 0x810  # sdb
     assert encode_dev(43, 0) == 0x2B00  # nbd0
     assert encode_dev(259, 300) == (300 & 0xFF) | (259 << 8) | ((300 & ~0xFF) << 12)  # minor > 255
+
+
+def test_enable_slots_probes_only_the_functions_asked_for(tmp_path, monkeypatch) -> None:
+    """The kernel's side stood in for (sysfs writes): which slots are enabled, when, and the fallback
+    (pure sequencing; the real one runs in the rig's whole-OS move)."""
+    from source_agent import resume
+
+    sysfs = tmp_path / "sys"
+    pci, slots = sysfs / "bus/pci/devices", sysfs / "bus/pci/slots"
+    pci.mkdir(parents=True)
+    for n in (3, 4, 5, 6):
+        (slots / str(n)).mkdir(parents=True)
+        (slots / str(n) / "address").write_text(f"0000:00:{n:02x}\n")
+    log: list[str] = []
+
+    def kernel_write(path, value: str) -> None:
+        rel = str(path.relative_to(sysfs))
+        log.append(f"{rel}={value}")
+        if rel.startswith("bus/pci/slots/") and rel.endswith("/power"):
+            (pci / f"{(path.parent / 'address').read_text().strip()}.0").mkdir()
+
+    monkeypatch.setattr(resume, "SYS", sysfs)
+    monkeypatch.setattr(resume, "_write", kernel_write)
+    detail = resume.enable_slots(["0000:00:04.0"], later=["0000:00:03.0"], skip="0000:00:05.0")
+    assert log == ["bus/pci/slots/4/power=1"] and detail == "enabled 0000:00:04.0"  # not the disk, not the feed
+    assert resume.enable_slots(["0000:00:04.0"]) == "enabled nothing (all present)"
+    assert resume.enable_slots(["0000:00:03.0"]) == "enabled 0000:00:03.0"  # the disk, late
+    assert log[-1] == "bus/pci/slots/3/power=1"
+    # a function missing after its slot was enabled is an error
+    monkeypatch.setattr(resume, "_write", lambda path, value: log.append("nothing appears"))
+    with pytest.raises(RuntimeError, match=r"no function at 0000:00:06\.0"):
+        resume.enable_slots(["0000:00:06.0"])
+    # no hotplug slot for one of them: everything by one rescan
+    monkeypatch.setattr(resume, "rescan_pci", lambda skip="": f"rescanned, skipping {skip}")
+    assert resume.enable_slots(["0000:00:04.0"], later=["0000:00:09.0"], skip="0000:00:05.0") == \
+        "rescanned, skipping 0000:00:05.0 (no hotplug slots)"
+
+
+def test_resume_plan_with_the_vm_layout() -> None:
+    actions = plan_resume([NicFacts("eth0", "52:54:00:77:00:10", bond="p2vbond0")], [], ["p2vbond0"],
+                          "52:54:00:77:00:20", [], feed_address="0000:00:05.0",
+                          vm_nics=["0000:00:04.0"], vm_disks=["0000:00:03.0"])
+    assert actions[0].name == "enable-slots" and not actions[0].late
+    assert actions[0].args == {"addresses": ["0000:00:04.0"], "later": ["0000:00:03.0"], "skip": "0000:00:05.0"}
+    assert [(a.name, a.args) for a in actions if a.late] == [
+        ("prune-stale-pci", {}), ("enable-slots", {"addresses": ["0000:00:03.0"]})]
+
+
+def test_pci_layout_is_what_the_domain_xml_uses() -> None:
+    s = spec()
+    layout = vm_builder.pci_layout(s)
+    root = ET.fromstring(vm_builder.domain_xml(s))
+    disks = [int(e.find("address").get("slot"), 16) for e in root.findall("devices/disk")
+             if e.find("address") is not None and e.find("address").get("type") == "pci"]
+    nics = [int(e.find("address").get("slot"), 16) for e in root.findall("devices/interface")]
+    assert tuple(disks) == layout.disks and (*layout.nics, layout.feed) == tuple(nics)
+    assert vm_builder.feed_nic_pci_address(s) == vm_builder.PciLayout.address(layout.feed)

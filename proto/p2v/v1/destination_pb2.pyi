@@ -279,20 +279,24 @@ class CutoverRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[_Union[CutoverRequest.Phase, str]] = ...) -> None: ...
 
 class CutoverReply(_message.Message):
-    __slots__ = ("endpoint", "token", "ready", "detail", "feed_mac", "feed_pci_address")
+    __slots__ = ("endpoint", "token", "ready", "detail", "feed_mac", "feed_pci_address", "vm_nic_pci_addresses", "vm_disk_pci_addresses")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     FEED_MAC_FIELD_NUMBER: _ClassVar[int]
     FEED_PCI_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VM_NIC_PCI_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    VM_DISK_PCI_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     token: bytes
     ready: bool
     detail: str
     feed_mac: str
     feed_pci_address: str
-    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ..., feed_pci_address: _Optional[str] = ...) -> None: ...
+    vm_nic_pci_addresses: _containers.RepeatedScalarFieldContainer[str]
+    vm_disk_pci_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ..., feed_pci_address: _Optional[str] = ..., vm_nic_pci_addresses: _Optional[_Iterable[str]] = ..., vm_disk_pci_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResumedRequest(_message.Message):
     __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped", "frozen_at")
