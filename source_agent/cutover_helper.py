@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import zstandard
@@ -276,17 +276,31 @@ def _swap_sysctl(path: str, value: str) -> str:
         return ""
 
 
-def egress_interface(host: str) -> str:
-    """The interface the kernel routes `host` through ("" when it cannot tell). Before FREEZE."""
+T = TypeVar("T")
+
+
+def _netlink(what: str, op: Callable[[Any], T], default: T) -> T:
+    """`op(IPRoute)`, or `default` when it fails: every route, neighbour and link tweak of the
+    cutover is an optimisation only, and its undoing must never stop an abort or a resume. Never
+    raises. (pyroute2 is loaded by warm_up: nothing is read from disk while frozen.)"""
     try:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            route = ipr.route("get", dst=host)[0]
-            return ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME") or ""
-    except Exception as exc:  # an optimisation only: then nothing waits for a link
-        print(f"cutover helper: no egress interface for {host}: {exc}", file=sys.stderr, flush=True)
-        return ""
+            return op(ipr)
+    except Exception as exc:
+        print(f"cutover helper: {what}: {exc}", file=sys.stderr, flush=True)
+        return default
+
+
+def egress_interface(host: str) -> str:
+    """The interface the kernel routes `host` through ("" when it cannot tell: then nothing waits
+    for a link). Before FREEZE."""
+    def lookup(ipr: Any) -> str:
+        route = ipr.route("get", dst=host)[0]
+        return ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME") or ""
+
+    return _netlink(f"no egress interface for {host}", lookup, "")
 
 
 RTAX_RTO_MIN = 13
@@ -305,24 +319,19 @@ def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None
     """A host route to V with the same path as the kernel's, whose connections start (and restart
     after idling) with `initcwnd` segments and never retransmit before `rto_min_ms`. None when
     nothing was added (V has a host route of its own, or the kernel refused). Before connecting to
-    V. Netlink (pyroute2, loaded by warm_up): in the VM its removal runs with everything frozen, and
-    a program read from disk then could wait on P's stale disks."""
-    try:
-        from pyroute2 import IPRoute
+    V. Netlink, not `ip`: in the VM its removal runs with everything frozen, and a program read
+    from disk then could wait on P's stale disks (4.4 s in the rig)."""
+    def add(ipr: Any) -> StreamRoute | None:
+        got = ipr.route("get", dst=host)[0]
+        for existing in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            if existing["dst_len"] == 32 and existing.get_attr("RTA_DST") == host:
+                return None  # not ours to replace
+        route = StreamRoute(host, got.get_attr("RTA_OIF"), got.get_attr("RTA_GATEWAY"), got.get_attr("RTA_PREFSRC"))
+        ipr.route("add", **_route_keys(route),  # the kernel heeds a locked rto_min only
+                  metrics={"initcwnd": initcwnd, "rto_min": rto_min_ms, "lock": 1 << RTAX_RTO_MIN})
+        return route
 
-        with IPRoute() as ipr:
-            got = ipr.route("get", dst=host)[0]
-            for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-                if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
-                    return None  # not ours to replace
-            route = StreamRoute(host, got.get_attr("RTA_OIF"), got.get_attr("RTA_GATEWAY"),
-                                got.get_attr("RTA_PREFSRC"))
-            ipr.route("add", **_route_keys(route),  # the kernel heeds a locked rto_min only
-                      metrics={"initcwnd": initcwnd, "rto_min": rto_min_ms, "lock": 1 << RTAX_RTO_MIN})
-            return route
-    except Exception as exc:  # an optimisation only: the connection then starts as any other
-        print(f"cutover helper: no cutover route to {host}: {exc}", file=sys.stderr, flush=True)
-        return None
+    return _netlink(f"no cutover route to {host}", add, None)
 
 
 def _route_keys(route: StreamRoute) -> dict[str, Any]:
@@ -336,15 +345,9 @@ def _route_keys(route: StreamRoute) -> dict[str, Any]:
 
 def narrow_route(route: StreamRoute | None) -> None:
     """Remove widen_route's route (P runs on, or in the VM). Never raises."""
-    if route is None:
-        return
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            ipr.route("del", **_route_keys(route))
-    except Exception as exc:
-        print(f"cutover helper: cannot remove the cutover route to {route.dst}: {exc}", file=sys.stderr, flush=True)
+    if route is not None:
+        _netlink(f"cannot remove the cutover route to {route.dst}", lambda ipr: ipr.route("del", **_route_keys(route)),
+                 None)
 
 
 NUD_STALE, NUD_PERMANENT = 0x04, 0x80
@@ -364,32 +367,25 @@ def pin_neighbour(host: str, interface: str) -> PinnedNeighbour | None:
     back 2.05 s, first packet through 3.07 s). Before FREEZE; None when there is nothing to pin."""
     if not interface:
         return None
-    try:
-        from pyroute2 import IPRoute
 
-        with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=interface)[0]
-            for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
-                mac = entry.get_attr("NDA_LLADDR")
-                if entry.get_attr("NDA_DST") == host and mac and entry["state"] != NUD_PERMANENT:
-                    ipr.neigh("replace", dst=host, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
-                    return PinnedNeighbour(host, mac, index)
-    except Exception as exc:  # an optimisation only: ARP then resolves V as usual
-        print(f"cutover helper: cannot pin V's neighbour entry: {exc}", file=sys.stderr, flush=True)
-    return None
+    def pin(ipr: Any) -> PinnedNeighbour | None:
+        index = ipr.link_lookup(ifname=interface)[0]
+        for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
+            mac = entry.get_attr("NDA_LLADDR")
+            if entry.get_attr("NDA_DST") == host and mac and entry["state"] != NUD_PERMANENT:
+                ipr.neigh("replace", dst=host, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
+                return PinnedNeighbour(host, mac, index)
+        return None
+
+    return _netlink("cannot pin V's neighbour entry (ARP then resolves V as usual)", pin, None)
 
 
 def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
     """Back to an ordinary entry (stale: the kernel confirms it on next use). Never raises."""
-    if pin is None:
-        return
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            ipr.neigh("replace", dst=pin.ip, lladdr=pin.mac, ifindex=pin.ifindex, state=NUD_STALE)
-    except Exception as exc:
-        print(f"cutover helper: cannot unpin V's neighbour entry: {exc}", file=sys.stderr, flush=True)
+    if pin is not None:
+        _netlink("cannot unpin V's neighbour entry",
+                 lambda ipr: ipr.neigh("replace", dst=pin.ip, lladdr=pin.mac, ifindex=pin.ifindex, state=NUD_STALE),
+                 None)
 
 
 BOND_HOLD_MS = 10_000
@@ -744,7 +740,8 @@ class Helper:
 
     def _undo_settings(self) -> None:
         """What the cutover set for the snapshot goes back, P running on or in the VM (V's MAC is the
-        same seen from the VM, the physical slave is gone there by now). Never raises."""
+        same seen from the VM; there the physical slave, down since the snapshot, is then dropped by
+        its bond and removed after UNFREEZE). Never raises."""
         if self.saved_image_size:
             _swap_sysctl(self.cfg.image_size_path, self.saved_image_size)
         narrow_route(self.stream_route)

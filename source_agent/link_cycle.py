@@ -86,12 +86,9 @@ def link_flags(name: str) -> int:
 
 def set_admin_up(name: str, up: bool) -> None:
     """`ip link set NAME up|down` in two ioctls."""
+    flags = link_flags(name)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
-        ifr = _ifreq(name, b"")
-        fcntl.ioctl(ctl, SIOCGIFFLAGS, ifr)
-        flags = struct.unpack_from("H", ifr, 16)[0]
-        struct.pack_into("H", ifr, 16, (flags | IFF_UP) if up else (flags & ~IFF_UP))
-        fcntl.ioctl(ctl, SIOCSIFFLAGS, ifr)
+        fcntl.ioctl(ctl, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", (flags | IFF_UP) if up else (flags & ~IFF_UP))))
 
 
 def phy_speed(name: str) -> int:
