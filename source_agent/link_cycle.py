@@ -97,7 +97,13 @@ def phy_speed(name: str) -> int:
     cmd = ctypes.create_string_buffer(struct.pack("I", ETHTOOL_GSET) + bytes(40))  # struct ethtool_cmd
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
         fcntl.ioctl(ctl, SIOCETHTOOL, _ifreq(name, struct.pack("P", ctypes.addressof(cmd))))
-    speed = struct.unpack_from("H", cmd.raw, 12)[0] | (struct.unpack_from("H", cmd.raw, 32)[0] << 16)
+    return speed_of(cmd.raw)
+
+
+def speed_of(ethtool_cmd: bytes) -> int:
+    """The speed in an ETHTOOL_GSET answer (Mb/s; 0 = unknown). Pure. struct ethtool_cmd: speed
+    (u16) at offset 12, speed_hi (u16) at 28 (lp_advertising follows at 32)."""
+    speed = struct.unpack_from("H", ethtool_cmd, 12)[0] | (struct.unpack_from("H", ethtool_cmd, 28)[0] << 16)
     return 0 if speed in SPEED_UNKNOWN else speed
 
 

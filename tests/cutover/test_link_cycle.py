@@ -5,6 +5,7 @@ on a veth in a network namespace. The e1000 case itself runs in the rig's whole-
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,21 @@ def test_path_goes_down_through_vlan_and_bond_to_the_nics(tmp_path: Path) -> Non
     assert LC.nics_to_cycle(path) == ["eth0"]  # igb: not measured, its own thaw path applies
     assert LC.path_nics("", root=str(tmp_path)) == []
     assert LC.path_nics("gone0", root=str(tmp_path)) == [LC.PathNic("gone0", "")]
+
+
+def _ethtool_cmd(speed: int, lp_advertising: int = 0) -> bytes:
+    cmd = bytearray(44)  # struct ethtool_cmd
+    struct.pack_into("IIIH", cmd, 0, LC.ETHTOOL_GSET, 0xEF, 0xEF, speed & 0xFFFF)
+    struct.pack_into("H", cmd, 28, speed >> 16)
+    struct.pack_into("I", cmd, 32, lp_advertising)
+    return bytes(cmd)
+
+
+def test_speed_is_read_from_speed_and_speed_hi() -> None:
+    assert LC.speed_of(_ethtool_cmd(1000, lp_advertising=0xEF)) == 1000
+    assert LC.speed_of(_ethtool_cmd(100_000)) == 100_000  # above 65535: speed_hi counts
+    assert LC.speed_of(_ethtool_cmd(0xFFFFFFFF, lp_advertising=0xEF)) == 0  # SPEED_UNKNOWN: no link
+    assert LC.speed_of(_ethtool_cmd(0)) == 0
 
 
 class FakeLinks:
