@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 240.0
 
 
+def undecided(result: ReceiveResult) -> bool:
+    """After a failed receive: whether P may be off or running (V acknowledged the image and heard
+    neither COMMIT nor P's ABORT). Then nothing may start the VM, nor drop it. Pure."""
+    return result.acked and not result.committed and not result.aborted_after_ack
+
+
 @dataclass
 class CutoverState:
     vm: WaitingVm | None = None
@@ -145,7 +151,7 @@ class CutoverDesk:
         except ReceiveError as exc:
             st.last_error = str(exc)
             st.result = receiver.result
-            if receiver.result.acked and not receiver.result.committed:
+            if undecided(receiver.result):
                 # ACK sent, COMMIT never came: P might run on or be off. Never start the VM here.
                 record.set_state(common_pb2.MIGRATION_STATE_FAILED, f"cutover undecided: {exc}")
                 return

@@ -141,6 +141,8 @@ class ReceiveResult:
     checksum: int = 0
     acked: bool = False
     committed: bool = False
+    #: P said ABORT after the ACK (a rehearsal): P runs on, by its own word — not undecided
+    aborted_after_ack: bool = False
     started_at: float = 0.0
     acked_at: float = 0.0
     committed_at: float = 0.0
@@ -345,6 +347,7 @@ class ImageReceiver:
             raise ReceiveError(f"no COMMIT from P after ACK ({exc}); the waiting VM was not started — "
                                "check whether P still runs before anything else") from None
         if kind != W.COMMIT:
+            res.aborted_after_ack = kind == W.ABORT
             self.feed.abort(f"P sent {W.NAMES[kind]} instead of COMMIT")
             raise ReceiveError(f"P sent {W.NAMES[kind]} after ACK: {bytes(payload)[:200]!r}")
         res.committed, res.committed_at = True, time.time()

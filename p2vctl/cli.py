@@ -96,7 +96,8 @@ async def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
     request = source_pb2.MigrateRequest(
         destination=args.destination, streams=args.streams, downtime_limit_ms=args.downtime_limit_ms,
         max_bandwidth_bytes=args.max_bandwidth, no_compression=args.no_compression,
-        max_rounds=args.max_rounds, dry_run=args.dry_run, memory_source=args.memory_source or "")
+        max_rounds=args.max_rounds, dry_run=args.dry_run, rehearse=args.rehearse,
+        memory_source=args.memory_source or "")
     status = await client.stub.Migrate(request, timeout=args.timeout)
     if args.detach:
         emit_json(as_dict(status)) if args.json else print(status.migration_id)
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compression", action="store_true")
     p.add_argument("--max-rounds", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="pre-copy only, no cutover")
+    p.add_argument("--rehearse", action="store_true",
+                   help="cutover up to V's verified image, then P runs on: the downtime, measured; "
+                        "nothing handed over")
     p.add_argument("--memory-source", help='override the memory source, e.g. "file:/path"')
     p.add_argument("--detach", action="store_true", help="print the migration id and return")
     for name, text in (("watch", "follow a migration's progress"), ("cancel", "abort a migration"),

@@ -100,7 +100,9 @@ def summary(status: common_pb2.MigrationStatus) -> None:
     s = status.stats
     state = common_pb2.MigrationState.Name(status.state).removeprefix("MIGRATION_STATE_").lower()
     colour = "green" if state == "completed" else "red"
+    rehearsal = status.progress.phase == "rehearsal"
     console.print(f"[bold {colour}]migration {status.migration_id}: {state}[/]"
+                  + (" (a rehearsal: P runs on, nothing was handed over)" if rehearsal else "")
                   + (f" — {status.error}" if status.error else ""))
     table = Table(show_header=False, box=None)
     rows: list[tuple[str, object]] = [
@@ -116,7 +118,8 @@ def summary(status: common_pb2.MigrationStatus) -> None:
     else:
         rows.append(("skipped (held)", s.skipped))
     rows += [("total time", f"{s.total_time_ms / 1000:.2f} s"),
-             ("downtime", f"{s.downtime_ms} ms (OS frozen)" if s.downtime_ms else "-")]
+             ("downtime", (f"{s.downtime_ms} ms (OS frozen" + (" until V had verified the image)" if rehearsal
+                                                                 else ")")) if s.downtime_ms else "-")]
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)

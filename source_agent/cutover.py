@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -228,9 +229,10 @@ class HelperProcess:
 
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
-                  helper: HelperProcess | None = None) -> dict:
+                  helper: HelperProcess | None = None, rehearse: bool = False) -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
-    the VM; raises CutoverAborted when P runs on."""
+    the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
+    P runs on otherwise."""
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
@@ -256,6 +258,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     try:
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "held_hashes": held_path, "block_interfaces": blocked, "network_legs": legs,
+                  "rehearse": rehearse,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         del held  # the helper has its own copy
         return_free_memory()
@@ -264,7 +267,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         set_io_timeouts(legs, None, saved_timeouts)
         raise
     finally:
-        os.unlink(held_path)
+        with contextlib.suppress(FileNotFoundError):  # the helper removes it once loaded
+            os.unlink(held_path)
     if result.get("outcome") != "resumed":
         set_io_timeouts(legs, None, saved_timeouts)  # P runs on as it was
         try:
@@ -272,6 +276,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
                 migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ABORT), timeout=10)
         except Exception as exc:  # the destination may be the reason we failed
             log.warning("could not tell V about the abort: %s", exc)
+        if rehearse and result.get("outcome") == "rehearsed":
+            return result
         raise CutoverAborted(f"cutover aborted, P runs on: {result.get('reason', result.get('outcome'))}")
     return result
 

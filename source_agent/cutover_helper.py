@@ -41,7 +41,6 @@ from common.hibernate_image import (
     SNAPSHOT_CREATE_IMAGE,
     SNAPSHOT_FREE,
     SNAPSHOT_FREEZE,
-    SNAPSHOT_PREF_IMAGE_SIZE,
     SNAPSHOT_UNFREEZE,
     held_content,
     meta_pages_for,
@@ -83,12 +82,10 @@ class SnapshotDevice:
     """/dev/snapshot through its ioctls (kernel/power/user.c)."""
 
     def __init__(self, path: str = "/dev/snapshot") -> None:
+        # The image size the kernel aims at is raised through /sys/power/image_size (the helper's
+        # _raise_image_size), not SNAPSHOT_PREF_IMAGE_SIZE: that sets the same variable, and the
+        # old value must be read first to come back when P runs on.
         self.fd = os.open(path, os.O_RDONLY)
-        # A preferred image size beyond RAM: the kernel must not try to shrink memory (no swap). The
-        # argument is an unsigned long; fcntl.ioctl would pass a C int, so call libc directly.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-        libc.ioctl(self.fd, SNAPSHOT_PREF_IMAGE_SIZE, 1 << 40)
 
     def freeze(self) -> None:
         fcntl.ioctl(self.fd, SNAPSHOT_FREEZE)
@@ -156,7 +153,7 @@ class HelperConfig:
     ack_timeout_s: float = 120.0
     #: P's NBD devices (md's network legs): cut loose after COMMIT, before power-off
     network_legs: list[str] = field(default_factory=list)
-    #: rehearsal (tests): after ACK do not power off; send ABORT, unfreeze and run on
+    #: rehearsal: after ACK do not power off; send ABORT, unfreeze and run on (p2vctl migrate --rehearse)
     rehearse: bool = False
     #: zstd level for the pages that travel (0 = uncompressed)
     zstd_level: int = 1
@@ -646,7 +643,7 @@ class Helper:
             self._abort(str(exc))
             return "aborted"
         if self.cfg.rehearse:
-            self._abort("rehearsal: not powering off")
+            self._abort("rehearsal: not powering off", outcome="rehearsed")
             return "rehearsed"
         self._commit_and_power_off()
         return "powered-off"  # only a test double's power_off returns
@@ -873,7 +870,7 @@ class Helper:
             print(f"cutover helper: {problem}", file=sys.stderr, flush=True)
         self.snap.power_off()
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, outcome: str = "aborted") -> None:
         """Back to P running as it was; never raises."""
         if self.capture is not None:
             self.capture.close()
@@ -900,7 +897,12 @@ class Helper:
             self.block.lift(self.blocked)
         self._bring_links_back()
         self._undo_settings()
-        emit("aborted", self.fig, reason=reason)
+        # the peers backed off while P was frozen: their next retransmission would come seconds
+        # after P runs on again (the same kick as in the VM; only captured after FREEZE)
+        kick = [a for a in self.cfg.resume_actions if a.get("name") == "kick-peers"]
+        if kick:
+            self.fig.resume_steps += [f"after abort: {d}" for d in resume.describe(self.resume_runner(kick))]
+        emit(outcome, self.fig, reason=reason)
 
     def _bring_links_back(self, wait_s: float = 4.0) -> None:
         """P runs on: the NICs taken down come up, and the bonds get their slaves' carrier back
@@ -937,6 +939,19 @@ class Helper:
         return "resumed"
 
 
+def load_held(path: str) -> np.ndarray:
+    """V's per-PFN hashes from the agent's file, which goes at once: on tmpfs it would be 2 MiB
+    (for 1 GiB of P) more of the image, and new since the last pre-copy round."""
+    if not path:
+        return np.zeros(0, dtype=np.uint64)
+    held = np.load(path).astype(np.uint64, copy=False)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # the agent removes it after us
+    return held
+
+
 def warm_up() -> None:
     """Load now what resume needs later: once frozen in the VM nothing should wait on imports."""
     from pyroute2 import IPRoute
@@ -953,13 +968,13 @@ def main() -> int:
         return 0  # dismissed: no cutover
     raw = json.loads(text)
     cfg = HelperConfig(**raw)
-    held = np.load(cfg.held_hashes) if cfg.held_hashes else np.zeros(0, dtype=np.uint64)
+    held = load_held(cfg.held_hashes)
     try:
         snap = SnapshotDevice(cfg.snapshot_device)
     except (OSError, ValueError, OverflowError) as exc:
         emit("aborted", Figures(), reason=f"cannot open {cfg.snapshot_device}: {exc}")
         return 2
-    outcome = Helper(cfg, snap, held.astype(np.uint64)).run()
+    outcome = Helper(cfg, snap, held).run()
     return 0 if outcome in ("resumed", "rehearsed") else 3
 
 

@@ -170,7 +170,10 @@ class SourceMigration:
         t0 = time.time()
         stats.precopy_bytes = stats.transferred
         figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
-                                        self.config.agent.state_dir, self.helper)
+                                        self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse)
+        if figures.get("outcome") == "rehearsed":
+            await self._rehearsed(figures, stats, t0)
+            return
         # From here on this process runs inside the VM: the only way is forward.
         self.point_of_no_return = True
         downtime_s = figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0)
@@ -195,6 +198,24 @@ class SourceMigration:
         self._journal(completed=True, figures=figures)
         if self.unload is not None:
             self.unload()
+
+    async def _rehearsed(self, figures: dict, stats: common_pb2.MigrationStats, t0: float) -> None:
+        """P ran on after V acknowledged the image: the figures of a cutover that handed nothing over."""
+        frozen_s = max(0.0, figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0))
+        stats.downtime_ms = int(frozen_s * 1000)
+        stats.downtime_bytes = int(figures.get("wire_bytes", 0))
+        sent = int(figures.get("pages_sent", 0))
+        stats.cutover_pages = int(figures.get("image_pages", 0))  # as V reports them after a move
+        stats.skipped = max(0, stats.cutover_pages - sent)
+        stats.total_time_ms = int((time.time() - self.started_wall) * 1000)
+        detail = (f"rehearsal complete, P runs on: frozen {stats.downtime_ms} ms until V had verified the "
+                  f"image ({stats.cutover_pages} pages: {sent} sent, {stats.skipped} from V's store, "
+                  f"{stats.downtime_bytes} B on the wire); a cutover adds "
+                  f"the VM's restore and resume; cutover phase {time.time() - t0:.1f}s")
+        await self._abort_remote("rehearsal complete: nothing is handed over")  # V drops its VM and copy
+        await self._phase("rehearsal", detail, fraction=1.0, state=common_pb2.MIGRATION_STATE_COMPLETED,
+                          stats=stats)
+        self._journal(rehearsed=True, figures=figures)
 
     async def _abort_remote(self, reason: str) -> None:
         if self.session is None or self.point_of_no_return:

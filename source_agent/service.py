@@ -61,6 +61,10 @@ class SourceService(source_pb2_grpc.SourceServicer):
         await self._peer(context)
         if not request.destination:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination (host:port) is required")
+        if request.dry_run and request.rehearse:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "dry_run (pre-copy only) and rehearse (cutover up to V's acknowledgement) "
+                                "exclude each other")
         active = self._active()
         if active is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -5,6 +5,7 @@ failure before the point of no return must end with P unfrozen and the block lif
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 
 from common.pagecodec import decode_batch, encode_batch
-from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError
+from dest_agent.cutover import undecided
+from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError, ReceiveResult
 from dest_agent.page_store import PageStore
-from source_agent.cutover_helper import Helper, HelperConfig
+from source_agent.cutover_helper import Helper, HelperConfig, load_held
 from tests.cutover.imagegen import make_image
 
 MAX_PFN = 8192
@@ -151,11 +153,12 @@ def meminfo_file(tmp_path: Path) -> Path:
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
-             claim_held: dict[int, int] | None = None):
+             claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
+             resume_runner=None):
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
     host, port = receiver.endpoint
-    outcome: dict = {}
+    outcome: dict = {"receiver": receiver}
 
     def serve() -> None:
         try:
@@ -172,11 +175,13 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
                        block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
-                       stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
+                       stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
+                       resume_actions=list(resume_actions or []))
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
-    helper = Helper(cfg, snap, held, block=block, uname=UNAME)  # type: ignore[arg-type]
+    helper = Helper(cfg, snap, held, block=block, uname=UNAME,  # type: ignore[arg-type]
+                    resume_runner=resume_runner)
     result = helper.run()
     if result == "aborted" and t.is_alive():
         receiver.close()
@@ -332,15 +337,52 @@ def test_endless_warm_padding_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     assert "power_off" not in snap.calls
 
 
-def test_ack_without_commit_never_starts_the_vm(tmp_path: Path) -> None:
+def test_ack_without_commit_never_starts_the_vm(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     image, pfns, data = make_image(range(10, 200))
     store = precopied_store(tmp_path, pfns, data, 0.5)
     feed = RecordingFeed()
     result, _, snap, _, outcome = run_pair(tmp_path, image, store, feed, rehearse=True)
     assert result == "rehearsed"
+    said = json.loads([ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert said["outcome"] == "rehearsed" and said["acked_at"] > said["frozen_at"] > 0  # what the agent reads
     assert snap.calls[-2:] == ["free", "unfreeze"]
     assert "go" not in feed.events and feed.events[-1] == "abort"
     assert "after ACK" in outcome["error"]
+    # P's ABORT after the ACK is P's word that it runs on: V may drop its VM (not "undecided")
+    got = outcome["receiver"].result
+    assert got.acked and not got.committed and got.aborted_after_ack and not undecided(got)
+
+
+def test_only_an_ack_without_p_s_answer_is_undecided() -> None:
+    def result(acked: bool, committed: bool, aborted: bool) -> ReceiveResult:
+        return ReceiveResult("m", acked=acked, committed=committed, aborted_after_ack=aborted)
+
+    assert undecided(result(True, False, False))  # COMMIT lost or P gone: P may be off or running
+    assert not undecided(result(True, False, True))  # P said ABORT: it runs on
+    assert not undecided(result(False, False, False))  # no ACK: P runs on
+    assert not undecided(result(True, True, False))  # committed: the VM is P
+
+
+def test_p_running_on_after_freeze_kicks_its_peers(tmp_path: Path) -> None:
+    """The peers' TCP backed off while P was frozen: after an abort (here a rehearsal) P kicks them,
+    once unfrozen, as the VM would have; no other resume step runs."""
+    image, pfns, data = make_image(range(10, 200))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    ran: list[tuple[list[str], list[str]]] = []
+
+    def runner(actions):
+        ran.append(([a["name"] for a in actions], list(snap.calls)))
+        return []
+
+    snap = PlaybackSnapshot(image)
+    kick = {"name": "kick-peers", "args": {"quotes": ["00"]}}
+    actions = [{"name": "adopt-nic", "args": {}}, kick]
+    result, _, _, block, _ = run_pair(tmp_path, image, store, RecordingFeed(), snapshot=snap, rehearse=True,
+                                      resume_actions=actions, resume_runner=runner)
+    assert result == "rehearsed"
+    assert len(ran) == 1 and ran[0][0] == ["kick-peers"]
+    assert ran[0][1][-2:] == ["free", "unfreeze"]  # after P runs again
+    assert block.lifted
 
 
 def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
@@ -415,6 +457,15 @@ def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None
     assert box.held == 0 and bytes(got) == b"".join(frames)
     a.close()
     b.close()
+
+
+def test_held_hashes_file_goes_once_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "held.npy"
+    np.save(path, np.array([1, 2, 3], dtype=np.int64))  # a signed array comes back as uint64 hashes
+    held = load_held(str(path))
+    assert held.dtype == np.uint64 and held.tolist() == [1, 2, 3]
+    assert not path.exists()  # on P's tmpfs it would be part of the image
+    assert load_held("").size == 0
 
 
 def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:

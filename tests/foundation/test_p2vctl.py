@@ -119,6 +119,17 @@ def test_migrate_dry_run_human_and_json(agents, short_tmp):
     assert source.proc.poll() is None and dest.proc.poll() is None
 
 
+def test_dry_run_and_rehearsal_together_are_refused(agents):
+    """Pre-copy only and a cutover rehearsal exclude each other: a clear refusal, nothing started."""
+    sock, address, source, _ = agents
+    res = p2vctl("migrate", address, "--agent", sock, "--dry-run", "--rehearse", "--json")
+    assert res.returncode != 0
+    assert "exclude each other" in res.stdout + res.stderr, res.stdout + res.stderr
+    watched = p2vctl("watch", "--agent", sock, "--json")  # the agent's latest migration: none
+    assert watched.returncode != 0 and "no migration has been started" in watched.stdout + watched.stderr
+    assert source.proc.poll() is None
+
+
 def test_watch_follows_rounds_live(agents, short_tmp):
     """migrate --detach returns at once; watch then streams the rounds until the end."""
     sock, address, _, _ = agents
@@ -158,3 +169,21 @@ def test_summary_of_a_whole_os_move_names_precopy_cutover_and_dedup(monkeypatch)
     assert "32.0 MiB on the wire for a 390.6 MiB image (8.2%)" in text
     assert "75000 of 100000 pages from V's store (75.0%)" in text
     assert "14990 ms (OS frozen)" in text
+    assert "rehearsal" not in text
+
+
+def test_summary_of_a_rehearsal_says_nothing_was_handed_over(monkeypatch) -> None:
+    from rich.console import Console
+
+    from p2v.v1 import common_pb2
+    from p2vctl import render
+
+    out = Console(record=True, width=160)
+    monkeypatch.setattr(render, "console", out)
+    status = common_pb2.MigrationStatus(migration_id="m2", state=common_pb2.MIGRATION_STATE_COMPLETED)
+    status.progress.phase = "rehearsal"
+    status.stats.cutover_pages, status.stats.skipped, status.stats.downtime_ms = 70_000, 60_000, 3044
+    render.summary(status)
+    text = out.export_text()
+    assert "migration m2: completed (a rehearsal: P runs on, nothing was handed over)" in text
+    assert "3044 ms (OS frozen until V had verified the image)" in text

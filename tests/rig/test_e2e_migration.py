@@ -4,7 +4,10 @@ its data disk and three workloads) moves into a waiting VM on V without a restar
 Order matters (one rig; after the last test P lives in the VM and the rig is restarted for later tests):
 1. a check that must refuse (V cannot give P's memory size) says why and changes nothing;
 2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
-3. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
+3. a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
+   P runs on) leaves P as it was: workloads, TCP session, addresses, traffic block, md, the NIC's
+   link, the bond's timers, the cutover route, the image size;
+4. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
    never reconnected and lost or duplicated no line, P's IP and MAC answer from the VM, file checksums
    on md match, P is powered off, in the VM the bond holds only the virtio NIC and md only the local
    virtio disk, the agent is no longer running.
@@ -23,6 +26,7 @@ import pytest
 from rig import Rig, libvirtd, workloads
 from rig import config as C
 from rig import destination as cr
+from rig.machine import ControlError
 from rig.observers import parse_counter_file
 
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
@@ -91,6 +95,32 @@ def test_destination_killed_mid_precopy_leaves_p_running(rig: Rig) -> None:
         libvirtd.remove_domains(cr.VM_PREFIX)  # the dead V's waiting VM
 
 
+def link_state(rig: Rig, bond: str) -> dict:
+    """What the cutover changes for the snapshot and must put back when P runs on."""
+    out = rig.run(f"cat /sys/class/net/{bond}/bonding/miimon /sys/class/net/{bond}/bonding/downdelay "
+                  f"/sys/class/net/{bond}/bonding/slaves; for s in $(cat /sys/class/net/{bond}/bonding/slaves); "
+                  f"do cat /sys/class/net/$s/carrier /sys/class/net/$s/operstate; done; echo '#'; "
+                  f"ip route show {C.DEST_IP}; echo '#'; cat /sys/power/image_size", check=True, timeout=30).out
+    parts = out.split("#\n")
+    return {"bond": parts[0].split(), "route": parts[1].strip(), "image_size": parts[2].strip()}
+
+
+def wait_migrate_output(rig: Rig, timeout_s: float) -> str:
+    """p2vctl's output once it has a final state. P's control channel is a serial line that the
+    snapshot freezes and thaws (a rehearsal does not power off): a request lost then is asked again."""
+    deadline = time.monotonic() + timeout_s
+    out = ""
+    while time.monotonic() < deadline:
+        try:
+            out = rig.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=10).out
+        except ControlError:
+            continue
+        if cr.final_state(out):
+            return out
+        time.sleep(2)
+    raise TimeoutError(f"no final state after {timeout_s:.0f}s:\n{out[-1500:]}")
+
+
 def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     rig = rig_restarted_after
     dest = cr.start_destination(rig, with_export=True)
@@ -100,6 +130,35 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     assert "bond" in kinds and "md-leg" in kinds, kinds
     bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
     md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
+
+    # a rehearsal first: the whole cutover up to V's acknowledgement, then P runs on as it was
+    before, links_before = p_state(rig), link_state(rig, bond)
+    counter_before = rig.counter_stats()
+    t_rehearsal = time.time()
+    cr.start_migration(rig, dest, extra="--max-rounds 5 --rehearse")
+    out = wait_migrate_output(rig, timeout_s=1200)
+    print("\nrehearsal output:\n" + out[-1200:])
+    assert cr.final_state(out) == "completed" and "a rehearsal: P runs on" in out, out
+    assert rig.power_state() == "running"
+    time.sleep(3)  # the NIC negotiates again and the bond takes its timers back
+    assert p_state(rig) == before  # addresses, no traffic block, md, workload and agent pids
+    links = link_state(rig, bond)
+    assert links == links_before, (links, links_before)  # carrier, timers, no cutover route, image_size
+    assert "initcwnd" not in links["route"], links
+    neigh = rig.run(f"ip neigh show {C.DEST_IP}", timeout=30).out
+    assert "PERMANENT" not in neigh, neigh  # V's entry was pinned for the cutover only
+    counter = rig.counter_stats(since_time=None)
+    assert counter.pids == counter_before.pids and counter.discontinuities == 0
+    tcp = rig.tcp_stats(since=t_rehearsal)
+    assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0
+    assert tcp.last_recv is not None and tcp.last_recv > t_rehearsal
+    print(f"rehearsal: client gap {tcp.max_gap_s:.2f}s")
+    # V dropped the rehearsal's waiting VM (P told it, by its ABORT after the ACK, that it runs on)
+    deadline = time.monotonic() + 60
+    while libvirtd.list_domains(cr.VM_PREFIX) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not libvirtd.list_domains(cr.VM_PREFIX)
+
     pids_before = rig.workload_pids()
     counter_before = rig.counter_stats()
     files_before = rig.verify_files()
@@ -111,7 +170,8 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     off_at = cr.wait_p_off(rig, timeout_s=1500)
     assert rig.power_state() == "off"
     # P goes off promptly once committed (a frozen P that lingers holds its disks and the old NBD state)
-    receipt = json.loads(next((dest.dir / "state" / "migrations").glob("*/cutover.json")).read_text())
+    receipts = (dest.dir / "state" / "migrations").glob("*/cutover.json")  # the rehearsal's, then this one's
+    receipt = json.loads(max(receipts, key=lambda p: p.stat().st_mtime).read_text())
     assert receipt["committed"] and off_at - receipt["committed_at"] < 60, (off_at, receipt["committed_at"])
     # the OS now lives in the VM: the rig's command server answers on the VM's ttyS1
     out = cr.wait_migration_end_in_vm(dest, timeout_s=600)

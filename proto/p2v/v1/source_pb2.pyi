@@ -154,7 +154,7 @@ class CheckVerdict(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlannedPair, _Mapping]]] = ..., unpaired: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("destination", "streams", "downtime_limit_ms", "max_bandwidth_bytes", "no_compression", "max_rounds", "memory_source", "dry_run")
+    __slots__ = ("destination", "streams", "downtime_limit_ms", "max_bandwidth_bytes", "no_compression", "max_rounds", "memory_source", "dry_run", "rehearse")
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
     DOWNTIME_LIMIT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class MigrateRequest(_message.Message):
     MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    REHEARSE_FIELD_NUMBER: _ClassVar[int]
     destination: str
     streams: int
     downtime_limit_ms: int
@@ -171,7 +172,8 @@ class MigrateRequest(_message.Message):
     max_rounds: int
     memory_source: str
     dry_run: bool
-    def __init__(self, destination: _Optional[str] = ..., streams: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., max_bandwidth_bytes: _Optional[int] = ..., no_compression: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., memory_source: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    rehearse: bool
+    def __init__(self, destination: _Optional[str] = ..., streams: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., max_bandwidth_bytes: _Optional[int] = ..., no_compression: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., memory_source: _Optional[str] = ..., dry_run: _Optional[bool] = ..., rehearse: _Optional[bool] = ...) -> None: ...
 
 class RollbackReply(_message.Message):
     __slots__ = ("migration_id", "undone", "state")
