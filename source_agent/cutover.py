@@ -184,6 +184,64 @@ def return_free_memory() -> None:
         log.info("malloc_trim unavailable: %s", exc)
 
 
+@dataclass
+class HostSettings:
+    """What the helper changes on P for the snapshot, read by the agent before it hands over. The
+    helper puts all of it back itself when P runs on; if it dies without a word (killed, out of
+    memory), the agent does — else P would run on cut off (traffic block applied, its NIC down)."""
+
+    blocked: list[str]
+    admin_up: list[str]  # interfaces up before the cutover
+    bonds: dict[str, dict[str, str]]  # bond -> its miimon and downdelay
+    image_size: str
+
+
+def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
+                       image_size_path: str = "/sys/power/image_size") -> HostSettings:
+    from source_agent.link_cycle import IFF_UP, link_flags
+
+    up = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            if link_flags(name) & IFF_UP:
+                up.append(name)
+        except OSError:
+            continue
+    bonds: dict[str, dict[str, str]] = {}
+    for name in blocked:
+        try:
+            bonds[name] = {o: Path(f"{root}/{name}/bonding/{o}").read_text().strip() for o in ("miimon", "downdelay")}
+        except OSError:
+            continue  # not a bond
+    try:
+        image_size = Path(image_size_path).read_text().strip()
+    except OSError:
+        image_size = ""
+    return HostSettings(list(blocked), up, bonds, image_size)
+
+
+def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
+                          image_size_path: str = "/sys/power/image_size") -> list[str]:
+    """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
+    from source_agent import traffic_block
+    from source_agent.cutover_helper import _swap_sysctl, release_bond_slaves
+    from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
+
+    done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
+    for name in saved.admin_up:
+        try:
+            if not link_flags(name) & IFF_UP:
+                set_admin_up(name, True)
+                done.append(f"{name} up")
+        except OSError as exc:
+            log.warning("bringing %s up: %s", name, exc)
+    release_bond_slaves(saved.bonds, root)
+    done += [f"{name}'s timers" for name in saved.bonds]
+    if saved.image_size:
+        _swap_sysctl(image_size_path, saved.image_size)
+    return done
+
+
 class HelperProcess:
     """The cutover helper, started early: it imports and warms up while pre-copy still runs, so that
     its own memory is already on V when the snapshot is taken (fewer pages at cutover). It waits for
@@ -251,6 +309,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
                        list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses))
     legs = nbd_legs(entries)
+    settings = await asyncio.to_thread(read_host_settings, blocked)
     saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:
         np.save(f, held)
@@ -263,6 +322,11 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         del held  # the helper has its own copy
         return_free_memory()
         result = await (helper or HelperProcess()).run(config)
+    except CutoverAborted as exc:  # the helper died or hung (and was killed) without a word
+        set_io_timeouts(legs, None, saved_timeouts)
+        done = await asyncio.to_thread(restore_host_settings, settings)
+        raise CutoverAborted(f"{exc}; the agent put P's settings back: {', '.join(done) or 'nothing to do'}"
+                             ) from None
     except BaseException:
         set_io_timeouts(legs, None, saved_timeouts)
         raise

@@ -639,8 +639,11 @@ class Helper:
             self.fig.image_created_at = time.time()
             self._send_image()
             self._await_ack()
-        except (CutoverAborted, OSError, W.WireError, ValueError, RuntimeError) as exc:
-            self._abort(str(exc))
+        except Exception as exc:  # a bug too: before the ACK, whatever goes wrong, P runs on
+            if self.fig.resumed_at:
+                raise  # in the VM: there is no P to go back to
+            expected = (CutoverAborted, OSError, W.WireError, ValueError, RuntimeError)
+            self._abort(str(exc) if isinstance(exc, expected) else f"cutover helper error: {exc!r}")
             return "aborted"
         if self.cfg.rehearse:
             self._abort("rehearsal: not powering off", outcome="rehearsed")

@@ -323,6 +323,24 @@ def test_create_image_enomem_unfreezes(tmp_path: Path) -> None:
     assert image_size_file(tmp_path).read_text() == "412000000\n"  # P runs on with its own setting
 
 
+class BuggySnapshot(PlaybackSnapshot):
+    def read_pages(self, buffers):  # a bug in P's code path after CREATE_IMAGE, not an I/O error
+        raise KeyError("bug")
+
+
+def test_a_bug_in_the_helper_before_the_ack_still_lets_p_run_on(tmp_path: Path,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    result, _helper, snap, block, _ = run_pair(tmp_path, image, store, RecordingFeed(),
+                                               snapshot=BuggySnapshot(image))
+    assert result == "aborted"
+    assert snap.calls[-2:] == ["free", "unfreeze"] and block.lifted == ["eth0", "p2vbond0"]
+    assert image_size_file(tmp_path).read_text() == "412000000\n"
+    said = json.loads([ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert said["outcome"] == "aborted" and "KeyError" in said["reason"]
+
+
 def test_endless_warm_padding_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from common import image_wire
 
