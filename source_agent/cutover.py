@@ -207,12 +207,9 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
                 up.append(name)
         except OSError:
             continue
-    bonds: dict[str, dict[str, str]] = {}
-    for name in blocked:
-        try:
-            bonds[name] = {o: Path(f"{root}/{name}/bonding/{o}").read_text().strip() for o in ("miimon", "downdelay")}
-        except OSError:
-            continue  # not a bond
+    from source_agent.cutover_helper import bond_timers
+
+    bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
     try:
         image_size = Path(image_size_path).read_text().strip()
     except OSError:
@@ -224,7 +221,7 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
                           image_size_path: str = "/sys/power/image_size") -> list[str]:
     """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
     from source_agent import traffic_block
-    from source_agent.cutover_helper import _swap_sysctl, release_bond_slaves
+    from source_agent.cutover_helper import release_bond_slaves, swap_sysctl
     from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
 
     done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
@@ -238,7 +235,7 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     release_bond_slaves(saved.bonds, root)
     done += [f"{name}'s timers" for name in saved.bonds]
     if saved.image_size:
-        _swap_sysctl(image_size_path, saved.image_size)
+        swap_sysctl(image_size_path, saved.image_size)
     return done
 
 

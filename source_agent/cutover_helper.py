@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -259,7 +260,7 @@ def _unacknowledged(sock: socket.socket) -> int:
     return buf[0]
 
 
-def _swap_sysctl(path: str, value: str) -> str:
+def swap_sysctl(path: str, value: str) -> str:
     """Write `value`, return the old one ("" when it cannot be read or written: every setting the
     cutover makes this way is an optimisation only). Never raises."""
     try:
@@ -389,6 +390,15 @@ BOND_HOLD_MS = 10_000
 BOND_HOLD_MIIMON_MS = 10
 
 
+def bond_timers(name: str, root: str = "/sys/class/net") -> dict[str, str] | None:
+    """A bond's MII polling interval and downdelay as sysfs has them (None: not a bond, or gone)."""
+    try:
+        return {option: Path(f"{root}/{name}/bonding/{option}").read_text().strip()
+                for option in ("miimon", "downdelay")}
+    except OSError:
+        return None
+
+
 def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net", hold_ms: int = BOND_HOLD_MS,
                      miimon_ms: int = BOND_HOLD_MIIMON_MS) -> dict[str, dict[str, str]]:
     """Give p2v's bonds a downdelay long enough to ride out the snapshot's link loss, and a short
@@ -402,18 +412,15 @@ def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net", hold_m
     saved: dict[str, dict[str, str]] = {}
     for name in interfaces:
         bonding = f"{root}/{name}/bonding"
+        old = bond_timers(name, root)
         try:
-            with open(f"{bonding}/miimon") as f:
-                old_miimon = f.read().strip()
-            if int(old_miimon or 0) <= 0:
-                continue  # ARP monitoring: no downdelay to set
-            with open(f"{bonding}/downdelay") as f:
-                old_downdelay = f.read().strip()
-            poll = min(int(old_miimon), miimon_ms)
+            if old is None or int(old["miimon"] or 0) <= 0:
+                continue  # not a bond, or ARP monitoring: no downdelay to set
+            poll = min(int(old["miimon"]), miimon_ms)
             # the kernel keeps the delays in polling intervals: interval first, then the delay
             with open(f"{bonding}/miimon", "w") as f:
                 f.write(f"{poll}\n")
-            saved[name] = {"miimon": old_miimon, "downdelay": old_downdelay}
+            saved[name] = old
             with open(f"{bonding}/downdelay", "w") as f:
                 f.write(f"{-(-hold_ms // poll) * poll}\n")  # a multiple of miimon
         except (OSError, ValueError):
@@ -736,14 +743,14 @@ class Helper:
 
     def _raise_image_size(self) -> None:
         total_kib = self.memory.get("mem_total_mib", 0.0) * 1024
-        self.saved_image_size = _swap_sysctl(self.cfg.image_size_path, str(int(total_kib) * 1024))
+        self.saved_image_size = swap_sysctl(self.cfg.image_size_path, str(int(total_kib) * 1024))
 
     def _undo_settings(self) -> None:
         """What the cutover set for the snapshot goes back, P running on or in the VM (V's MAC is the
         same seen from the VM; there the physical slave, down since the snapshot, is then dropped by
         its bond and removed after UNFREEZE). Never raises."""
         if self.saved_image_size:
-            _swap_sysctl(self.cfg.image_size_path, self.saved_image_size)
+            swap_sysctl(self.cfg.image_size_path, self.saved_image_size)
         narrow_route(self.stream_route)
         unpin_neighbour(self.pinned)
         release_bond_slaves(self.bond_hold, self.cfg.sys_class_net)
