@@ -6,14 +6,17 @@ import datetime
 import ipaddress
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import TlsConfig
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# `cryptography` is imported only where certificates are made: the agents and p2vctl merely hand PEM
+# files to gRPC, and 3.4 MiB less of a process in P is 3.4 MiB less of P's snapshot at cutover.
 
 VALIDITY = datetime.timedelta(days=825)
 
@@ -25,6 +28,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -32,6 +37,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def make_ca(out: Path, name: str = "p2v-ca") -> tuple[Path, Path]:
     """Create ca.pem + ca.key in `out` (kept if they already exist)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     out.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key = out / "ca.pem", out / "ca.key"
     if ca_pem.exists() and ca_key.exists():
@@ -60,6 +70,11 @@ def make_ca(out: Path, name: str = "p2v-ca") -> tuple[Path, Path]:
 
 def issue_cert(out: Path, name: str, extra_sans: list[str] | None = None) -> tuple[Path, Path]:
     """Issue <name>.pem/<name>.key signed by the CA in `out`, usable as client and server."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     ca_pem, ca_key = make_ca(out)
     ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
     ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
