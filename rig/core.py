@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,22 @@ class Rig:
         out = self.run(script, timeout=30, check=True).out
         state, _, tail = out.partition("\n")
         return AgentState(state.strip(), tail)
+
+    def restart_agent(self, env: dict[str, str] | None = None, timeout_s: float = 300) -> AgentState:
+        """Stop P's source agent and start it again as P's boot does (rig/guest/services.sh), with
+        `env` added to its environment (e.g. P2V_FAULT). Waits until it is ready."""
+        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        script = (f"pid=$(cat {C.P_AGENT_PIDFILE}); kill $pid; "
+                  "for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.2; done; "
+                  f"kill -9 $pid 2>/dev/null; rm -f {C.P_AGENT_READY_FILE}; "
+                  f"cd {C.P_PROJECT_DIR} && {{ {assigns} setsid python3 -m source_agent.main "
+                  f"--config {C.P_AGENT_CONFIG} --ready-file {C.P_AGENT_READY_FILE} < /dev/null "
+                  f">> {C.P_AGENT_LOG} 2>&1 & echo $! > {C.P_AGENT_PIDFILE}; }}")
+        self.run(script, timeout=60, check=True)
+        state = self.wait_agent(timeout_s)
+        if not state.ready:
+            raise RuntimeError(f"the source agent did not come back: {state.state}\n{state.tail}")
+        return state
 
     def wait_agent(self, timeout_s: float) -> AgentState:
         """Until the agent is ready, or it is clear that it will not be (absent/exited)."""

@@ -194,10 +194,14 @@ class HostSettings:
     admin_up: list[str]  # interfaces up before the cutover
     bonds: dict[str, dict[str, str]]  # bond -> its miimon and downdelay
     image_size: str
+    v_host: str = ""  # V's image socket: the helper adds a host route to it and pins its ARP entry
+    v_route: bool = False  # a /32 route to V was there before (then it is not the helper's)
+    v_pinned: bool = False  # V's neighbour entry was permanent before
 
 
 def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
-                       image_size_path: str = "/sys/power/image_size") -> HostSettings:
+                       image_size_path: str = "/sys/power/image_size", v_host: str = "") -> HostSettings:
+    from source_agent.cutover_helper import host_route, pinned_neighbour
     from source_agent.link_cycle import IFF_UP, link_flags
 
     up = []
@@ -214,14 +218,23 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
         image_size = Path(image_size_path).read_text().strip()
     except OSError:
         image_size = ""
-    return HostSettings(list(blocked), up, bonds, image_size)
+    return HostSettings(list(blocked), up, bonds, image_size, v_host,
+                        v_route=bool(v_host) and host_route(v_host) is not None,
+                        v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None)
 
 
 def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
                           image_size_path: str = "/sys/power/image_size") -> list[str]:
     """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
     from source_agent import traffic_block
-    from source_agent.cutover_helper import release_bond_slaves, swap_sysctl
+    from source_agent.cutover_helper import (
+        host_route,
+        narrow_route,
+        pinned_neighbour,
+        release_bond_slaves,
+        swap_sysctl,
+        unpin_neighbour,
+    )
     from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
 
     done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
@@ -236,6 +249,12 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     done += [f"{name}'s timers" for name in saved.bonds]
     if saved.image_size:
         swap_sysctl(image_size_path, saved.image_size)
+    if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None:
+        narrow_route(route)
+        done.append(f"route to {saved.v_host} removed")
+    if saved.v_host and not saved.v_pinned and (pin := pinned_neighbour(saved.v_host)) is not None:
+        unpin_neighbour(pin)
+        done.append(f"{saved.v_host}'s neighbour entry unpinned")
     return done
 
 
@@ -265,7 +284,7 @@ class HelperProcess:
             raise CutoverAborted("the cutover helper did not finish in time") from None
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
         if not lines:
-            tail = err.decode(errors="replace")[-2000:]
+            tail = err.decode(errors="replace")[-2000:].strip()
             raise CutoverAborted(f"the cutover helper failed (rc={proc.returncode}): {tail}")
         if err:
             log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
@@ -306,7 +325,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
                        list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses))
     legs = nbd_legs(entries)
-    settings = await asyncio.to_thread(read_host_settings, blocked)
+    v_host = reply.endpoint.rpartition(":")[0]
+    settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
     saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:
         np.save(f, held)

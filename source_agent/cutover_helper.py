@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -53,6 +54,8 @@ from common.pagecodec import hash_page_views, new_checksum
 from source_agent import peer_kick, resume, traffic_block
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 
+#: Fault injection for tests, as CRIU_FAULT: the helper is killed at the point this names (see fault_point).
+FAULT_ENV = "P2V_FAULT"
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
 RB_POWER_OFF = 0x4321FEDC
@@ -223,6 +226,14 @@ class Figures:
     peer_flows: int = 0  # connections whose peer waits on an unacknowledged segment
 
 
+def fault_point(name: str) -> None:
+    """SIGKILL ourselves here when $P2V_FAULT names this point: a helper killed mid-cutover (the OOM
+    killer, an admin) is how the rig tests the agent's safety net. Nothing happens otherwise."""
+    if os.environ.get(FAULT_ENV) == name:
+        print(f"cutover helper: {FAULT_ENV}={name}: killing myself", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def emit(outcome: str, figures: Figures, **extra: Any) -> None:
     line = json.dumps({"outcome": outcome, **figures.__dict__, **extra})
     os.write(1, line.encode() + b"\n")
@@ -341,6 +352,19 @@ def _route_keys(route: StreamRoute) -> dict[str, Any]:
     return keys
 
 
+def host_route(host: str) -> StreamRoute | None:
+    """The /32 route to `host` in the main table, if there is one (the agent's safety net: it was
+    there before the hand-over, or the helper added it). Never raises."""
+    def find(ipr: Any) -> StreamRoute | None:
+        for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
+                return StreamRoute(host, route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
+                                   route.get_attr("RTA_PREFSRC"))
+        return None
+
+    return _netlink(f"cannot read the routes to {host}", find, None)
+
+
 def narrow_route(route: StreamRoute | None) -> None:
     """Remove widen_route's route (P runs on, or in the VM). Never raises."""
     if route is not None:
@@ -376,6 +400,18 @@ def pin_neighbour(host: str, interface: str) -> PinnedNeighbour | None:
         return None
 
     return _netlink("cannot pin V's neighbour entry (ARP then resolves V as usual)", pin, None)
+
+
+def pinned_neighbour(host: str) -> PinnedNeighbour | None:
+    """`host`'s permanent neighbour entry, if there is one (the agent's safety net). Never raises."""
+    def find(ipr: Any) -> PinnedNeighbour | None:
+        for entry in ipr.get_neighbours(family=socket.AF_INET):
+            mac = entry.get_attr("NDA_LLADDR")
+            if entry.get_attr("NDA_DST") == host and mac and entry["state"] == NUD_PERMANENT:
+                return PinnedNeighbour(host, mac, entry["ifindex"])
+        return None
+
+    return _netlink(f"cannot read the neighbour entries of {host}", find, None)
 
 
 def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
@@ -643,6 +679,7 @@ class Helper:
             in_suspend = self._create_image()
             if not in_suspend:
                 return self._resumed()
+            fault_point("helper-killed-after-image")  # P frozen, traffic blocked, its NIC down
             self.fig.image_created_at = time.time()
             self._send_image()
             self._await_ack()

@@ -7,6 +7,8 @@ kernel has no bonding)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -19,17 +21,26 @@ SNIPPET = """
 import json, os, subprocess, sys
 sys.path.insert(0, {repo!r})
 from source_agent import cutover
+from source_agent.cutover_helper import pin_neighbour, widen_route
 from source_agent.link_cycle import set_admin_up
 
-root, nic = {root!r}, {ifname!r}
+root, uplink, v_host = {root!r}, {ifname!r}, {v_host!r}
+nic = "hsa0"  # the NIC the helper takes down: not the uplink, whose ARP entries admin-down would flush
+subprocess.run(["ip", "link", "add", nic, "type", "veth", "peer", "name", "hsb0"], check=True)
+subprocess.run(["ip", "link", "set", nic, "up"], check=True)
+os.makedirs(f"{{root}}/{{uplink}}", exist_ok=True)
+# V's ARP entry as traffic to it leaves one (no packet is sent)
+subprocess.run(["ip", "neigh", "replace", v_host, "lladdr", "52:54:00:78:12:02", "dev", uplink, "nud", "reachable"],
+               check=True)
 os.makedirs(f"{{root}}/{{nic}}", exist_ok=True)
 os.makedirs(f"{{root}}/bond9/bonding", exist_ok=True)
 for option, value in (("miimon", "100"), ("downdelay", "0")):
     open(f"{{root}}/bond9/bonding/{{option}}", "w").write(value + "\\n")
 size = f"{{root}}/image_size"
 open(size, "w").write("412000000\\n")
-saved = cutover.read_host_settings([nic, "bond9"], root=root, image_size_path=size)
+saved = cutover.read_host_settings([nic, "bond9"], root=root, image_size_path=size, v_host=v_host)
 # what the helper does for the snapshot, then it dies
+route, pin = widen_route(v_host, 40, 200), pin_neighbour(v_host, uplink)
 subprocess.run(["tc", "qdisc", "add", "dev", nic, "clsact"], check=True)
 set_admin_up(nic, False)
 open(f"{{root}}/bond9/bonding/miimon", "w").write("10\\n")
@@ -38,7 +49,10 @@ open(size, "w").write("1007353856\\n")
 done = cutover.restore_host_settings(saved, root=root, image_size_path=size)
 qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", nic], capture_output=True, text=True).stdout
 flags = json.loads(subprocess.run(["ip", "-j", "link", "show", nic], capture_output=True, text=True).stdout)[0]["flags"]
-print(json.dumps({{"saved_up": saved.admin_up, "bonds": saved.bonds, "done": done, "qdiscs": qdiscs, "flags": flags,
+routes = subprocess.run(["ip", "route", "show", v_host], capture_output=True, text=True).stdout
+neigh = subprocess.run(["ip", "neigh", "show", v_host], capture_output=True, text=True).stdout
+print(json.dumps({{"helper_route": route is not None, "helper_pin": pin is not None, "routes": routes, "neigh": neigh,
+                  "saved_up": saved.admin_up, "bonds": saved.bonds, "done": done, "qdiscs": qdiscs, "flags": flags,
                   "miimon": open(f"{{root}}/bond9/bonding/miimon").read().strip(),
                   "downdelay": open(f"{{root}}/bond9/bonding/downdelay").read().strip(),
                   "image_size": open(size).read().strip()}}))
@@ -50,13 +64,67 @@ def test_agent_puts_p_settings_back_after_a_silent_helper(tmp_path) -> None:
     if not can_use_netns():
         pytest.skip("needs root and iproute2 for network namespaces")
     with netns_pair("hset", subnet="10.78.12") as pair:
-        code = SNIPPET.format(repo=str(REPO), root=str(tmp_path / "net"), ifname=pair.left_if)
+        code = SNIPPET.format(repo=str(REPO), root=str(tmp_path / "net"), ifname=pair.left_if, v_host=pair.right_ip)
         res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
         out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["saved_up"] == [pair.left_if], out  # bond9 is no interface here: only read as a bond
+    assert out["saved_up"] == ["hsa0", pair.left_if], out  # bond9 is no interface here: only read as a bond
     assert out["bonds"] == {"bond9": {"miimon": "100", "downdelay": "0"}}, out
     assert "clsact" not in out["qdiscs"] and "UP" in out["flags"], out
     assert (out["miimon"], out["downdelay"], out["image_size"]) == ("100", "0", "412000000"), out
-    assert f"block lifted on {pair.left_if}" in out["done"] and f"{pair.left_if} up" in out["done"], out
+    assert "block lifted on hsa0" in out["done"] and "hsa0 up" in out["done"], out
+    # the helper's host route to V and its pinned ARP entry: gone, and only those
+    assert out["helper_route"] and out["helper_pin"], out
+    assert out["routes"].strip() == "", out  # `ip route show V` lists the /32 route to V only
+    assert "PERMANENT" not in out["neigh"] and "52:54:00:78:12:02" in out["neigh"], out
+    assert f"route to {pair.right_ip} removed" in out["done"], out
+    assert f"{pair.right_ip}'s neighbour entry unpinned" in out["done"], out
+
+
+SNIPPET_OWN_ROUTE = """
+import json, subprocess, sys
+sys.path.insert(0, {repo!r})
+from source_agent import cutover
+
+nic, v_host = {ifname!r}, {v_host!r}
+subprocess.run(["ip", "route", "add", v_host + "/32", "dev", nic], check=True)  # the admin's own route
+subprocess.run(["ip", "neigh", "replace", v_host, "lladdr", "52:54:00:78:12:02", "dev", nic, "nud", "permanent"],
+               check=True)
+saved = cutover.read_host_settings([], root={root!r}, image_size_path={root!r} + "/none", v_host=v_host)
+done = cutover.restore_host_settings(saved, root={root!r}, image_size_path={root!r} + "/none")
+print(json.dumps({{"done": done, "routes": subprocess.run(["ip", "route", "show", v_host], capture_output=True,
+                                                        text=True).stdout,
+                  "neigh": subprocess.run(["ip", "neigh", "show", v_host], capture_output=True, text=True).stdout}}))
+"""
+
+
+@pytest.mark.netns
+def test_agent_leaves_routes_and_entries_it_did_not_see_made(tmp_path) -> None:
+    """A host route to V and a permanent ARP entry that were there before the cutover are P's own."""
+    if not can_use_netns():
+        pytest.skip("needs root and iproute2 for network namespaces")
+    (tmp_path / "net").mkdir()
+    with netns_pair("hown", subnet="10.78.13") as pair:
+        code = SNIPPET_OWN_ROUTE.format(repo=str(REPO), root=str(tmp_path / "net"), ifname=pair.left_if,
+                                        v_host=pair.right_ip)
+        res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pair.right_ip in out["routes"] and "PERMANENT" in out["neigh"], out
+    assert not any("route" in d or "neighbour" in d for d in out["done"]), out
+
+
+def test_fault_point_kills_the_helper_only_when_named() -> None:
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from source_agent.cutover_helper import fault_point; "
+            "fault_point('helper-killed-after-image'); print('alive')")
+    env = {k: v for k, v in os.environ.items() if k != "P2V_FAULT"}
+    untouched = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert untouched.returncode == 0 and untouched.stdout.strip() == "alive", untouched.stderr
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={**env, "P2V_FAULT": "some-other-point"})
+    assert other.returncode == 0 and other.stdout.strip() == "alive", other.stderr
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**env, "P2V_FAULT": "helper-killed-after-image"})
+    assert killed.returncode == -signal.SIGKILL and "alive" not in killed.stdout, killed

@@ -4,9 +4,10 @@ its data disk and three workloads) moves into a waiting VM on V without a restar
 Order matters (one rig; after the last test P lives in the VM and the rig is restarted for later tests):
 1. a check that must refuse (V cannot give P's memory size) says why and changes nothing;
 2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
-3. a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
-   P runs on) leaves P as it was: workloads, TCP session, addresses, traffic block, md, the NIC's
-   link, the bond's timers, the cutover route, the image size;
+3. a cutover whose helper is killed right after the snapshot (fault injection, $P2V_FAULT), and then
+   a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
+   P runs on), each leave P as it was: workloads, TCP session, addresses, traffic block, md, the
+   NIC's link, the bond's timers, the cutover route and ARP pin, the image size;
 4. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
    never reconnected and lost or duplicated no line, P's IP and MAC answer from the VM, file checksums
    on md match, P is powered off, in the VM the bond holds only the virtio NIC and md only the local
@@ -121,24 +122,15 @@ def wait_migrate_output(rig: Rig, timeout_s: float) -> str:
     raise TimeoutError(f"no final state after {timeout_s:.0f}s:\n{out[-1500:]}")
 
 
-def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
-    rig = rig_restarted_after
-    dest = cr.start_destination(rig, with_export=True)
-    workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
-    built = cr.build_redundancy(rig)
-    kinds = [e["kind"] for e in built["journal"]["entries"]]
-    assert "bond" in kinds and "md-leg" in kinds, kinds
-    bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
-    md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
-
-    # a rehearsal first: the whole cutover up to V's acknowledgement, then P runs on as it was
+def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str, options: str, what: str) -> str:
+    """A migration that must end with P running on as it was (a rehearsal, a cutover that fails
+    after the snapshot): asserted from outside. Returns p2vctl's output."""
     before, links_before = p_state(rig), link_state(rig, bond)
     counter_before = rig.counter_stats()
-    t_rehearsal = time.time()
-    cr.start_migration(rig, dest, extra="--max-rounds 5 --rehearse")
+    t0 = time.time()
+    cr.start_migration(rig, dest, extra=options)
     out = wait_migrate_output(rig, timeout_s=1200)
-    print("\nrehearsal output:\n" + out[-1200:])
-    assert cr.final_state(out) == "completed" and "a rehearsal: P runs on" in out, out
+    print(f"\n{what} output:\n" + out[-1200:])
     assert rig.power_state() == "running"
     time.sleep(3)  # the NIC negotiates again and the bond takes its timers back
     assert p_state(rig) == before  # addresses, no traffic block, md, workload and agent pids
@@ -149,15 +141,40 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     assert "PERMANENT" not in neigh, neigh  # V's entry was pinned for the cutover only
     counter = rig.counter_stats(since_time=None)
     assert counter.pids == counter_before.pids and counter.discontinuities == 0
-    tcp = rig.tcp_stats(since=t_rehearsal)
+    tcp = rig.tcp_stats(since=t0)
     assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0
-    assert tcp.last_recv is not None and tcp.last_recv > t_rehearsal
-    print(f"rehearsal: client gap {tcp.max_gap_s:.2f}s")
-    # V dropped the rehearsal's waiting VM (P told it, by its ABORT after the ACK, that it runs on)
+    assert tcp.last_recv is not None and tcp.last_recv > t0
+    print(f"{what}: client gap {tcp.max_gap_s:.2f}s")
+    # V dropped the waiting VM (P told it that it runs on, or its image stream broke off)
     deadline = time.monotonic() + 60
     while libvirtd.list_domains(cr.VM_PREFIX) and time.monotonic() < deadline:
         time.sleep(1)
     assert not libvirtd.list_domains(cr.VM_PREFIX)
+    return out
+
+
+def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
+    rig = rig_restarted_after
+    dest = cr.start_destination(rig, with_export=True)
+    workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
+    built = cr.build_redundancy(rig)
+    kinds = [e["kind"] for e in built["journal"]["entries"]]
+    assert "bond" in kinds and "md-leg" in kinds, kinds
+    bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
+    md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
+
+    # the cutover helper killed right after the snapshot (P frozen, its traffic blocked, its NIC down):
+    # the agent puts P back by itself
+    rig.restart_agent(env={"P2V_FAULT": "helper-killed-after-image"})
+    try:
+        out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 2", "helper killed")
+        assert cr.final_state(out) == "failed" and "the agent put P's settings back" in out, out
+    finally:
+        rig.restart_agent()
+
+    # a rehearsal: the whole cutover up to V's acknowledgement, then P runs on as it was
+    out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 5 --rehearse", "rehearsal")
+    assert cr.final_state(out) == "completed" and "a rehearsal: P runs on" in out, out
 
     pids_before = rig.workload_pids()
     counter_before = rig.counter_stats()
