@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 import json
 import logging
 import os
+import signal
 import sys
-import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 VIRTIO_DRIVERS = ("virtio_pci", "virtio_net", "virtio_blk")
 HELPER_TIMEOUT_S = 900.0
-PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
-#: V's hashes for the helper: on tmpfs when there is one (it is part of the image, and tiny)
-HELD_DIR = "/run" if os.path.isdir("/run") else None
 
 
 class CutoverAborted(RuntimeError):
@@ -259,47 +256,98 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
 
 
 class HelperProcess:
-    """The cutover helper, started early: it imports and warms up while pre-copy still runs, so that
-    its own memory is already on V when the snapshot is taken (fewer pages at cutover). It waits for
-    its configuration on stdin; closing stdin without one makes it exit."""
+    """The cutover helper, forked from this agent when the cutover starts, not started afresh: the
+    interpreter, numpy, pyroute2 and our modules are in memory already and stay shared
+    copy-on-write, so the snapshot carries one copy of them instead of two (a fresh helper was
+    35 MiB of P's image). The child runs `cutover_helper.run`; its outcome is the last JSON line on
+    its stdout, a pipe, and its stderr, another pipe, explains a death."""
 
     def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "source_agent.cutover_helper", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=PROJECT_DIR)
+        """Load what the helper runs while pre-copy still goes on: these pages reach V before the
+        snapshot, and the child finds them loaded."""
+        from source_agent import cutover_helper
 
-    async def run(self, config: dict, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
-        """Hand over the configuration; the helper's last JSON line on stdout is the outcome."""
-        if self.proc is None:
-            await self.start()
-        proc = self.proc
-        assert proc is not None
+        await asyncio.to_thread(cutover_helper.warm_up)
+
+    async def run(self, config: dict, held: np.ndarray, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
+        """Fork the helper with `config` (HelperConfig's fields) and V's hash per PFN; its outcome."""
+        from source_agent import cutover_helper
+
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.collect()
+        gc.freeze()  # the child's collector would otherwise touch, and so copy, every object
+        pid = os.fork()
+        if pid == 0:
+            _helper_child(cutover_helper.run, config, held, out_w, err_w, (out_r, err_r))
+        gc.unfreeze()
+        self.pid = pid
+        os.close(out_w)
+        os.close(err_w)
+        reading = asyncio.gather(asyncio.to_thread(_read_to_end, out_r), asyncio.to_thread(_read_to_end, err_r))
         try:
-            out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout_s)
-        except TimeoutError:
-            proc.kill()
+            out, err = await asyncio.wait_for(asyncio.shield(reading), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            os.kill(pid, signal.SIGKILL)  # its pipes close: the readers end
+            await reading
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise CutoverAborted("the cutover helper did not finish in time") from None
+        finally:
+            status = (await asyncio.to_thread(os.waitpid, pid, 0))[1]
+            self.pid = None
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
         if not lines:
             tail = err.decode(errors="replace")[-2000:].strip()
-            raise CutoverAborted(f"the cutover helper failed (rc={proc.returncode}): {tail}")
+            raise CutoverAborted(f"the cutover helper failed (rc={os.waitstatus_to_exitcode(status)}): {tail}")
         if err:
             log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
         return json.loads(lines[-1])
 
     async def dismiss(self) -> None:
-        """No cutover after all: the idle helper exits (nothing was changed by it)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            proc.stdin.close()  # type: ignore[union-attr]
-            await asyncio.wait_for(proc.wait(), 10)
-        except (TimeoutError, OSError):
-            proc.kill()
+        """No cutover after all: nothing was forked, nothing to do."""
+
+
+def _read_to_end(fd: int) -> bytes:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _helper_child(target, config: dict, held: np.ndarray, out_w: int, err_w: int, close: tuple[int, ...]):
+    """In the forked child: stdout and stderr to the agent's pipes, default signal handling (the
+    agent's event loop is not ours), no garbage collection (it would copy the agent's objects), run
+    the helper, and leave without the agent's exit handlers."""
+    code = 70
+    try:
+        for fd in close:
+            os.close(fd)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.close(out_w)
+        os.close(err_w)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # the pipes, whatever sys.stdout was
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        gc.disable()
+        code = target(config, held)
+    except BaseException:  # whatever it is, it goes to the agent through stderr
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
@@ -328,37 +376,36 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
     saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
-    with tempfile.NamedTemporaryFile(prefix="p2v-held-", suffix=".npy", dir=HELD_DIR, delete=False) as f:
-        np.save(f, held)
-        held_path = f.name
     try:
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
-                  "held_hashes": held_path, "block_interfaces": blocked, "network_legs": legs,
-                  "rehearse": rehearse,
+                  "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
-        del held  # the helper has its own copy
         return_free_memory()
-        result = await (helper or HelperProcess()).run(config)
-    except CutoverAborted as exc:  # the helper died or hung (and was killed) without a word
+        result = await (helper or HelperProcess()).run(config, held)
+    except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
         set_io_timeouts(legs, None, saved_timeouts)
-        done = await asyncio.to_thread(restore_host_settings, settings)
+        # in a thread: pyroute2 runs an event loop of its own (the thread finishes even if cancelled again)
+        done = await asyncio.shield(asyncio.to_thread(restore_host_settings, settings))
+        if isinstance(exc, asyncio.CancelledError):
+            log.warning("cutover cancelled; the agent put P's settings back: %s", ", ".join(done) or "nothing to do")
+            raise
         raise CutoverAborted(f"{exc}; the agent put P's settings back: {', '.join(done) or 'nothing to do'}"
                              ) from None
     except BaseException:
         set_io_timeouts(legs, None, saved_timeouts)
         raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # the helper removes it once loaded
-            os.unlink(held_path)
     if result.get("outcome") != "resumed":
         set_io_timeouts(legs, None, saved_timeouts)  # P runs on as it was
-        try:
-            await stub.Cutover(destination_pb2.CutoverRequest(
-                migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ABORT), timeout=10)
-        except Exception as exc:  # the destination may be the reason we failed
-            log.warning("could not tell V about the abort: %s", exc)
         if rehearse and result.get("outcome") == "rehearsed":
-            return result
+            return result  # the agent cancels the migration on V next: no re-arming it first
+        for attempt in range(3):  # as after a rehearsal: the connection may have died under the block
+            try:
+                await stub.Cutover(destination_pb2.CutoverRequest(
+                    migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ABORT), timeout=10,
+                    wait_for_ready=attempt > 0)
+                break
+            except Exception as exc:  # the destination may be the reason we failed
+                log.warning("could not tell V about the abort (attempt %d): %s", attempt + 1, exc)
         raise CutoverAborted(f"cutover aborted, P runs on: {result.get('reason', result.get('outcome'))}")
     return result
 

@@ -1,7 +1,6 @@
 """The cutover helper: one single-threaded process that takes the snapshot of P and sends it.
 
-    python3 -m source_agent.cutover_helper < config.json
-
+The agent forks it (source_agent/cutover.py, HelperProcess) and calls `run` in the child.
 Everything else on P gets frozen by SNAPSHOT_FREEZE (the agent and its gRPC threads included), so
 this process depends on nothing but its own memory, /dev/snapshot and one plain TCP socket to V's
 image receiver, negotiated by the agent beforehand (endpoint + one-time token in the config).
@@ -149,7 +148,6 @@ class HelperConfig:
     migration_id: str
     endpoint: str  # host:port of V's image socket
     token: str  # hex
-    held_hashes: str = ""  # .npy of V's per-PFN hashes ("" = send every page)
     block_interfaces: list[str] = field(default_factory=list)
     resume_actions: list[dict[str, Any]] = field(default_factory=list)
     snapshot_device: str = "/dev/snapshot"
@@ -258,6 +256,13 @@ def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[st
                         out[f"{name}_rss_mib"] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass  # figures only
+    for name, pid in (("helper", os.getpid()), ("agent", os.getppid())):
+        try:  # what is the process's own: the forked helper shares the rest with the agent
+            with open(f"{proc}/{pid}/smaps_rollup") as f:
+                own = sum(int(line.split()[1]) for line in f if line.startswith(("Private_Dirty:", "Private_Clean:")))
+            out[f"{name}_private_mib"] = own / 1024
+        except (OSError, ValueError, IndexError):
+            pass
     return out
 
 
@@ -986,21 +991,9 @@ class Helper:
         return "resumed"
 
 
-def load_held(path: str) -> np.ndarray:
-    """V's per-PFN hashes from the agent's file, which goes at once: on tmpfs it would be 2 MiB
-    (for 1 GiB of P) more of the image, and new since the last pre-copy round."""
-    if not path:
-        return np.zeros(0, dtype=np.uint64)
-    held = np.load(path).astype(np.uint64, copy=False)
-    try:
-        os.unlink(path)
-    except OSError:
-        pass  # the agent removes it after us
-    return held
-
-
 def warm_up() -> None:
-    """Load now what resume needs later: once frozen in the VM nothing should wait on imports."""
+    """Load now what the cutover needs later, in the agent: the forked helper then shares it, and
+    once frozen (or in the VM) nothing waits on imports."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -1008,14 +1001,10 @@ def warm_up() -> None:
         ipr.get_addr()
 
 
-def main() -> int:
-    warm_up()  # while the agent's pre-copy still runs: these pages reach V before the snapshot
-    text = sys.stdin.read()
-    if not text.strip():
-        return 0  # dismissed: no cutover
-    raw = json.loads(text)
+def run(raw: dict[str, Any], held: np.ndarray) -> int:
+    """The helper's whole life in its process: `raw` is a HelperConfig's fields, `held` V's hash per
+    PFN (0 = not held). The outcome goes to stdout as one JSON line (emit). Returns the exit code."""
     cfg = HelperConfig(**raw)
-    held = load_held(cfg.held_hashes)
     try:
         snap = SnapshotDevice(cfg.snapshot_device)
     except (OSError, ValueError, OverflowError) as exc:
@@ -1023,7 +1012,3 @@ def main() -> int:
         return 2
     outcome = Helper(cfg, snap, held).run()
     return 0 if outcome in ("resumed", "rehearsed") else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

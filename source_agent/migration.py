@@ -29,6 +29,9 @@ from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
+#: Tries to tell V that P runs on after a cutover that went as far as a snapshot (see _abort_remote).
+AFTER_SNAPSHOT_ATTEMPTS = 5
+
 
 class MigrationAborted(RuntimeError):
     pass
@@ -113,7 +116,8 @@ class SourceMigration:
                 grpc.RpcError) as exc:
             message = prepare.describe_rpc_error(exc, address) if isinstance(exc, grpc.RpcError) else str(exc)
             log.error("migration failed", extra={"migration": self.id, "error": message})
-            await self._abort_remote(message)
+            await self._abort_remote(message, attempts=AFTER_SNAPSHOT_ATTEMPTS
+                                     if isinstance(exc, cutover.CutoverAborted) else 1)
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=message)
         except Exception as exc:  # a bug: still leave P running and say so
             log.exception("migration crashed", extra={"migration": self.id})
@@ -212,23 +216,31 @@ class SourceMigration:
                   f"image ({stats.cutover_pages} pages: {sent} sent, {stats.skipped} from V's store, "
                   f"{stats.downtime_bytes} B on the wire); a cutover adds "
                   f"the VM's restore and resume; cutover phase {time.time() - t0:.1f}s")
-        await self._abort_remote("rehearsal complete: nothing is handed over")  # V drops its VM and copy
+        await self._abort_remote("rehearsal complete: nothing is handed over",  # V drops its VM and copy
+                                 attempts=AFTER_SNAPSHOT_ATTEMPTS)
         await self._phase("rehearsal", detail, fraction=1.0, state=common_pb2.MIGRATION_STATE_COMPLETED,
                           stats=stats)
         self._journal(rehearsed=True, figures=figures)
 
-    async def _abort_remote(self, reason: str) -> None:
+    async def _abort_remote(self, reason: str, attempts: int = 1) -> None:
+        """Cancel the migration on V. After a snapshot, several `attempts`: P's traffic block dropped
+        V's answers for seconds, and gRPC's keepalive may have closed the connection meanwhile (the
+        rig: "Stream removed ... Connection timed out"); the channel then connects again."""
         if self.session is None or self.point_of_no_return:
             return
-        try:
-            await self.session.stub.Cancel(common_pb2.CancelRequest(migration_id=self.id, reason=reason),
-                                           timeout=5)
-        except grpc.RpcError as exc:
-            log.warning("could not cancel on the destination",
-                        extra={"migration": self.id, "error": str(exc.details() if hasattr(exc, "details")
-                                                                  else exc)})
-        except asyncio.CancelledError:
-            pass
+        request = common_pb2.CancelRequest(migration_id=self.id, reason=reason)
+        for attempt in range(attempts):
+            try:
+                await self.session.stub.Cancel(request, timeout=5, wait_for_ready=attempt > 0)
+                return
+            except grpc.RpcError as exc:
+                error = str(exc.details() if hasattr(exc, "details") else exc)
+                log.warning("could not cancel on the destination",
+                            extra={"migration": self.id, "error": error, "attempt": attempt + 1})
+            except asyncio.CancelledError:
+                return
+            if attempt + 1 < attempts:
+                await asyncio.sleep(1)
 
     async def cancel(self) -> None:
         if self.task and not self.task.done():

@@ -17,7 +17,7 @@ from common.pagecodec import decode_batch, encode_batch
 from dest_agent.cutover import undecided
 from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError, ReceiveResult
 from dest_agent.page_store import PageStore
-from source_agent.cutover_helper import Helper, HelperConfig, load_held
+from source_agent.cutover_helper import Helper, HelperConfig
 from tests.cutover.imagegen import make_image
 
 MAX_PFN = 8192
@@ -475,15 +475,6 @@ def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None
     assert box.held == 0 and bytes(got) == b"".join(frames)
     a.close()
     b.close()
-
-
-def test_held_hashes_file_goes_once_loaded(tmp_path: Path) -> None:
-    path = tmp_path / "held.npy"
-    np.save(path, np.array([1, 2, 3], dtype=np.int64))  # a signed array comes back as uint64 hashes
-    held = load_held(str(path))
-    assert held.dtype == np.uint64 and held.tolist() == [1, 2, 3]
-    assert not path.exists()  # on P's tmpfs it would be part of the image
-    assert load_held("").size == 0
 
 
 def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:

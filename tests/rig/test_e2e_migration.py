@@ -149,7 +149,8 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str, options: str,
     deadline = time.monotonic() + 60
     while libvirtd.list_domains(cr.VM_PREFIX) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not libvirtd.list_domains(cr.VM_PREFIX)
+    assert not libvirtd.list_domains(cr.VM_PREFIX), (
+        rig.run(f"tail -n 40 {C.P_AGENT_LOG}", timeout=30).out[-4000:])
     return out
 
 
@@ -168,13 +169,13 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     rig.restart_agent(env={"P2V_FAULT": "helper-killed-after-image"})
     try:
         out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 2", "helper killed")
-        assert cr.final_state(out) == "failed" and "the agent put P's settings back" in out, out
+        assert cr.final_state(out) == "failed" and "the agent put P's settings back" in " ".join(out.split()), out
     finally:
         rig.restart_agent()
 
     # a rehearsal: the whole cutover up to V's acknowledgement, then P runs on as it was
     out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 5 --rehearse", "rehearsal")
-    assert cr.final_state(out) == "completed" and "a rehearsal: P runs on" in out, out
+    assert cr.final_state(out) == "completed" and "a rehearsal: P runs on" in " ".join(out.split()), out
 
     pids_before = rig.workload_pids()
     counter_before = rig.counter_stats()
