@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import json
 import logging
@@ -174,11 +172,10 @@ async def load_drivers(modules: tuple[str, ...] = VIRTIO_DRIVERS) -> None:
 def return_free_memory() -> None:
     """Give the agent's freed memory back to the kernel before the snapshot: the image holds every
     page in use, and glibc keeps freed heap (pre-copy's buffers, gRPC's) mapped until trimmed."""
+    from source_agent.cutover_helper import trim_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError) as exc:  # not glibc: the image is just larger
-        log.info("malloc_trim unavailable: %s", exc)
+    trim_heap()
 
 
 @dataclass
