@@ -9,7 +9,8 @@
 Figures: downtime_s = P frozen for the snapshot -> OS unfrozen in the VM (both wall clocks, from the
 agent's journal in the VM); client_gap_s = the longest pause between two echoes the TCP client saw;
 total_time_s = `p2vctl migrate` start -> completion reported; cutover_bytes = bytes on the image
-socket; image_bytes = the hibernation image; ratios p2v / QEMU.
+socket; image_bytes = the hibernation image; ratios p2v / QEMU. The line before it has the details,
+among them p_cpu_probe_s: P's emulated CPU speed in this run (the host's varies from run to run).
 The last line printed is one JSON object with the keys named in issue 6.
 """
 
@@ -23,6 +24,24 @@ import time
 from rig import workloads
 from rig.config import RigConfig
 from rig.core import Rig
+
+#: In P: hash 20 480 pages (80 MiB) through page views, as the cutover helper does. Its time tells this
+#: run's emulated CPU speed, which varies from run to run on this box by more than the changes measured.
+CPU_PROBE = ("import time, xxhash; v = memoryview(bytearray(4096 * 1024)); "
+             "pages = [v[i * 4096:(i + 1) * 4096] for i in range(1024)]; t = time.perf_counter(); "
+             "[xxhash.xxh64_intdigest(p) for _ in range(20) for p in pages]; print(time.perf_counter() - t)")
+
+
+def p_cpu_probe(rig: Rig) -> float | None:
+    """The best of three CPU_PROBE runs in P, seconds (None if it could not run)."""
+    times = []
+    for _ in range(3):
+        res = rig.run(f"python3 -c '{CPU_PROBE}'", timeout=60)
+        try:
+            times.append(float(res.out.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            return None
+    return round(min(times), 4)
 
 
 def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s: float) -> dict:
@@ -39,6 +58,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
         if redundancy:
             cr.build_redundancy(rig)
         time.sleep(settle_s)
+        probe_s = p_cpu_probe(rig)
         t_start = time.time()
         cr.start_migration(rig, dest, extra=f"--max-rounds {max_rounds}" if max_rounds else "")
         off_at = cr.wait_p_off(rig, timeout_s=1800)
@@ -53,7 +73,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
         cut = next((dest.dir / "state" / "migrations").glob("*/cutover.json"))
         receipt = json.loads(cut.read_text())
         details = {
-            "memory_mib": cfg.memory_mib, "p_off_after_s": round(off_at - t_start, 3),
+            "memory_mib": cfg.memory_mib, "p_cpu_probe_s": probe_s, "p_off_after_s": round(off_at - t_start, 3),
             "pages_sent": receipt["pages_sent"], "pages_from_store": receipt["pages_from_store"],
             "p_timings_s": receipt.get("source_timings"), "v_steps": receipt.get("steps"),
             "resume_steps": figures.get("resume_steps"), "tcp_reconnects": tcp.reconnects, "tcp_lost": tcp.lost,
