@@ -100,7 +100,6 @@ class PrecopyResult:
     rounds: int
     stats: common_pb2.MigrationStats
     history: list[RoundReport] = field(default_factory=list)
-    tracker: DirtyTracker | None = None  # what the destination holds, for dedup at cutover
     resent_bytes: int = 0
     stream_failures: int = 0
 
@@ -271,7 +270,7 @@ async def run_precopy(
         result_stats = stats.to_proto()
         await _status(on_status, stats, round_no, 1.0)
         return PrecopyResult(outcome=outcome, decision=decision, rounds=round_no, stats=result_stats,
-                             history=history, tracker=tracker, resent_bytes=transport.counters.resent_bytes,
+                             history=history, resent_bytes=transport.counters.resent_bytes,
                              stream_failures=transport.counters.stream_failures)
     finally:
         if not ok:
