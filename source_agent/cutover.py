@@ -20,8 +20,10 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -262,7 +264,7 @@ class HelperProcess:
     def __init__(self) -> None:
         self.pid: int | None = None
 
-    async def start(self) -> None:
+    async def warm_up(self) -> None:
         """Load what the helper runs while pre-copy still goes on: these pages reach V before the
         snapshot, and the child finds them loaded."""
         from source_agent import cutover_helper
@@ -306,10 +308,6 @@ class HelperProcess:
             log.info("cutover helper stderr: %s", err.decode(errors="replace")[-2000:])
         return json.loads(lines[-1])
 
-    async def dismiss(self) -> None:
-        """No cutover after all: nothing was forked, nothing to do."""
-
-
 def _read_to_end(fd: int) -> bytes:
     chunks = []
     try:
@@ -320,7 +318,8 @@ def _read_to_end(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _helper_child(target, config: dict, held: np.ndarray, out_w: int, err_w: int, close: tuple[int, ...]):
+def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held: np.ndarray, out_w: int, err_w: int,
+                  close: tuple[int, ...]) -> NoReturn:
     """In the forked child: stdout and stderr to the agent's pipes, default signal handling (the
     agent's event loop is not ours), no garbage collection (it would copy the agent's objects), run
     the helper, and leave without the agent's exit handlers."""

@@ -95,7 +95,7 @@ class SourceMigration:
             await self._phase("precopy", f"{reply.streams} streams, window {reply.window}",
                               state=common_pb2.MIGRATION_STATE_ACTIVE)
             if not self.request.dry_run:
-                await self.helper.start()  # warms up during pre-copy (its pages travel early)
+                await self.helper.warm_up()  # during pre-copy: these pages travel early
             result = await self._precopy(memory, reply)
             if not self.request.dry_run:
                 await self._cutover(reply.migration_id, inventory, memory.max_pfn, result)
@@ -124,8 +124,6 @@ class SourceMigration:
             await self._abort_remote(f"source error: {exc}")
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=f"internal error: {exc!r}")
         finally:
-            if not self.point_of_no_return:
-                await self.helper.dismiss()
             self._journal()
             if channel is not None:
                 await channel.close()

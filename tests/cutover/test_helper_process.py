@@ -30,7 +30,7 @@ async def test_forked_helper_reports_its_outcome_while_the_agent_runs_on(tmp_pat
             await asyncio.sleep(0.01)
 
     helper = HelperProcess()
-    await helper.start()
+    await helper.warm_up()
     work = asyncio.create_task(agent_work())
     try:
         outcome = await helper.run(config(str(tmp_path / "no-snapshot")), np.arange(16, dtype=np.uint64))
