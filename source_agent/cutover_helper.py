@@ -347,9 +347,8 @@ def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None
     from disk then could wait on P's stale disks (4.4 s in the rig)."""
     def add(ipr: Any) -> StreamRoute | None:
         got = ipr.route("get", dst=host)[0]
-        for existing in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-            if existing["dst_len"] == 32 and existing.get_attr("RTA_DST") == host:
-                return None  # not ours to replace
+        if _find_host_route(ipr, host) is not None:
+            return None  # not ours to replace
         route = StreamRoute(host, got.get_attr("RTA_OIF"), got.get_attr("RTA_GATEWAY"), got.get_attr("RTA_PREFSRC"))
         ipr.route("add", **_route_keys(route),  # the kernel heeds a locked rto_min only
                   metrics={"initcwnd": initcwnd, "rto_min": rto_min_ms, "lock": 1 << RTAX_RTO_MIN})
@@ -370,14 +369,15 @@ def _route_keys(route: StreamRoute) -> dict[str, Any]:
 def host_route(host: str) -> StreamRoute | None:
     """The /32 route to `host` in the main table, if there is one (the agent's safety net: it was
     there before the hand-over, or the helper added it). Never raises."""
-    def find(ipr: Any) -> StreamRoute | None:
-        for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-            if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
-                return StreamRoute(host, route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
-                                   route.get_attr("RTA_PREFSRC"))
-        return None
+    return _netlink(f"cannot read the routes to {host}", lambda ipr: _find_host_route(ipr, host), None)
 
-    return _netlink(f"cannot read the routes to {host}", find, None)
+
+def _find_host_route(ipr: Any, host: str) -> StreamRoute | None:
+    for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
+            return StreamRoute(host, route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
+                               route.get_attr("RTA_PREFSRC"))
+    return None
 
 
 def narrow_route(route: StreamRoute | None) -> None:
