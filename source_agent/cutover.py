@@ -21,7 +21,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -30,6 +30,16 @@ import numpy as np
 from p2v.v1 import destination_pb2, source_pb2
 
 from . import resume
+from .host_settings import (
+    PendingCutover,
+    clear_pending,
+    current_boot_id,
+    pending_path,
+    process_started,
+    read_host_settings,
+    restore_host_settings,
+    write_pending,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,79 +190,6 @@ def return_free_memory() -> None:
     trim_heap()
 
 
-@dataclass
-class HostSettings:
-    """What the helper changes on P for the snapshot, read by the agent before it hands over. The
-    helper puts all of it back itself when P runs on; if it dies without a word (killed, out of
-    memory), the agent does — else P would run on cut off (traffic block applied, its NIC down)."""
-
-    blocked: list[str]
-    admin_up: list[str]  # interfaces up before the cutover
-    bonds: dict[str, dict[str, str]]  # bond -> its miimon and downdelay
-    image_size: str
-    v_host: str = ""  # V's image socket: the helper adds a host route to it and pins its ARP entry
-    v_route: bool = False  # a /32 route to V was there before (then it is not the helper's)
-    v_pinned: bool = False  # V's neighbour entry was permanent before
-
-
-def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
-                       image_size_path: str = "/sys/power/image_size", v_host: str = "") -> HostSettings:
-    from source_agent.cutover_helper import host_route, pinned_neighbour
-    from source_agent.link_cycle import IFF_UP, link_flags
-
-    up = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        try:
-            if link_flags(name) & IFF_UP:
-                up.append(name)
-        except OSError:
-            continue
-    from source_agent.cutover_helper import bond_timers
-
-    bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
-    try:
-        image_size = Path(image_size_path).read_text().strip()
-    except OSError:
-        image_size = ""
-    return HostSettings(list(blocked), up, bonds, image_size, v_host,
-                        v_route=bool(v_host) and host_route(v_host) is not None,
-                        v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None)
-
-
-def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
-                          image_size_path: str = "/sys/power/image_size") -> list[str]:
-    """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
-    from source_agent import traffic_block
-    from source_agent.cutover_helper import (
-        host_route,
-        narrow_route,
-        pinned_neighbour,
-        release_bond_slaves,
-        swap_sysctl,
-        unpin_neighbour,
-    )
-    from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
-
-    done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
-    for name in saved.admin_up:
-        try:
-            if not link_flags(name) & IFF_UP:
-                set_admin_up(name, True)
-                done.append(f"{name} up")
-        except OSError as exc:
-            log.warning("bringing %s up: %s", name, exc)
-    release_bond_slaves(saved.bonds, root)
-    done += [f"{name}'s timers" for name in saved.bonds]
-    if saved.image_size:
-        swap_sysctl(image_size_path, saved.image_size)
-    if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None:
-        narrow_route(route)
-        done.append(f"route to {saved.v_host} removed")
-    if saved.v_host and not saved.v_pinned and (pin := pinned_neighbour(saved.v_host)) is not None:
-        unpin_neighbour(pin)
-        done.append(f"{saved.v_host}'s neighbour entry unpinned")
-    return done
-
 
 class HelperProcess:
     """The cutover helper, forked from this agent when the cutover starts, not started afresh: the
@@ -271,8 +208,10 @@ class HelperProcess:
 
         await asyncio.to_thread(cutover_helper.warm_up)
 
-    async def run(self, config: dict, held: np.ndarray, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
-        """Fork the helper with `config` (HelperConfig's fields) and V's hash per PFN; its outcome."""
+    async def run(self, config: dict, held: np.ndarray, timeout_s: float = HELPER_TIMEOUT_S,
+                  on_forked: Callable[[int], None] | None = None) -> dict:
+        """Fork the helper with `config` (HelperConfig's fields) and V's hash per PFN; its outcome.
+        `on_forked(pid)` runs in this process right after the fork."""
         from source_agent import cutover_helper
 
         out_r, out_w = os.pipe()
@@ -286,6 +225,11 @@ class HelperProcess:
             _helper_child(cutover_helper.run, config, held, out_w, err_w, (out_r, err_r))
         gc.unfreeze()
         self.pid = pid
+        if on_forked is not None:
+            try:
+                on_forked(pid)
+            except Exception:  # the helper runs: its outcome matters more than the note
+                log.exception("after forking the cutover helper")
         os.close(out_w)
         os.close(err_w)
         reading = asyncio.gather(asyncio.to_thread(_read_to_end, out_r), asyncio.to_thread(_read_to_end, err_r))
@@ -347,10 +291,11 @@ def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held:
 
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
-                  helper: HelperProcess | None = None, rehearse: bool = False) -> dict:
+                  helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "") -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
-    P runs on otherwise."""
+    P runs on otherwise. `destination` (V's agent) is written down for an agent that would have to
+    finish this after a crash (host_settings.recover_interrupted_cutover)."""
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
@@ -371,13 +316,21 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     legs = nbd_legs(entries)
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
+    pending = PendingCutover(settings, current_boot_id(), remote_id, destination)
+    pending_file = pending_path(state_dir)
+    write_pending(pending_file, pending)
+
+    def helper_forked(pid: int) -> None:  # a later agent must know whether the helper still works
+        write_pending(pending_file, replace(pending, helper_pid=pid, helper_started=process_started(pid) or 0))
+
     saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     try:
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
+                  "pending_file": str(pending_file),
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
-        result = await (helper or HelperProcess()).run(config, held)
+        result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
         set_io_timeouts(legs, None, saved_timeouts)
         # in a thread: pyroute2 runs an event loop of its own (the thread finishes even if cancelled again)
@@ -390,6 +343,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     except BaseException:
         set_io_timeouts(legs, None, saved_timeouts)
         raise
+    finally:
+        clear_pending(pending_file)  # the helper's outcome is in (it cleared it already if it could)
     if result.get("outcome") != "resumed":
         set_io_timeouts(legs, None, saved_timeouts)  # P runs on as it was
         if rehearse and result.get("outcome") == "rehearsed":

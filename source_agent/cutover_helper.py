@@ -52,6 +52,7 @@ from common.hibernate_image import (
 )
 from common.pagecodec import hash_page_views, new_checksum
 from source_agent import peer_kick, resume, traffic_block
+from source_agent.host_settings import clear_pending
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 
 #: Fault injection for tests, as CRIU_FAULT: the helper is killed at the point this names (see fault_point).
@@ -177,6 +178,8 @@ class HelperConfig:
     sys_class_net: str = "/sys/class/net"
     #: capture the peers' dropped segments and kick their retransmission timers after the move
     kick_peers: bool = True
+    #: the agent's note of this cutover (host_settings): removed once the helper has ended it
+    pending_file: str = ""
     #: take P's NIC down after FREEZE and up when its PHY has link after CREATE_IMAGE (link_cycle)
     cycle_links: bool = True
     #: WARM padding sent (and acknowledged) before the snapshot, so that V's receive window is
@@ -225,12 +228,19 @@ class Figures:
     peer_flows: int = 0  # connections whose peer waits on an unacknowledged segment
 
 
-def fault_point(name: str) -> None:
-    """SIGKILL ourselves here when $P2V_FAULT names this point: a helper killed mid-cutover (the OOM
-    killer, an admin) is how the rig tests the agent's safety net. Nothing happens otherwise."""
-    if os.environ.get(FAULT_ENV) == name:
-        print(f"cutover helper: {FAULT_ENV}={name}: killing myself", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_point(point: str) -> None:
+    """SIGKILL ourselves here when $P2V_FAULT is "helper-killed-<point>", and our agent (the parent)
+    first when it is "agent-and-helper-killed-<point>": a helper killed mid-cutover (the OOM killer,
+    an admin) is how the rig tests the agent's safety net, both killed how it tests the next
+    agent's (host_settings.recover_interrupted_cutover). Nothing happens otherwise."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault not in (f"helper-killed-{point}", f"agent-and-helper-killed-{point}"):
+        return
+    print(f"cutover helper: {FAULT_ENV}={fault}: killing {'the agent and ' * fault.startswith('agent')}myself",
+          file=sys.stderr, flush=True)
+    if fault.startswith("agent-"):
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def trim_heap() -> None:
@@ -695,7 +705,7 @@ class Helper:
             in_suspend = self._create_image()
             if not in_suspend:
                 return self._resumed()
-            fault_point("helper-killed-after-image")  # P frozen, traffic blocked, its NIC down
+            fault_point("after-image")  # P frozen, traffic blocked, its NIC down
             self.fig.image_created_at = time.time()
             self._send_image()
             self._await_ack()
@@ -1020,6 +1030,10 @@ def run(raw: dict[str, Any], held: np.ndarray) -> int:
         snap = SnapshotDevice(cfg.snapshot_device)
     except (OSError, ValueError, OverflowError) as exc:
         emit("aborted", Figures(), reason=f"cannot open {cfg.snapshot_device}: {exc}")
-        return 2
-    outcome = Helper(cfg, snap, held).run()
-    return 0 if outcome in ("resumed", "rehearsed") else 3
+        code = 2
+    else:
+        outcome = Helper(cfg, snap, held).run()
+        code = 0 if outcome in ("resumed", "rehearsed") else 3
+    if cfg.pending_file:  # P runs on as it was, or lives in the VM: nothing is left for an agent to repair
+        clear_pending(cfg.pending_file)
+    return code

@@ -26,6 +26,7 @@ async def serve(config: SourceConfig, *, ready_file: str | None = None) -> None:
     if not server.ports:
         raise ValueError("nothing to listen on: set agent.listen_unix and/or agent.listen_tcp")
     await server.start([source_pb2.DESCRIPTOR.services_by_name["Source"].full_name])
+    service.start_recovery()
     await server.run_until_stopped(on_stop=service.shutdown, ready_file=ready_file)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 
 from common.atomicfile import write_json_atomic
-from common.config import SourceConfig
+from common.config import SourceConfig, TlsConfig
 from common.rpc import open_channel
-from p2v.v1 import common_pb2, destination_pb2, source_pb2
+from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2
 
 from . import cutover, prepare
 from .precopy import PrecopyAborted
@@ -172,7 +172,8 @@ class SourceMigration:
         t0 = time.time()
         stats.precopy_bytes = stats.transferred
         figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
-                                        self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse)
+                                        self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
+                                        destination=self.request.destination)
         if figures.get("outcome") == "rehearsed":
             await self._rehearsed(figures, stats, t0)
             return
@@ -247,3 +248,26 @@ class SourceMigration:
                 await self.task
             except asyncio.CancelledError:
                 pass
+
+
+async def cancel_on_destination(address: str, migration_id: str, tls: TlsConfig, reason: str,
+                                attempts: int = 3) -> str:
+    """Tell V to drop a migration this agent no longer runs (an agent that restarted after dying
+    mid-cutover: V still holds its waiting VM). Returns what V said; raises when it cannot be told."""
+    channel = open_channel(address, tls)
+    try:
+        stub = destination_pb2_grpc.DestinationStub(channel)
+        request = common_pb2.CancelRequest(migration_id=migration_id, reason=reason)
+        for attempt in range(attempts):
+            try:
+                reply = await stub.Cancel(request, timeout=10, wait_for_ready=True)
+                break
+            except grpc.RpcError as exc:
+                if attempt + 1 == attempts or exc.code() in (grpc.StatusCode.NOT_FOUND,
+                                                              grpc.StatusCode.PERMISSION_DENIED):
+                    raise RuntimeError(prepare.describe_rpc_error(exc, address)) from None
+                await asyncio.sleep(1)
+    finally:
+        await channel.close()
+    state = common_pb2.MigrationState.Name(reply.state).removeprefix("MIGRATION_STATE_").lower()
+    return f"V told: migration {migration_id} {state}"

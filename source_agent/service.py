@@ -12,7 +12,7 @@ from common.rpc import require_peer
 from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
-from .migration import SourceMigration
+from .migration import SourceMigration, cancel_on_destination
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,24 @@ class SourceService(source_pb2_grpc.SourceServicer):
         self.config = config
         self.host_id = host_id
         self.migrations: dict[str, SourceMigration] = {}
+        self.recovery: asyncio.Task | None = None
+
+    def start_recovery(self) -> None:
+        """Finish what an agent that died mid-cutover left behind (host_settings), in the background:
+        a helper that outlived it may still be at work."""
+        self.recovery = asyncio.create_task(self._recover(), name="cutover-recovery")
+
+    async def _recover(self) -> list[str]:
+        from source_agent.host_settings import PendingCutover, recover_interrupted_cutover
+
+        async def tell_destination(pending: PendingCutover) -> str:
+            return await cancel_on_destination(pending.destination, pending.migration_id, self.config.tls,
+                                               "the source agent stopped during the cutover; P runs on")
+
+        done = await recover_interrupted_cutover(self.config.agent.state_dir, tell_destination)
+        if done:
+            log.warning("interrupted cutover recovered: %s", "; ".join(done))
+        return done
 
     async def _peer(self, context: grpc.aio.ServicerContext) -> None:
         await require_peer(context, self.config.tls)
@@ -115,5 +133,7 @@ class SourceService(source_pb2_grpc.SourceServicer):
         asyncio.get_running_loop().call_later(delay_s, os.kill, os.getpid(), signal.SIGTERM)
 
     async def shutdown(self) -> None:
+        if self.recovery is not None and not self.recovery.done():
+            self.recovery.cancel()
         for migration in list(self.migrations.values()):
             await migration.cancel()

@@ -8,13 +8,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from source_agent import host_settings as hs
+from source_agent.host_settings import HostSettings, PendingCutover
 from tests.agents import REPO, AgentProcess
-from tests.foundation.conftest import source_config
+from tests.foundation.conftest import dest_config, source_config
 
 
 def test_sd_notify_ready_and_stopping(short_tmp, tls_dir):
@@ -69,3 +72,52 @@ def test_health_and_p2vctl_over_tls(short_tmp, tls_dir):
         assert agent.proc.poll() is None
     finally:
         agent.stop()
+
+
+def test_restarted_source_agent_repairs_and_has_v_drop_the_migration(short_tmp, tls_dir) -> None:
+    """Real agents, mutual TLS on loopback. A migration prepared on V; a pending cutover of it on the
+    source's disk whose helper is gone; the source agent that starts puts the settings back (here
+    nothing on the host: no interface, no image_size) and cancels the migration on V."""
+    from common.config import TlsConfig
+    from common.rpc import open_channel
+    from p2v.v1 import common_pb2, destination_pb2_grpc
+    from tests.foundation.peer import prepare
+
+    dest = AgentProcess("dest_agent.main", ["--config", str(dest_config(short_tmp, tls_dir, "127.0.0.1:0"))],
+                        short_tmp, name="dest")
+    source = None
+    try:
+        address = next(p for p in dest.wait_ready().split() if not p.startswith("unix:"))
+        tls = TlsConfig(ca=str(tls_dir / "ca.pem"), cert=str(tls_dir / "p2v-source.pem"),
+                        key=str(tls_dir / "p2v-source.key"), server_name="p2v-dest")
+
+        async def on_v(call: str, migration_id: str = "") -> str:
+            channel = open_channel(address, tls)
+            try:
+                stub = destination_pb2_grpc.DestinationStub(channel)
+                if call == "prepare":
+                    return (await prepare(stub)).migration_id
+                status = await stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+                return common_pb2.MigrationState.Name(status.state)
+            finally:
+                await channel.close()
+
+        migration_id = asyncio.run(on_v("prepare"))
+        assert asyncio.run(on_v("status", migration_id)) != "MIGRATION_STATE_CANCELLED"
+        path = hs.pending_path(short_tmp / "source-state")
+        hs.write_pending(path, PendingCutover(HostSettings([], [], {}, ""), hs.current_boot_id(), migration_id,
+                                              address, helper_pid=0))
+        config = source_config(short_tmp, tls_dir, "file:/dev/null")
+        source = AgentProcess("source_agent.main", ["--config", str(config)], short_tmp, name="source")
+        source.wait_ready()
+        deadline = time.monotonic() + 30
+        while "interrupted cutover recovered" not in source.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = source.output()
+        assert "interrupted cutover recovered" in log and f"V told: migration {migration_id} cancelled" in log, log
+        assert not path.exists()
+        assert asyncio.run(on_v("status", migration_id)) == "MIGRATION_STATE_CANCELLED"
+    finally:
+        if source is not None:
+            source.stop()
+        dest.stop()

@@ -1,0 +1,251 @@
+"""What the cutover changes on P for the snapshot, and how P gets it back when the helper cannot.
+
+The cutover helper (cutover_helper) blocks P's traffic, takes its NIC down, holds the bond's
+timers, raises image_size, adds a host route to V and pins V's ARP entry; it puts all of it back
+itself whenever P runs on. If it dies without a word (killed, out of memory), the agent does
+(`restore_host_settings`, from what `read_host_settings` saw before the hand-over). If the agent
+dies too, the next agent does, at its start (`recover_interrupted_cutover`): before the hand-over
+the agent writes what it saw, and who the helper is, to `<state_dir>/cutover-pending.json`, and
+whoever ends the cutover (the helper, in P or in the VM, or the agent) removes it.
+
+That file is not synced: a reboot undoes every one of these settings, so a file from another boot
+is only dropped (`recovery_verdict`, pure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.atomicfile import write_atomic
+
+log = logging.getLogger(__name__)
+
+PENDING_FILE = "cutover-pending.json"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+@dataclass
+class HostSettings:
+    """What the helper changes on P for the snapshot, read by the agent before it hands over. The
+    helper puts all of it back itself when P runs on; if it dies without a word (killed, out of
+    memory), the agent does — else P would run on cut off (traffic block applied, its NIC down)."""
+
+    blocked: list[str]
+    admin_up: list[str]  # interfaces up before the cutover
+    bonds: dict[str, dict[str, str]]  # bond -> its miimon and downdelay
+    image_size: str
+    v_host: str = ""  # V's image socket: the helper adds a host route to it and pins its ARP entry
+    v_route: bool = False  # a /32 route to V was there before (then it is not the helper's)
+    v_pinned: bool = False  # V's neighbour entry was permanent before
+
+
+def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
+                       image_size_path: str = "/sys/power/image_size", v_host: str = "") -> HostSettings:
+    from source_agent.cutover_helper import host_route, pinned_neighbour
+    from source_agent.link_cycle import IFF_UP, link_flags
+
+    up = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            if link_flags(name) & IFF_UP:
+                up.append(name)
+        except OSError:
+            continue
+    from source_agent.cutover_helper import bond_timers
+
+    bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
+    try:
+        image_size = Path(image_size_path).read_text().strip()
+    except OSError:
+        image_size = ""
+    return HostSettings(list(blocked), up, bonds, image_size, v_host,
+                        v_route=bool(v_host) and host_route(v_host) is not None,
+                        v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None)
+
+
+def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
+                          image_size_path: str = "/sys/power/image_size") -> list[str]:
+    """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
+    from source_agent import traffic_block
+    from source_agent.cutover_helper import (
+        host_route,
+        narrow_route,
+        pinned_neighbour,
+        release_bond_slaves,
+        swap_sysctl,
+        unpin_neighbour,
+    )
+    from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
+
+    done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
+    for name in saved.admin_up:
+        try:
+            if not link_flags(name) & IFF_UP:
+                set_admin_up(name, True)
+                done.append(f"{name} up")
+        except OSError as exc:
+            log.warning("bringing %s up: %s", name, exc)
+    release_bond_slaves(saved.bonds, root)
+    done += [f"{name}'s timers" for name in saved.bonds]
+    if saved.image_size:
+        swap_sysctl(image_size_path, saved.image_size)
+    if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None:
+        narrow_route(route)
+        done.append(f"route to {saved.v_host} removed")
+    if saved.v_host and not saved.v_pinned and (pin := pinned_neighbour(saved.v_host)) is not None:
+        unpin_neighbour(pin)
+        done.append(f"{saved.v_host}'s neighbour entry unpinned")
+    return done
+
+
+
+# --- a cutover the agent did not see to its end ---------------------------------------------------
+
+#: how long the next agent lets a helper that outlived its agent go on (the agent's own limit, and a
+#: margin); then it is killed, as the agent would have
+HELPER_WAIT_S = 900.0 + 60.0
+REPAIR, WAIT, OTHER_BOOT = "repair", "wait", "other-boot"
+
+
+class PendingError(ValueError):
+    """The pending-cutover file is not one: it is left where it is, and said so."""
+
+
+@dataclass(frozen=True)
+class PendingCutover:
+    settings: HostSettings
+    boot_id: str
+    migration_id: str = ""  # V's id of the migration: V is told to drop it after the repair
+    destination: str = ""  # V's agent (host:port)
+    helper_pid: int = 0  # 0: not forked yet
+    helper_started: int = 0  # the helper's start time (/proc/<pid>/stat): a reused pid is not the helper
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PendingCutover:
+        try:
+            fields = json.loads(raw)
+            settings = HostSettings(**fields.pop("settings"))
+            pending = cls(settings=settings, **fields)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PendingError(f"not a pending cutover: {type(exc).__name__}: {exc}") from None
+        if not isinstance(pending.boot_id, str) or not isinstance(pending.helper_pid, int) or pending.helper_pid < 0:
+            raise PendingError("not a pending cutover: boot_id or helper_pid malformed")
+        return pending
+
+
+def pending_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / PENDING_FILE
+
+
+def write_pending(path: Path, pending: PendingCutover) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, pending.to_json(), durable=False)  # only this boot needs it
+
+
+def read_pending(path: Path) -> PendingCutover | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return PendingCutover.from_json(raw)
+
+
+def clear_pending(path: Path | str) -> bool:
+    """Remove the file; True if it was there."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def current_boot_id(path: str = BOOT_ID_PATH) -> str:
+    return Path(path).read_text().strip()
+
+
+def process_started(pid: int, proc: str = "/proc") -> int | None:
+    """A process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None if
+    there is no such process, or only its exit status is left (a zombie)."""
+    try:
+        stat = Path(proc, str(pid), "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def recovery_verdict(pending: PendingCutover, boot_id: str, helper_started_now: int | None) -> str:
+    """What the next agent does with a pending cutover. Pure.
+
+    OTHER_BOOT: the machine restarted since, and that undid every setting: only drop the file.
+    WAIT: the helper outlived its agent and still works; it puts P back itself if it can.
+    REPAIR: the helper is gone (or was never recorded): put P back now."""
+    if pending.boot_id != boot_id:
+        return OTHER_BOOT
+    if pending.helper_pid and helper_started_now is not None and helper_started_now == pending.helper_started:
+        return WAIT
+    return REPAIR
+
+
+async def recover_interrupted_cutover(
+        state_dir: str | Path, tell_destination: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
+        wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
+        root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size") -> list[str]:
+    """At the agent's start: put P back after a cutover whose helper and agent both died, then tell V
+    (`tell_destination`, best effort) so that it drops its waiting VM. Returns what was done (empty:
+    nothing was pending). Never raises for a bad file: it is left in place and reported."""
+    path = pending_path(state_dir)
+    boot = boot_id if boot_id is not None else current_boot_id()
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        try:
+            pending = read_pending(path)
+        except (PendingError, OSError) as exc:
+            log.error("interrupted cutover: %s left as it is: %s", path, exc)
+            return [f"{path} left as it is: {exc}"]
+        if pending is None:
+            return ["the cutover helper ended the cutover itself"] if waited else []
+        started = process_started(pending.helper_pid, proc) if pending.helper_pid else None
+        verdict = recovery_verdict(pending, boot, started)
+        if verdict == OTHER_BOOT:
+            clear_pending(path)
+            return ["a pending cutover from an earlier boot dropped (the restart undid its settings)"]
+        if verdict == REPAIR:
+            break
+        if time.monotonic() > deadline:
+            log.error("interrupted cutover: helper %d still running after %.0f s: killing it",
+                      pending.helper_pid, wait_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pending.helper_pid, signal.SIGKILL)
+            await asyncio.sleep(poll_s)  # until it is gone (zombies of a dead parent are reaped by init)
+            continue
+        if not waited:
+            log.warning("interrupted cutover: its helper (pid %d) still runs; waiting for it", pending.helper_pid)
+        waited = True
+        await asyncio.sleep(poll_s)
+    # in a thread: pyroute2 runs an event loop of its own
+    done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path)
+    clear_pending(path)
+    log.warning("interrupted cutover (agent and helper gone): P's settings put back: %s", ", ".join(done) or "nothing")
+    done = [f"P's settings put back: {', '.join(done) or 'nothing to do'}"]
+    if tell_destination is not None and pending.migration_id:
+        try:
+            done.append(await tell_destination(pending))
+        except Exception as exc:  # V may be the reason the cutover failed
+            log.warning("interrupted cutover: could not tell V: %s", exc)
+            done.append(f"V not told: {exc}")
+    return done
