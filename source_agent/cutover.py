@@ -22,7 +22,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -38,6 +37,7 @@ from .host_settings import (
     process_started,
     read_host_settings,
     restore_host_settings,
+    set_io_timeouts,
     write_pending,
 )
 
@@ -148,20 +148,6 @@ NBD_CUTOVER_TIMEOUT_MS = 180_000
 def nbd_legs(entries: list) -> list[str]:
     return [os.path.basename(e.detail.get("device", "")) for e in entries
             if e.kind == "nbd" and e.state in ("done", "pending") and e.detail.get("device")]
-
-
-def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str, str] | None = None
-                    ) -> dict[str, str]:
-    """Set (or, with `saved`, restore) the block layer's request timeout of these devices."""
-    old: dict[str, str] = {}
-    for dev in devices:
-        path = Path("/sys/block") / dev / "queue/io_timeout"
-        try:
-            old[dev] = path.read_text().strip()
-            path.write_text(saved[dev] if saved is not None else str(timeout_ms))
-        except (OSError, KeyError) as exc:
-            log.warning("io_timeout of %s: %s", dev, exc)
-    return old
 
 
 async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
@@ -316,15 +302,15 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     legs = nbd_legs(entries)
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
+    settings = replace(settings, io_timeouts=set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS))
     pending = PendingCutover(settings, current_boot_id(), remote_id, destination)
     pending_file = pending_path(state_dir)
-    write_pending(pending_file, pending)
 
     def helper_forked(pid: int) -> None:  # a later agent must know whether the helper still works
         write_pending(pending_file, replace(pending, helper_pid=pid, helper_started=process_started(pid) or 0))
 
-    saved_timeouts = set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS)
     try:
+        write_pending(pending_file, pending)
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file),
@@ -332,7 +318,6 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         return_free_memory()
         result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
-        set_io_timeouts(legs, None, saved_timeouts)
         # in a thread: pyroute2 runs an event loop of its own (the thread finishes even if cancelled again)
         done = await asyncio.shield(asyncio.to_thread(restore_host_settings, settings))
         if isinstance(exc, asyncio.CancelledError):
@@ -341,12 +326,12 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         raise CutoverAborted(f"{exc}; the agent put P's settings back: {', '.join(done) or 'nothing to do'}"
                              ) from None
     except BaseException:
-        set_io_timeouts(legs, None, saved_timeouts)
+        set_io_timeouts(legs, None, settings.io_timeouts)
         raise
     finally:
         clear_pending(pending_file)  # the helper's outcome is in (it cleared it already if it could)
     if result.get("outcome") != "resumed":
-        set_io_timeouts(legs, None, saved_timeouts)  # P runs on as it was
+        set_io_timeouts(legs, None, settings.io_timeouts)  # P runs on as it was
         if rehearse and result.get("outcome") == "rehearsed":
             return result  # the agent cancels the migration on V next: no re-arming it first
         for attempt in range(3):  # as after a rehearsal: the connection may have died under the block

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.atomicfile import write_atomic
@@ -46,6 +46,22 @@ class HostSettings:
     v_host: str = ""  # V's image socket: the helper adds a host route to it and pins its ARP entry
     v_route: bool = False  # a /32 route to V was there before (then it is not the helper's)
     v_pinned: bool = False  # V's neighbour entry was permanent before
+    io_timeouts: dict[str, str] = field(default_factory=dict)  # md's NBD legs: the agent raises them
+
+
+def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str, str] | None = None,
+                    block_root: str = "/sys/block") -> dict[str, str]:
+    """Set (or, with `saved`, restore) the block layer's request timeout of these devices (md's NBD
+    legs: long enough for the cutover's blocked seconds). Returns the values it replaced."""
+    old: dict[str, str] = {}
+    for dev in devices:
+        path = Path(block_root) / dev / "queue/io_timeout"
+        try:
+            old[dev] = path.read_text().strip()
+            path.write_text(saved[dev] if saved is not None else str(timeout_ms))
+        except (OSError, KeyError) as exc:
+            log.warning("io_timeout of %s: %s", dev, exc)
+    return old
 
 
 def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
@@ -73,7 +89,7 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
 
 
 def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
-                          image_size_path: str = "/sys/power/image_size") -> list[str]:
+                          image_size_path: str = "/sys/power/image_size", block_root: str = "/sys/block") -> list[str]:
     """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
     from source_agent import traffic_block
     from source_agent.cutover_helper import (
@@ -98,6 +114,9 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     done += [f"{name}'s timers" for name in saved.bonds]
     if saved.image_size:
         swap_sysctl(image_size_path, saved.image_size)
+    if saved.io_timeouts:
+        set_io_timeouts(list(saved.io_timeouts), None, saved.io_timeouts, block_root)
+        done.append(f"io_timeout of {', '.join(saved.io_timeouts)}")
     if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None:
         narrow_route(route)
         done.append(f"route to {saved.v_host} removed")
@@ -203,7 +222,8 @@ def recovery_verdict(pending: PendingCutover, boot_id: str, helper_started_now: 
 async def recover_interrupted_cutover(
         state_dir: str | Path, tell_destination: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
         wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
-        root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size") -> list[str]:
+        root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size",
+        block_root: str = "/sys/block") -> list[str]:
     """At the agent's start: put P back after a cutover whose helper and agent both died, then tell V
     (`tell_destination`, best effort) so that it drops its waiting VM. Returns what was done (empty:
     nothing was pending). Never raises for a bad file: it is left in place and reported."""
@@ -238,7 +258,7 @@ async def recover_interrupted_cutover(
         waited = True
         await asyncio.sleep(poll_s)
     # in a thread: pyroute2 runs an event loop of its own
-    done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path)
+    done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path, block_root)
     clear_pending(path)
     log.warning("interrupted cutover (agent and helper gone): P's settings put back: %s", ", ".join(done) or "nothing")
     done = [f"P's settings put back: {', '.join(done) or 'nothing to do'}"]

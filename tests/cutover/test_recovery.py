@@ -24,22 +24,38 @@ BOOT = "7a1e1d0c-boot"
 
 
 def stand_in(root: Path) -> tuple[HostSettings, Path]:
-    """A bond whose timers the helper held and an image_size it raised (what the agent saw first)."""
+    """A bond whose timers the helper held, an image_size it raised, an NBD leg's io_timeout the
+    agent raised; the settings are what the agent saw first."""
     (root / "bond9" / "bonding").mkdir(parents=True)
     (root / "bond9" / "bonding" / "miimon").write_text("10\n")  # held by the helper
     (root / "bond9" / "bonding" / "downdelay").write_text("10000\n")
     (root / "image_size").write_text("1007353856\n")
-    return HostSettings([], [], {"bond9": {"miimon": "100", "downdelay": "0"}}, "412000000"), root / "image_size"
+    (root / "block" / "nbd0" / "queue").mkdir(parents=True)
+    (root / "block" / "nbd0" / "queue" / "io_timeout").write_text("180000\n")
+    return HostSettings([], [], {"bond9": {"miimon": "100", "downdelay": "0"}}, "412000000",
+                        io_timeouts={"nbd0": "30000"}), root / "image_size"
 
 
-def settings_now(root: Path) -> tuple[str, str, str]:
+def settings_now(root: Path) -> tuple[str, str, str, str]:
     return ((root / "bond9/bonding/miimon").read_text().strip(), (root / "bond9/bonding/downdelay").read_text().strip(),
-            (root / "image_size").read_text().strip())
+            (root / "image_size").read_text().strip(), (root / "block/nbd0/queue/io_timeout").read_text().strip())
+
+
+HELD = ("10", "10000", "1007353856", "180000")  # as the cutover left them
+RESTORED = ("100", "0", "412000000", "30000")
+
+
+def recover_in(state: Path, root: Path, **kw) -> asyncio.Task:
+    return asyncio.create_task(hs.recover_interrupted_cutover(
+        state, root=str(root), image_size_path=str(root / "image_size"), block_root=str(root / "block"),
+        boot_id=BOOT, **kw))
 
 
 def recover(state: Path, root: Path, **kw) -> list[str]:
-    return asyncio.run(hs.recover_interrupted_cutover(state, root=str(root), image_size_path=str(root / "image_size"),
-                                                      boot_id=BOOT, **kw))
+    async def run() -> list[str]:
+        return await recover_in(state, root, **kw)
+
+    return asyncio.run(run())
 
 
 def test_verdict() -> None:
@@ -67,7 +83,7 @@ def test_pending_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     path.write_bytes(b"{")
     done = recover(tmp_path / "state", tmp_path / "net")
     assert path.exists() and "left as it is" in done[0], done
-    assert settings_now(tmp_path / "net") == ("10", "10000", "1007353856")
+    assert settings_now(tmp_path / "net") == HELD
 
 
 def test_nothing_pending_nothing_done(tmp_path: Path) -> None:
@@ -80,7 +96,7 @@ def test_a_file_from_another_boot_is_only_dropped(tmp_path: Path) -> None:
     hs.write_pending(path, PendingCutover(settings, "an-earlier-boot"))
     done = recover(tmp_path / "state", tmp_path / "net")
     assert not path.exists() and "earlier boot" in done[0], done
-    assert settings_now(tmp_path / "net") == ("10", "10000", "1007353856")  # untouched
+    assert settings_now(tmp_path / "net") == HELD  # untouched
 
 
 def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path) -> None:
@@ -95,9 +111,7 @@ def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path)
         hs.write_pending(path, PendingCutover(settings, BOOT, helper_pid=helper.pid, helper_started=started))
 
         async def scenario() -> tuple[bool, tuple, list[str]]:
-            task = asyncio.create_task(hs.recover_interrupted_cutover(
-                tmp_path / "state", root=str(tmp_path / "net"), image_size_path=str(tmp_path / "net/image_size"),
-                boot_id=BOOT, poll_s=0.05))
+            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
             await asyncio.sleep(0.5)
             waiting = not task.done() and path.exists()
             during = settings_now(tmp_path / "net")
@@ -109,8 +123,8 @@ def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path)
     finally:
         helper.kill()
         helper.wait()
-    assert waiting and during == ("10", "10000", "1007353856")
-    assert settings_now(tmp_path / "net") == ("100", "0", "412000000")
+    assert waiting and during == HELD
+    assert settings_now(tmp_path / "net") == RESTORED
     assert not path.exists() and "bond9's timers" in done[0], done
 
 
@@ -123,9 +137,7 @@ def test_a_helper_that_ends_the_cutover_itself_leaves_nothing_to_repair(tmp_path
                                               helper_started=hs.process_started(helper.pid) or 0))
 
         async def scenario() -> list[str]:
-            task = asyncio.create_task(hs.recover_interrupted_cutover(
-                tmp_path / "state", root=str(tmp_path / "net"), image_size_path=str(tmp_path / "net/image_size"),
-                boot_id=BOOT, poll_s=0.05))
+            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
             await asyncio.sleep(0.3)
             hs.clear_pending(path)  # what cutover_helper.run does when it ends the cutover
             helper.kill()
@@ -137,7 +149,7 @@ def test_a_helper_that_ends_the_cutover_itself_leaves_nothing_to_repair(tmp_path
         helper.kill()
         helper.wait()
     assert done == ["the cutover helper ended the cutover itself"]
-    assert settings_now(tmp_path / "net") == ("10", "10000", "1007353856")  # the helper's business
+    assert settings_now(tmp_path / "net") == HELD  # the helper's business
 
 
 def test_a_helper_past_its_time_is_killed(tmp_path: Path) -> None:
@@ -149,9 +161,7 @@ def test_a_helper_past_its_time_is_killed(tmp_path: Path) -> None:
                                               helper_started=hs.process_started(helper.pid) or 0))
 
         async def scenario() -> list[str]:
-            task = asyncio.create_task(hs.recover_interrupted_cutover(
-                tmp_path / "state", root=str(tmp_path / "net"), image_size_path=str(tmp_path / "net/image_size"),
-                boot_id=BOOT, poll_s=0.05, wait_s=0.3))
+            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05, wait_s=0.3)
             await asyncio.to_thread(helper.wait)  # stand in for init: reap the helper once it is killed
             return await asyncio.wait_for(task, 10)
 
@@ -160,7 +170,7 @@ def test_a_helper_past_its_time_is_killed(tmp_path: Path) -> None:
         helper.kill()
         helper.wait()
     assert helper.returncode == -9
-    assert settings_now(tmp_path / "net") == ("100", "0", "412000000") and not path.exists(), done
+    assert settings_now(tmp_path / "net") == RESTORED and not path.exists(), done
 
 
 @pytest.mark.parametrize("fault, parent_survives", [("helper-killed-after-image", True),

@@ -4,11 +4,13 @@ its data disk and three workloads) moves into a waiting VM on V without a restar
 Order matters (one rig; after the last test P lives in the VM and the rig is restarted for later tests):
 1. a check that must refuse (V cannot give P's memory size) says why and changes nothing;
 2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
-3. a cutover whose helper is killed right after the snapshot (fault injection, $P2V_FAULT), and then
-   a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
-   P runs on), each leave P as it was: workloads, TCP session, addresses, traffic block, md, the
-   NIC's link, the bond's timers, the cutover route and ARP pin, the image size;
-4. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
+3. a cutover whose agent and helper are killed right after the snapshot (fault injection,
+   $P2V_FAULT): the agent started next puts P back;
+4. a cutover whose helper is killed right after the snapshot, and then a rehearsal (`migrate
+   --rehearse`: FREEZE, snapshot, the image sent and verified on V, then P runs on), each leave P
+   as it was: workloads, TCP session, addresses, traffic block, md, the NIC's link, the bond's
+   timers, the cutover route and ARP pin, the image size;
+5. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
    never reconnected and lost or duplicated no line, P's IP and MAC answer from the VM, file checksums
    on md match, P is powered off, in the VM the bond holds only the virtio NIC and md only the local
    virtio disk, the agent is no longer running.
@@ -29,6 +31,8 @@ from rig import config as C
 from rig import destination as cr
 from rig.machine import ControlError
 from rig.observers import parse_counter_file
+
+P_NIC = "eth0"  # P's e1000 (the rig's "physical" NIC)
 
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
 
@@ -96,19 +100,41 @@ def test_destination_killed_mid_precopy_leaves_p_running(rig: Rig) -> None:
         libvirtd.remove_domains(cr.VM_PREFIX)  # the dead V's waiting VM
 
 
-def link_state(rig: Rig, bond: str) -> dict:
-    """What the cutover changes for the snapshot and must put back when P runs on."""
-    out = rig.run(f"cat /sys/class/net/{bond}/bonding/miimon /sys/class/net/{bond}/bonding/downdelay "
-                  f"/sys/class/net/{bond}/bonding/slaves; for s in $(cat /sys/class/net/{bond}/bonding/slaves); "
+def test_agent_killed_with_its_helper_is_repaired_by_the_next_agent(rig: Rig) -> None:
+    """The agent killed with its helper right after the snapshot: nothing in P puts it back until an
+    agent starts again (systemd's Restart=); that one finds the pending cutover, puts P back and has
+    V drop its waiting VM. No md leg here: P's traffic stays blocked for the agent's restart, longer
+    than the NBD leg's 10 s timeout, which would fail the leg (then the migration must start over)."""
+    dest = cr.start_destination(rig, with_export=False)
+    try:
+        workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=10)
+        rig.restart_agent(env={"P2V_FAULT": "agent-and-helper-killed-after-image"})
+        run_until_p_runs_on(rig, dest, None, "--max-rounds 2", "agent and helper killed", agent_killed=True)
+    except BaseException:
+        rig.restart_agent()  # without the fault, for the tests that follow
+        raise
+    finally:
+        cr.stop_destination(dest)
+        libvirtd.remove_domains(cr.VM_PREFIX)
+
+
+def link_state(rig: Rig, bond: str | None) -> dict:
+    """What the cutover changes for the snapshot and must put back when P runs on (without a bond:
+    P's own NIC)."""
+    nics = f"$(cat /sys/class/net/{bond}/bonding/slaves)" if bond else P_NIC
+    timers = (f"cat /sys/class/net/{bond}/bonding/miimon /sys/class/net/{bond}/bonding/downdelay "
+              f"/sys/class/net/{bond}/bonding/slaves; ") if bond else ""
+    out = rig.run(f"{timers}for s in {nics}; "
                   f"do cat /sys/class/net/$s/carrier /sys/class/net/$s/operstate; done; echo '#'; "
                   f"ip route show {C.DEST_IP}; echo '#'; cat /sys/power/image_size", check=True, timeout=30).out
     parts = out.split("#\n")
     return {"bond": parts[0].split(), "route": parts[1].strip(), "image_size": parts[2].strip()}
 
 
-def wait_migrate_output(rig: Rig, timeout_s: float) -> str:
-    """p2vctl's output once it has a final state. P's control channel is a serial line that the
-    snapshot freezes and thaws (a rehearsal does not power off): a request lost then is asked again."""
+def wait_migrate_output(rig: Rig, timeout_s: float, ended=cr.final_state) -> str:
+    """p2vctl's output once it has a final state (or `ended` says so). P's control channel is a serial
+    line that the snapshot freezes and thaws (a rehearsal does not power off): a request lost then is
+    asked again."""
     deadline = time.monotonic() + timeout_s
     out = ""
     while time.monotonic() < deadline:
@@ -116,24 +142,43 @@ def wait_migrate_output(rig: Rig, timeout_s: float) -> str:
             out = rig.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=10).out
         except ControlError:
             continue
-        if cr.final_state(out):
+        if ended(out):
             return out
         time.sleep(2)
     raise TimeoutError(f"no final state after {timeout_s:.0f}s:\n{out[-1500:]}")
 
 
-def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str, options: str, what: str) -> str:
+def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, options: str, what: str,
+                        agent_killed: bool = False) -> str:
     """A migration that must end with P running on as it was (a rehearsal, a cutover that fails
-    after the snapshot): asserted from outside. Returns p2vctl's output."""
+    after the snapshot): asserted from outside. Returns p2vctl's output. `agent_killed`: the agent
+    dies with its helper; P is put back by the agent started next (as systemd's Restart= would)."""
     before, links_before = p_state(rig), link_state(rig, bond)
     counter_before = rig.counter_stats()
     t0 = time.time()
     cr.start_migration(rig, dest, extra=options)
-    out = wait_migrate_output(rig, timeout_s=1200)
+    if agent_killed:
+        out = wait_migrate_output(rig, timeout_s=1200,
+                                  ended=lambda text: "p2vctl: migrate:" in text or cr.final_state(text))
+        assert "p2vctl: migrate:" in out, out  # the agent is gone
+        rig.restart_agent()
+        deadline = time.monotonic() + 120
+        recovered = ""
+        while "cutover recovered" not in recovered and time.monotonic() < deadline:  # the agent's last word on it
+            recovered = rig.run(f"grep -h 'interrupted cutover' {C.P_AGENT_LOG} | tail -n 3", timeout=30).out
+            time.sleep(1)
+        print(f"\n{what}: the next agent: {recovered}")
+        assert "cutover recovered" in recovered and "V told" in recovered, recovered
+        before.pop("agent")
+    else:
+        out = wait_migrate_output(rig, timeout_s=1200)
     print(f"\n{what} output:\n" + out[-1200:])
     assert rig.power_state() == "running"
     time.sleep(3)  # the NIC negotiates again and the bond takes its timers back
-    assert p_state(rig) == before  # addresses, no traffic block, md, workload and agent pids
+    now = p_state(rig)
+    if agent_killed:
+        now.pop("agent")
+    assert now == before  # addresses, no traffic block, md, workload and agent pids
     links = link_state(rig, bond)
     assert links == links_before, (links, links_before)  # carrier, timers, no cutover route, image_size
     assert "initcwnd" not in links["route"], links
