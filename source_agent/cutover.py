@@ -51,6 +51,41 @@ class CutoverAborted(RuntimeError):
     """Before the point of no return: P runs on unchanged."""
 
 
+class PastPointOfNoReturn(RuntimeError):
+    """The helper sent COMMIT (V runs the OS now) but P did not go off, and could not be powered
+    off by the agent either: P must not run on; it stays cut off by its traffic block."""
+
+
+def power_off_after_commit() -> NoReturn:
+    """P still runs after its helper sent COMMIT: power it off now, as the helper would have. The
+    traffic block stays: if the kernel refuses, P at least stays cut off (PastPointOfNoReturn)."""
+    from source_agent.cutover_helper import power_off
+
+    log.critical("the cutover helper sent COMMIT but P still runs: powering P off (V runs the OS now)")
+    try:
+        power_off()
+    except OSError as exc:
+        raise PastPointOfNoReturn(f"V runs the OS now, and P could not power itself off ({exc}): P stays "
+                                  "cut off by its traffic block; power it off by hand") from None
+
+
+def helper_verdict(result: dict, rehearse: bool) -> str:
+    """What the agent does with the helper's outcome. Pure.
+
+    "resumed": this process runs in the VM now. "rehearsed": P runs on after a rehearsal.
+    "power-off": the helper said "committed" (it does so right before COMMIT leaves) and yet this P
+    still runs: it died, or the kernel's power-off failed; the agent powers P off. Anything else:
+    the helper ended the cutover before the point of no return and put P back."""
+    outcome = result.get("outcome")
+    if outcome == "resumed":
+        return "resumed"
+    if outcome == "committed":
+        return "power-off"
+    if rehearse and outcome == "rehearsed":
+        return "rehearsed"
+    return "aborted"
+
+
 @dataclass
 class CutoverOutcome:
     outcome: str  # "resumed"
@@ -330,9 +365,12 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         raise
     finally:
         clear_pending(pending_file)  # the helper's outcome is in (it cleared it already if it could)
-    if result.get("outcome") != "resumed":
+    verdict = helper_verdict(result, rehearse)
+    if verdict == "power-off":
+        power_off_after_commit()
+    if verdict != "resumed":
         set_io_timeouts(legs, None, settings.io_timeouts)  # P runs on as it was
-        if rehearse and result.get("outcome") == "rehearsed":
+        if verdict == "rehearsed":
             return result  # the agent cancels the migration on V next: no re-arming it first
         for attempt in range(3):  # as after a rehearsal: the connection may have died under the block
             try:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import zstandard
@@ -111,10 +111,16 @@ class SnapshotDevice:
 
     def power_off(self) -> None:
         # SNAPSHOT_POWER_OFF acts only in the ACPI platform mode, which this helper does not use; the
-        # kernel's own power-off is what hibernation's "shutdown" mode does. No sync: the writeback
-        # workers are frozen, a sync with dirty data would wait for them forever (P never went off).
-        ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
-        raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) returned")
+        # kernel's own power-off is what hibernation's "shutdown" mode does.
+        power_off()
+
+
+def power_off() -> NoReturn:
+    """The kernel's power-off, at once. No sync: during the cutover the writeback workers are frozen
+    (a sync with dirty data would wait for them forever), and past the point of no return nothing
+    P still writes matters. Raises OSError only if the kernel refused."""
+    ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
+    raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) returned")
 
 
 def release_network_legs(devices: list[str]) -> list[str]:
@@ -930,11 +936,14 @@ class Helper:
         self.fig.acked_at = time.time()
 
     def _commit_and_power_off(self) -> None:
-        # The point of no return: V holds the exact image, loaded into the waiting VM.
+        # The point of no return: V holds the exact image, loaded into the waiting VM. The agent
+        # hears "committed" before COMMIT leaves: if this helper then dies without powering P off,
+        # the agent does (a P that runs on next to the VM would be a second copy of the OS).
         emit("committed", self.fig)
         try:
             assert self.sock is not None
             W.send_frame(self.sock, W.COMMIT)
+            fault_point("after-commit")
             self.sock.shutdown(socket.SHUT_WR)
             self.sock.close()
         except OSError:

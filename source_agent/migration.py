@@ -111,6 +111,10 @@ class SourceMigration:
                                     error="cancelled on the source")
             self._journal()
             raise
+        except cutover.PastPointOfNoReturn as exc:
+            self.point_of_no_return = True  # nothing may be cancelled on V: the VM is the OS now
+            log.critical("migration past the point of no return", extra={"migration": self.id, "error": str(exc)})
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=str(exc), point_of_no_return=True)
         except (prepare.PeerError, MigrationAborted, cutover.CutoverAborted, PrecopyAborted, TransportError,
                 ValueError, OSError,
                 grpc.RpcError) as exc:
