@@ -1,15 +1,17 @@
 """What the cutover changes on P for the snapshot, and how P gets it back when the helper cannot.
 
-The cutover helper (cutover_helper) blocks P's traffic, takes its NIC down, holds the bond's
-timers, raises image_size, adds a host route to V and pins V's ARP entry; it puts all of it back
-itself whenever P runs on. If it dies without a word (killed, out of memory), the agent does
-(`restore_host_settings`, from what `read_host_settings` saw before the hand-over). If the agent
-dies too, the next agent does, at its start (`recover_interrupted_cutover`): before the hand-over
-the agent writes what it saw, and who the helper is, to `<state_dir>/cutover-pending.json`, and
-whoever ends the cutover (the helper, in P or in the VM, or the agent) removes it.
+The cutover helper (cutover_helper) blocks P's traffic, takes its NIC down, holds the bond's timers,
+raises image_size, adds a host route to V and pins V's ARP entry, and the agent raises the request
+timeout of md's NBD legs; the helper puts all of it back itself whenever P runs on. If it dies
+without a word (killed, out of memory), the agent does (`restore_host_settings`, from what
+`read_host_settings` saw before the hand-over). If the agent dies too, the next agent does, at its
+start (`recover_interrupted_cutover`): before the hand-over the agent writes what it saw, and who
+the helper is, to `<state_dir>/cutover-pending.json`, and whoever ends the cutover (the helper, in P
+or in the VM, or the agent) removes it.
 
-That file is not synced: a reboot undoes every one of these settings, so a file from another boot
-is only dropped (`recovery_verdict`, pure).
+That file is not synced: a reboot undoes every one of these settings, so a file from another boot is
+only dropped (`recovery_verdict`, pure). Nothing is repaired past the point of no return: a helper
+that said "committed" and died leaves its agent to power P off (cutover.helper_verdict).
 """
 
 from __future__ import annotations
