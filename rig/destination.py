@@ -70,9 +70,22 @@ def make_tls(rig: Rig, out: Path) -> None:
         assert res.rc == 0, res.err
 
 
+def remove_orphan_vm_disks(vm_dir: Path) -> list[Path]:
+    """The local disks of waiting VMs that no longer exist. V drops a VM's disk with the VM, but not
+    when V itself was killed (the rig's "destination dies mid-pre-copy" test): gone by the next start."""
+    from rig import libvirtd
+
+    alive = set(libvirtd.list_domains(VM_PREFIX))
+    removed = [disk for disk in vm_dir.glob(f"{VM_PREFIX}*-vda.img") if disk.name[:-len("-vda.img")] not in alive]
+    for disk in removed:
+        disk.unlink(missing_ok=True)
+    return removed
+
+
 def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None = None) -> Destination:
     d = rig.run_dir / "dest"
     shutil.rmtree(d / "state", ignore_errors=True)  # records of an earlier rig run
+    remove_orphan_vm_disks(d / "vm")
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o755)
     tls = d / "tls"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from common.atomicfile import write_json_atomic
+from common.atomicfile import read_json, write_json_atomic
 from common.config import SourceConfig, TlsConfig
 from common.rpc import open_channel
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2
@@ -275,3 +275,28 @@ async def cancel_on_destination(address: str, migration_id: str, tls: TlsConfig,
         await channel.close()
     state = common_pb2.MigrationState.Name(reply.state).removeprefix("MIGRATION_STATE_").lower()
     return f"V told: migration {migration_id} {state}"
+
+
+FINAL_STATES = frozenset(common_pb2.MigrationState.Name(s) for s in (
+    common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED, common_pb2.MIGRATION_STATE_CANCELLED,
+    common_pb2.MIGRATION_STATE_ROLLED_BACK))
+
+
+def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
+    """Mark failed, with `detail`, the journals of the migration V knows as `remote_id` that an agent
+    which died mid-cutover left unfinished (the operator's record says what happened). Returns the
+    ids marked."""
+    marked = []
+    for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
+        try:
+            journal = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if (not isinstance(journal, dict) or journal.get("remote_id") != remote_id
+                or journal.get("state") in FINAL_STATES):
+            continue
+        journal.update(state=common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED), error=detail,
+                       updated=time.time())
+        write_json_atomic(path, journal)
+        marked.append(str(journal.get("id", path.stem)))
+    return marked

@@ -12,7 +12,7 @@ from common.rpc import require_peer
 from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
-from .migration import SourceMigration, cancel_on_destination
+from .migration import SourceMigration, cancel_on_destination, mark_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,11 @@ class SourceService(source_pb2_grpc.SourceServicer):
         from source_agent.host_settings import PendingCutover, recover_interrupted_cutover
 
         async def tell_destination(pending: PendingCutover) -> str:
-            return await cancel_on_destination(pending.destination, pending.migration_id, self.config.tls,
-                                               "the source agent stopped during the cutover; P runs on")
+            why = "the source agent stopped during the cutover; P runs on"
+            marked = await asyncio.to_thread(mark_interrupted, self.config.agent.state_dir, pending.migration_id,
+                                             f"{why} (its settings were put back when the agent started again)")
+            told = await cancel_on_destination(pending.destination, pending.migration_id, self.config.tls, why)
+            return f"journal of {', '.join(marked) or 'no migration'} marked failed; {told}"
 
         done = await recover_interrupted_cutover(self.config.agent.state_dir, tell_destination)
         if done:

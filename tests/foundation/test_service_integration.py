@@ -77,7 +77,8 @@ def test_health_and_p2vctl_over_tls(short_tmp, tls_dir):
 def test_restarted_source_agent_repairs_and_has_v_drop_the_migration(short_tmp, tls_dir) -> None:
     """Real agents, mutual TLS on loopback. A migration prepared on V; a pending cutover of it on the
     source's disk whose helper is gone; the source agent that starts puts the settings back (here
-    nothing on the host: no interface, no image_size) and cancels the migration on V."""
+    nothing on the host: no interface, no image_size), marks the dead agent's journal of it failed and
+    cancels the migration on V."""
     from common.config import TlsConfig
     from common.rpc import open_channel
     from p2v.v1 import common_pb2, destination_pb2_grpc
@@ -107,6 +108,13 @@ def test_restarted_source_agent_repairs_and_has_v_drop_the_migration(short_tmp, 
         path = hs.pending_path(short_tmp / "source-state")
         hs.write_pending(path, PendingCutover(HostSettings([], [], {}, ""), hs.current_boot_id(), migration_id,
                                               address, helper_pid=0))
+        # the dead agent's journals: this migration's, cut short at the cutover, and an older finished one
+        journals = short_tmp / "source-state" / "migrations"
+        journals.mkdir()
+        (journals / "local1.json").write_text(json.dumps({"id": "local1", "state": "MIGRATION_STATE_CUTOVER",
+                                                          "remote_id": migration_id, "error": ""}))
+        older = {"id": "local0", "state": "MIGRATION_STATE_COMPLETED", "remote_id": "other", "error": ""}
+        (journals / "local0.json").write_text(json.dumps(older))
         config = source_config(short_tmp, tls_dir, "file:/dev/null")
         source = AgentProcess("source_agent.main", ["--config", str(config)], short_tmp, name="source")
         source.wait_ready()
@@ -117,6 +125,10 @@ def test_restarted_source_agent_repairs_and_has_v_drop_the_migration(short_tmp, 
         assert "interrupted cutover recovered" in log and f"V told: migration {migration_id} cancelled" in log, log
         assert not path.exists()
         assert asyncio.run(on_v("status", migration_id)) == "MIGRATION_STATE_CANCELLED"
+        assert "journal of local1 marked failed" in log, log
+        marked = json.loads((journals / "local1.json").read_text())
+        assert marked["state"] == "MIGRATION_STATE_FAILED" and "stopped during the cutover" in marked["error"], marked
+        assert json.loads((journals / "local0.json").read_text()) == older
     finally:
         if source is not None:
             source.stop()

@@ -155,6 +155,7 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
     dies with its helper; P is put back by the agent started next (as systemd's Restart= would)."""
     before, links_before = p_state(rig), link_state(rig, bond)
     counter_before = rig.counter_stats()
+    disks_before = set((dest.dir / "vm").glob("*-vda.img"))
     t0 = time.time()
     cr.start_migration(rig, dest, extra=options)
     if agent_killed:
@@ -196,6 +197,8 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
         time.sleep(1)
     assert not libvirtd.list_domains(cr.VM_PREFIX), (
         rig.run(f"tail -n 40 {C.P_AGENT_LOG}", timeout=30).out[-4000:])
+    left = set((dest.dir / "vm").glob("*-vda.img")) - disks_before
+    assert not left, left  # and its local disk with it
     return out
 
 
