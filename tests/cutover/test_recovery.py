@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,9 +100,10 @@ def test_a_file_from_another_boot_is_only_dropped(tmp_path: Path) -> None:
     assert settings_now(tmp_path / "net") == HELD  # untouched
 
 
-def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path) -> None:
-    """A real process stands for the helper: while it lives nothing is touched; once it is gone
-    without having ended the cutover, P's settings come back and the file goes."""
+@pytest.fixture
+def live_helper(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A real process standing for a helper that outlived its agent, and the pending cutover that
+    names it (pid and start time); killed and reaped at the end whatever the test did."""
     settings, _ = stand_in(tmp_path / "net")
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -109,66 +111,57 @@ def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path)
         assert started is not None
         path = hs.pending_path(tmp_path / "state")
         hs.write_pending(path, PendingCutover(settings, BOOT, helper_pid=helper.pid, helper_started=started))
-
-        async def scenario() -> tuple[bool, tuple, list[str]]:
-            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
-            await asyncio.sleep(0.5)
-            waiting = not task.done() and path.exists()
-            during = settings_now(tmp_path / "net")
-            helper.kill()
-            helper.wait()  # reaped, as init reaps an orphan
-            return waiting, during, await asyncio.wait_for(task, 10)
-
-        waiting, during, done = asyncio.run(scenario())
+        yield helper, path
     finally:
         helper.kill()
         helper.wait()
+
+
+def test_waits_for_a_helper_that_outlived_its_agent_then_repairs(tmp_path: Path, live_helper) -> None:
+    """While the helper lives nothing is touched; once it is gone without having ended the cutover,
+    P's settings come back and the file goes."""
+    helper, path = live_helper
+
+    async def scenario() -> tuple[bool, tuple, list[str]]:
+        task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
+        await asyncio.sleep(0.5)
+        waiting = not task.done() and path.exists()
+        during = settings_now(tmp_path / "net")
+        helper.kill()
+        helper.wait()  # reaped, as init reaps an orphan
+        return waiting, during, await asyncio.wait_for(task, 10)
+
+    waiting, during, done = asyncio.run(scenario())
     assert waiting and during == HELD
     assert settings_now(tmp_path / "net") == RESTORED
     assert not path.exists() and "bond9's timers" in done[0], done
 
 
-def test_a_helper_that_ends_the_cutover_itself_leaves_nothing_to_repair(tmp_path: Path) -> None:
-    settings, _ = stand_in(tmp_path / "net")
-    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    path = hs.pending_path(tmp_path / "state")
-    try:
-        hs.write_pending(path, PendingCutover(settings, BOOT, helper_pid=helper.pid,
-                                              helper_started=hs.process_started(helper.pid) or 0))
+def test_a_helper_that_ends_the_cutover_itself_leaves_nothing_to_repair(tmp_path: Path, live_helper) -> None:
+    helper, path = live_helper
 
-        async def scenario() -> list[str]:
-            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
-            await asyncio.sleep(0.3)
-            hs.clear_pending(path)  # what cutover_helper.run does when it ends the cutover
-            helper.kill()
-            helper.wait()
-            return await asyncio.wait_for(task, 10)
-
-        done = asyncio.run(scenario())
-    finally:
+    async def scenario() -> list[str]:
+        task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05)
+        await asyncio.sleep(0.3)
+        hs.clear_pending(path)  # what cutover_helper.run does when it ends the cutover
         helper.kill()
         helper.wait()
+        return await asyncio.wait_for(task, 10)
+
+    done = asyncio.run(scenario())
     assert done == ["the cutover helper ended the cutover itself"]
     assert settings_now(tmp_path / "net") == HELD  # the helper's business
 
 
-def test_a_helper_past_its_time_is_killed(tmp_path: Path) -> None:
-    settings, _ = stand_in(tmp_path / "net")
-    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    path = hs.pending_path(tmp_path / "state")
-    try:
-        hs.write_pending(path, PendingCutover(settings, BOOT, helper_pid=helper.pid,
-                                              helper_started=hs.process_started(helper.pid) or 0))
+def test_a_helper_past_its_time_is_killed(tmp_path: Path, live_helper) -> None:
+    helper, path = live_helper
 
-        async def scenario() -> list[str]:
-            task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05, wait_s=0.3)
-            await asyncio.to_thread(helper.wait)  # stand in for init: reap the helper once it is killed
-            return await asyncio.wait_for(task, 10)
+    async def scenario() -> list[str]:
+        task = recover_in(tmp_path / "state", tmp_path / "net", poll_s=0.05, wait_s=0.3)
+        await asyncio.to_thread(helper.wait)  # stand in for init: reap the helper once it is killed
+        return await asyncio.wait_for(task, 10)
 
-        done = asyncio.run(scenario())
-    finally:
-        helper.kill()
-        helper.wait()
+    done = asyncio.run(scenario())
     assert helper.returncode == -9
     assert settings_now(tmp_path / "net") == RESTORED and not path.exists(), done
 
