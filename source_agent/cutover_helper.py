@@ -242,9 +242,10 @@ def fault_point(point: str) -> None:
     fault = os.environ.get(FAULT_ENV, "")
     if fault not in (f"helper-killed-{point}", f"agent-and-helper-killed-{point}"):
         return
-    print(f"cutover helper: {FAULT_ENV}={fault}: killing {'the agent and ' * fault.startswith('agent')}myself",
+    with_agent = fault.startswith("agent-")
+    print(f"cutover helper: {FAULT_ENV}={fault}: killing {'the agent and ' if with_agent else ''}myself",
           file=sys.stderr, flush=True)
-    if fault.startswith("agent-"):
+    if with_agent:
         os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -68,7 +68,7 @@ def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str,
 
 def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
                        image_size_path: str = "/sys/power/image_size", v_host: str = "") -> HostSettings:
-    from source_agent.cutover_helper import host_route, pinned_neighbour
+    from source_agent.cutover_helper import bond_timers, host_route, pinned_neighbour
     from source_agent.link_cycle import IFF_UP, link_flags
 
     up = []
@@ -78,8 +78,6 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
                 up.append(name)
         except OSError:
             continue
-    from source_agent.cutover_helper import bond_timers
-
     bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
     try:
         image_size = Path(image_size_path).read_text().strip()
@@ -222,13 +220,14 @@ def recovery_verdict(pending: PendingCutover, boot_id: str, helper_started_now: 
 
 
 async def recover_interrupted_cutover(
-        state_dir: str | Path, tell_destination: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
+        state_dir: str | Path, after_repair: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
         wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
         root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size",
         block_root: str = "/sys/block") -> list[str]:
-    """At the agent's start: put P back after a cutover whose helper and agent both died, then tell V
-    (`tell_destination`, best effort) so that it drops its waiting VM. Returns what was done (empty:
-    nothing was pending). Never raises for a bad file: it is left in place and reported."""
+    """At the agent's start: put P back after a cutover whose helper and agent both died, then
+    `after_repair` (best effort: the agent marks its journal and tells V to drop its waiting VM).
+    Returns what was done (empty: nothing was pending). Never raises for a bad file: it is left in
+    place and reported."""
     path = pending_path(state_dir)
     boot = boot_id if boot_id is not None else current_boot_id()
     deadline = time.monotonic() + wait_s
@@ -264,9 +263,9 @@ async def recover_interrupted_cutover(
     clear_pending(path)
     log.warning("interrupted cutover (agent and helper gone): P's settings put back: %s", ", ".join(done) or "nothing")
     done = [f"P's settings put back: {', '.join(done) or 'nothing to do'}"]
-    if tell_destination is not None and pending.migration_id:
+    if after_repair is not None and pending.migration_id:
         try:
-            done.append(await tell_destination(pending))
+            done.append(await after_repair(pending))
         except Exception as exc:  # V may be the reason the cutover failed
             log.warning("interrupted cutover: could not tell V: %s", exc)
             done.append(f"V not told: {exc}")

@@ -38,14 +38,14 @@ class SourceService(source_pb2_grpc.SourceServicer):
     async def _recover(self) -> list[str]:
         from source_agent.host_settings import PendingCutover, recover_interrupted_cutover
 
-        async def tell_destination(pending: PendingCutover) -> str:
+        async def after_repair(pending: PendingCutover) -> str:
             why = "the source agent stopped during the cutover; P runs on"
             marked = await asyncio.to_thread(mark_interrupted, self.config.agent.state_dir, pending.migration_id,
                                              f"{why} (its settings were put back when the agent started again)")
             told = await cancel_on_destination(pending.destination, pending.migration_id, self.config.tls, why)
             return f"journal of {', '.join(marked) or 'no migration'} marked failed; {told}"
 
-        done = await recover_interrupted_cutover(self.config.agent.state_dir, tell_destination)
+        done = await recover_interrupted_cutover(self.config.agent.state_dir, after_repair)
         if done:
             log.warning("interrupted cutover recovered: %s", "; ".join(done))
         return done
