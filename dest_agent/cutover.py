@@ -174,6 +174,11 @@ class CutoverDesk:
             st.vm.feed.abort("cutover aborted by the source")
             st.vm.rearm()
 
+    def past_point_of_no_return(self, record_id: str) -> bool:
+        """P committed: the VM is P now (or about to be), and nothing may cancel it."""
+        st = self.states.get(record_id)
+        return st is not None and st.point_of_no_return
+
     def close(self, record_id: str) -> None:
         """The migration was cancelled or failed before the point of no return: drop the VM."""
         st = self.states.get(record_id)

@@ -392,6 +392,9 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     async def Cancel(self, request: common_pb2.CancelRequest, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)
+        if self.cutover.past_point_of_no_return(record.id):  # e.g. an agent in the VM that found an old note
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"migration {record.id} is past its point of no return: P committed, the VM is P")
         if not record.finished:
             await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_CANCELLED,
                                     request.reason or "cancelled by the source")

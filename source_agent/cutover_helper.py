@@ -52,7 +52,7 @@ from common.hibernate_image import (
 )
 from common.pagecodec import hash_page_views, new_checksum
 from source_agent import peer_kick, resume, traffic_block
-from source_agent.host_settings import clear_pending
+from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 
 #: Fault injection for tests, as CRIU_FAULT: the helper is killed at the point this names (see fault_point).
@@ -681,10 +681,12 @@ class Helper:
         self.peer_waits = peer_kick.PeerWaits()
         self.local_ips: frozenset[str] = frozenset()
         self.cycle: LinkCycle | None = None
+        self.commit_note: bytes | None = None
 
     def run(self) -> str:
         """'aborted' (P runs on), 'resumed' (we are in the VM), 'rehearsed'; power-off never returns."""
         try:
+            self._prepare_commit_note()
             self._connect()
             if self.cfg.drop_caches:
                 self._drop_caches()
@@ -936,10 +938,24 @@ class Helper:
             raise CutoverAborted(f"V did not accept the image: {bytes(payload).decode(errors='replace')}")
         self.fig.acked_at = time.time()
 
+    def _prepare_commit_note(self) -> None:
+        if not self.cfg.pending_file:
+            return
+        try:
+            self.commit_note = commit_note(self.cfg.pending_file)
+        except (PendingError, OSError) as exc:  # then only the agent can tell that COMMIT went
+            print(f"cutover helper: no commit note: {exc}", file=sys.stderr, flush=True)
+
     def _commit_and_power_off(self) -> None:
         # The point of no return: V holds the exact image, loaded into the waiting VM. The agent
-        # hears "committed" before COMMIT leaves: if this helper then dies without powering P off,
-        # the agent does (a P that runs on next to the VM would be a second copy of the OS).
+        # hears "committed" before COMMIT leaves, and the pending file says so: if this helper then
+        # dies without powering P off, the agent does, or the next one if the agent is gone too (a P
+        # that runs on next to the VM would be a second copy of the OS).
+        if self.commit_note is not None:
+            try:
+                write_commit_note(self.cfg.pending_file, self.commit_note)
+            except OSError as exc:
+                print(f"cutover helper: commit note: {exc}", file=sys.stderr, flush=True)
         emit("committed", self.fig)
         try:
             assert self.sock is not None

@@ -11,7 +11,9 @@ or in the VM, or the agent) removes it.
 
 That file is not synced: a reboot undoes every one of these settings, so a file from another boot is
 only dropped (`recovery_verdict`, pure). Nothing is repaired past the point of no return: a helper
-that said "committed" and died leaves its agent to power P off (cutover.helper_verdict).
+that said "committed" and died leaves its agent to power P off (cutover.helper_verdict), and right
+before COMMIT leaves the helper marks the file committed (`write_commit_note`), so that an agent
+started after both died powers P off too instead of putting it back next to the VM.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from common.atomicfile import write_atomic
@@ -132,7 +134,7 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
 #: how long the next agent lets a helper that outlived its agent go on (the agent's own limit, and a
 #: margin); then it is killed, as the agent would have
 HELPER_WAIT_S = 900.0 + 60.0
-REPAIR, WAIT, OTHER_BOOT = "repair", "wait", "other-boot"
+REPAIR, WAIT, OTHER_BOOT, POWER_OFF = "repair", "wait", "other-boot", "power-off"
 
 
 class PendingError(ValueError):
@@ -147,6 +149,7 @@ class PendingCutover:
     destination: str = ""  # V's agent (host:port)
     helper_pid: int = 0  # 0: not forked yet
     helper_started: int = 0  # the helper's start time (/proc/<pid>/stat): a reused pid is not the helper
+    committed: bool = False  # the helper was about to send COMMIT: V may run the OS now
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -161,6 +164,8 @@ class PendingCutover:
             raise PendingError(f"not a pending cutover: {type(exc).__name__}: {exc}") from None
         if not isinstance(pending.boot_id, str) or not isinstance(pending.helper_pid, int) or pending.helper_pid < 0:
             raise PendingError("not a pending cutover: boot_id or helper_pid malformed")
+        if not isinstance(pending.committed, bool):
+            raise PendingError("not a pending cutover: committed is not a boolean")
         return pending
 
 
@@ -179,6 +184,21 @@ def read_pending(path: Path) -> PendingCutover | None:
     except FileNotFoundError:
         return None
     return PendingCutover.from_json(raw)
+
+
+def commit_note(path: Path | str, pid: int | None = None) -> bytes:
+    """The pending file as it must read once COMMIT may have left: committed, and naming the
+    helper (`pid`, default this process) itself, since the agent's own note of it may come later
+    than the helper reads the file. Made before FREEZE, so that writing it costs no parsing then."""
+    pending = read_pending(Path(path))
+    if pending is None:
+        raise PendingError(f"no pending cutover at {path}")
+    pid = os.getpid() if pid is None else pid
+    return replace(pending, helper_pid=pid, helper_started=process_started(pid) or 0, committed=True).to_json()
+
+
+def write_commit_note(path: Path | str, note: bytes) -> None:
+    write_atomic(Path(path), note, durable=False)  # only this boot needs it, as write_pending
 
 
 def clear_pending(path: Path | str) -> bool:
@@ -210,24 +230,27 @@ def recovery_verdict(pending: PendingCutover, boot_id: str, helper_started_now: 
     """What the next agent does with a pending cutover. Pure.
 
     OTHER_BOOT: the machine restarted since, and that undid every setting: only drop the file.
-    WAIT: the helper outlived its agent and still works; it puts P back itself if it can.
-    REPAIR: the helper is gone (or was never recorded): put P back now."""
+    WAIT: the helper outlived its agent and still works; it ends the cutover itself if it can.
+    POWER_OFF: the helper is gone after it marked the cutover committed: COMMIT may have reached V,
+    which then runs the OS; P must not run on beside it.
+    REPAIR: the helper is gone (or was never recorded) before that: put P back now."""
     if pending.boot_id != boot_id:
         return OTHER_BOOT
     if pending.helper_pid and helper_started_now is not None and helper_started_now == pending.helper_started:
         return WAIT
-    return REPAIR
+    return POWER_OFF if pending.committed else REPAIR
 
 
 async def recover_interrupted_cutover(
         state_dir: str | Path, after_repair: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
         wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
         root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size",
-        block_root: str = "/sys/block") -> list[str]:
+        block_root: str = "/sys/block", power_off: Callable[[], object] | None = None) -> list[str]:
     """At the agent's start: put P back after a cutover whose helper and agent both died, then
     `after_repair` (best effort: the agent marks its journal and tells V to drop its waiting VM).
-    Returns what was done (empty: nothing was pending). Never raises for a bad file: it is left in
-    place and reported."""
+    If the helper had marked the cutover committed, P is powered off instead (`power_off`, default
+    the kernel's). Returns what was done (empty: nothing was pending). Never raises for a bad file:
+    it is left in place and reported."""
     path = pending_path(state_dir)
     boot = boot_id if boot_id is not None else current_boot_id()
     deadline = time.monotonic() + wait_s
@@ -245,6 +268,8 @@ async def recover_interrupted_cutover(
         if verdict == OTHER_BOOT:
             clear_pending(path)
             return ["a pending cutover from an earlier boot dropped (the restart undid its settings)"]
+        if verdict == POWER_OFF:
+            return power_off_committed(pending, power_off)
         if verdict == REPAIR:
             break
         if time.monotonic() > deadline:
@@ -270,3 +295,20 @@ async def recover_interrupted_cutover(
             log.warning("interrupted cutover: could not tell V: %s", exc)
             done.append(f"V not told: {exc}")
     return done
+
+
+def power_off_committed(pending: PendingCutover, power_off: Callable[[], object] | None = None) -> list[str]:
+    """P runs although its helper was sending COMMIT: power it off, as the helper would have. The
+    traffic block and the file stay: if the kernel refuses, P at least stays cut off, and the next
+    agent tries again."""
+    if power_off is None:
+        from source_agent.cutover_helper import power_off
+    log.critical("interrupted cutover: its helper had sent COMMIT for migration %s (V runs the OS now): "
+                 "powering P off", pending.migration_id)
+    try:
+        power_off()
+    except OSError as exc:
+        log.critical("interrupted cutover: P could not power itself off: %s", exc)
+        return [f"past the point of no return (the helper had sent COMMIT for {pending.migration_id}), and P "
+                f"could not power itself off ({exc}): P stays cut off by its traffic block; power it off by hand"]
+    return [f"past the point of no return (the helper had sent COMMIT for {pending.migration_id}): P powered off"]

@@ -6,6 +6,7 @@ failure before the point of no return must end with P unfrozen and the block lif
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ from common.pagecodec import decode_batch, encode_batch
 from dest_agent.cutover import undecided
 from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError, ReceiveResult
 from dest_agent.page_store import PageStore
+from source_agent import host_settings as hs
 from source_agent.cutover_helper import Helper, HelperConfig
+from source_agent.host_settings import HostSettings, PendingCutover
 from tests.cutover.imagegen import make_image
 
 MAX_PFN = 8192
@@ -154,7 +157,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
              claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
-             resume_runner=None):
+             resume_runner=None, pending_file: str = ""):
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
     host, port = receiver.endpoint
@@ -176,7 +179,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
-                       resume_actions=list(resume_actions or []))
+                       resume_actions=list(resume_actions or []), pending_file=pending_file)
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
@@ -222,6 +225,41 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
         assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
+
+
+class NoteAtPowerOff(PlaybackSnapshot):
+    """What the pending file said when P went off (and in the meantime: when the ACK came)."""
+
+    def __init__(self, image: bytes, pending: Path) -> None:
+        super().__init__(image)
+        self.pending = pending
+        self.at_power_off: PendingCutover | None = None
+
+    def power_off(self) -> None:
+        super().power_off()
+        self.at_power_off = hs.read_pending(self.pending)
+
+
+@pytest.mark.parametrize("rehearse", [False, True], ids=["commit", "rehearsal"])
+def test_the_pending_file_says_committed_once_commit_leaves(tmp_path: Path, rehearse: bool) -> None:
+    """If agent and helper die after COMMIT, the next agent must power P off, not put it back next
+    to the VM: the helper marks the agent's note committed before COMMIT leaves (never on a
+    rehearsal, which hands nothing over)."""
+    pfns = np.arange(100, 300, dtype=np.uint64)
+    image, pfns, data = make_image(pfns, seed=4)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.9)
+    pending = hs.pending_path(tmp_path / "state")
+    hs.write_pending(pending, PendingCutover(HostSettings([], [], {}, ""), "boot", "mig1", "10.0.0.2:7470"))
+    snap = NoteAtPowerOff(image, pending)
+    result, *_ = run_pair(tmp_path, image, store, RecordingFeed(), snapshot=snap, rehearse=rehearse,
+                          pending_file=str(pending))
+    if rehearse:
+        assert result == "rehearsed" and snap.at_power_off is None
+        assert hs.read_pending(pending).committed is False
+    else:
+        assert result == "powered-off"
+        assert snap.at_power_off is not None and snap.at_power_off.committed
+        assert snap.at_power_off.helper_pid == os.getpid()  # the helper (here: this process) named itself
 
 
 def test_pages_v_holds_at_other_pfns_travel_as_hashes(tmp_path: Path) -> None:

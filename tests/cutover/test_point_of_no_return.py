@@ -63,3 +63,29 @@ def test_agent_that_cannot_power_off_says_so() -> None:
                           AGENT_AFTER_COMMIT], capture_output=True, text=True, timeout=60)
     assert res.returncode == 3, res
     assert "refused: V runs the OS now" in res.stdout and "power it off by hand" in res.stdout, res
+
+
+async def test_v_refuses_to_cancel_a_migration_past_its_point_of_no_return(tmp_path) -> None:
+    """Cancel is what P's agent says when P runs on; once P committed, the VM is P, and an agent
+    that says otherwise (one in the VM that found a note from before the snapshot) is refused: the
+    migration stays as it is. Before that point, Cancel cancels. The real DestinationService over
+    gRPC on loopback; the commit is marked as V's image receiver marks it."""
+    import grpc
+
+    from p2v.v1 import common_pb2
+    from tests.memory.harness import destination
+
+    async with destination(tmp_path) as dest:
+        committed = (await dest.prepare(max_pfn=1024)).migration_id
+        dest.service.cutover.state(committed).point_of_no_return = True  # as after COMMIT (_receive)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dest.stub.Cancel(common_pb2.CancelRequest(migration_id=committed, reason="P runs on"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "point of no return" in refused.value.details()
+        status = await dest.stub.Status(common_pb2.MigrationRef(migration_id=committed), timeout=10)
+        assert status.state != common_pb2.MIGRATION_STATE_CANCELLED
+        assert dest.service.migrations[committed].store is not None  # its pages are kept
+
+        before = (await dest.prepare(max_pfn=1024)).migration_id
+        reply = await dest.stub.Cancel(common_pb2.CancelRequest(migration_id=before, reason="P runs on"), timeout=10)
+        assert reply.state == common_pb2.MIGRATION_STATE_CANCELLED

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -66,6 +67,10 @@ def test_verdict() -> None:
     assert hs.recovery_verdict(pending, BOOT, None) == hs.REPAIR  # gone
     assert hs.recovery_verdict(pending, BOOT, 777) == hs.REPAIR  # its pid now names another process
     assert hs.recovery_verdict(replace(pending, helper_pid=0), BOOT, None) == hs.REPAIR  # never forked
+    committed = replace(pending, committed=True)  # the helper was sending COMMIT
+    assert hs.recovery_verdict(committed, BOOT, 9001) == hs.WAIT  # it powers P off itself
+    assert hs.recovery_verdict(committed, BOOT, None) == hs.POWER_OFF  # V may run the OS: P must not
+    assert hs.recovery_verdict(committed, "another-boot", None) == hs.OTHER_BOOT
 
 
 def test_pending_file_round_trip_and_bad_files(tmp_path: Path) -> None:
@@ -76,7 +81,8 @@ def test_pending_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     assert hs.read_pending(path) == pending
     assert hs.read_pending(tmp_path / "none.json") is None
     negative_pid = json.dumps({**json.loads(pending.to_json()), "helper_pid": -1}).encode()
-    for bad in (b"{", b"[]", b'{"settings": {}}', negative_pid):
+    committed_text = json.dumps({**json.loads(pending.to_json()), "committed": "yes"}).encode()
+    for bad in (b"{", b"[]", b'{"settings": {}}', negative_pid, committed_text):
         path.write_bytes(bad)
         with pytest.raises(hs.PendingError):
             hs.read_pending(path)
@@ -98,6 +104,54 @@ def test_a_file_from_another_boot_is_only_dropped(tmp_path: Path) -> None:
     done = recover(tmp_path / "state", tmp_path / "net")
     assert not path.exists() and "earlier boot" in done[0], done
     assert settings_now(tmp_path / "net") == HELD  # untouched
+
+
+def test_the_commit_note_names_the_helper_and_says_committed(tmp_path: Path) -> None:
+    """Made by the helper before FREEZE from the agent's note, written when COMMIT leaves."""
+    settings, _ = stand_in(tmp_path / "net")
+    path = hs.pending_path(tmp_path / "state")
+    hs.write_pending(path, PendingCutover(settings, BOOT, "m1", "10.0.0.2:7470"))  # before the agent knew the pid
+    note = hs.commit_note(path)
+    assert hs.read_pending(path).committed is False  # making it changes nothing yet
+    hs.write_commit_note(path, note)
+    after = hs.read_pending(path)
+    assert after.committed and after.helper_pid == os.getpid()
+    assert after.helper_started == hs.process_started(os.getpid()) and after.settings == settings
+    with pytest.raises(hs.PendingError):
+        hs.commit_note(tmp_path / "none.json")
+
+
+class PowerOff:
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls = 0
+        self.refuse = refuse
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["powered-off", "kernel-refuses"])
+def test_a_committed_cutover_powers_p_off_instead_of_repairing(tmp_path: Path, refuse: bool) -> None:
+    """Agent and helper gone after the helper marked the cutover committed: COMMIT may have reached
+    V, which then runs the OS. P is powered off; nothing is put back (the block keeps P cut off if
+    the kernel refuses), V is not told to cancel, and the file stays for the next agent."""
+    settings, _ = stand_in(tmp_path / "net")
+    path = hs.pending_path(tmp_path / "state")
+    hs.write_pending(path, PendingCutover(settings, BOOT, "m1", "10.0.0.2:7470", helper_pid=0, committed=True))
+    told: list[str] = []
+
+    async def after_repair(pending: PendingCutover) -> str:
+        told.append(pending.migration_id)
+        return "V told"
+
+    power_off = PowerOff(refuse)
+    done = recover(tmp_path / "state", tmp_path / "net", after_repair=after_repair, power_off=power_off)
+    assert power_off.calls == 1 and told == []
+    assert settings_now(tmp_path / "net") == HELD and path.exists()
+    assert "point of no return" in done[0], done
+    assert ("by hand" in done[0]) is refuse, done
 
 
 @pytest.fixture
