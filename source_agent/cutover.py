@@ -185,6 +185,30 @@ def nbd_legs(entries: list) -> list[str]:
             if e.kind == "nbd" and e.state in ("done", "pending") and e.detail.get("device")]
 
 
+def mirror_problems(entries: list, status: Callable[[str, str], object] | None = None) -> list[str]:
+    """Why md's network legs cannot carry P's disk into the VM (empty: they can). After the move the
+    VM's arrays keep only their network leg: one that is faulty, gone or still recovering would
+    leave the OS with a stale or no disk. `status(md, leg)` is mdmirror's LegStatus (tests pass
+    their own); the verdict is the leg's own `ready`."""
+    from source_agent.redundancy.mdmirror import MirrorError, array_state, leg_status
+
+    def real_status(md: str, leg: str) -> object:
+        return leg_status(array_state(md), leg)
+
+    problems = []
+    for e in entries:
+        if e.kind != "md-leg" or e.state not in ("done", "pending"):
+            continue
+        try:
+            leg = (status or real_status)(e.detail["md"], os.path.basename(e.detail["leg"]))
+        except (MirrorError, OSError) as exc:
+            problems.append(str(exc))
+            continue
+        if not leg.ready():  # type: ignore[attr-defined]
+            problems.append(leg.describe())  # type: ignore[attr-defined]
+    return problems
+
+
 async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
     held = np.zeros(max_pfn, dtype=np.uint64)
     async for chunk in stub.HeldHashes(destination_pb2.HeldHashesRequest(migration_id=migration_id), timeout=120):
@@ -320,6 +344,10 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
+    if problems := await asyncio.to_thread(mirror_problems, entries):
+        raise CutoverAborted(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
+                             "roll the redundancy back and build it again (python3 -m source_agent.redundancy), "
+                             "then migrate again")
     if journal is not None:
         # the ids V will name for cancellation after the move (only these are ever cancelled)
         report = journal.report()  # type: ignore[attr-defined]
