@@ -26,6 +26,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from common.heap import trim_heap
 from p2v.v1 import destination_pb2, source_pb2
 
 from . import resume
@@ -229,8 +230,6 @@ async def load_drivers(modules: tuple[str, ...] = VIRTIO_DRIVERS) -> None:
 def return_free_memory() -> None:
     """Give the agent's freed memory back to the kernel before the snapshot: the image holds every
     page in use, and glibc keeps freed heap (pre-copy's buffers, gRPC's) mapped until trimmed."""
-    from source_agent.cutover_helper import trim_heap
-
     gc.collect()
     trim_heap()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import array
 import collections
 import ctypes
-import ctypes.util
 import fcntl
 import json
 import os
@@ -38,6 +37,7 @@ import numpy as np
 import zstandard
 
 from common import image_wire as W
+from common.heap import trim_heap
 from common.hibernate_image import (
     PAGE_SIZE,
     SNAPSHOT_CREATE_IMAGE,
@@ -248,15 +248,6 @@ def fault_point(point: str) -> None:
     if with_agent:
         os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def trim_heap() -> None:
-    """Hand glibc's freed heap back to the kernel (malloc_trim): the snapshot holds every page in
-    use, and freed memory stays mapped until trimmed. Never raises."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError) as exc:  # not glibc: the image is just larger
-        print(f"cutover helper: malloc_trim unavailable: {exc}", file=sys.stderr, flush=True)
 
 
 def emit(outcome: str, figures: Figures, **extra: Any) -> None:

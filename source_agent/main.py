@@ -6,6 +6,7 @@ import logging
 
 from common.agent_cli import base_parser, flag_overrides, load_config, machine_id, run_daemon
 from common.config import SourceConfig
+from common.heap import fix_mmap_threshold
 from common.rpc import AgentServer
 from p2v.v1 import source_pb2, source_pb2_grpc
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = flag_overrides(args, {"listen_unix": "agent.listen_unix", "listen_tcp": "agent.listen_tcp",
                                   "state_dir": "agent.state_dir"})
     config = load_config(SourceConfig, args, DEFAULT_CONFIG, extra)
+    fix_mmap_threshold()  # freed pre-copy buffers must not stay in P's image (common/heap.py)
     run_daemon(args, config.agent.log_level, serve(config, ready_file=args.ready_file), log)
 
 
