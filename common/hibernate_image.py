@@ -210,15 +210,22 @@ def plan_dedup(pfns: np.ndarray, page_hashes: np.ndarray, held: np.ndarray,
     last pre-copy round and the snapshot (rig: 30 % of the pages that differ by PFN). Pure."""
     if pfns.shape != page_hashes.shape:
         raise ValueError(f"{pfns.size} PFNs but {page_hashes.size} hashes")
-    idx = pfns.astype(np.int64)
-    known = idx < held.size
-    held_for = np.zeros(pfns.size, dtype=np.uint64)
-    held_for[known] = held[idx[known]]
     hashes = page_hashes.astype(np.uint64, copy=False)
+    idx = pfns.astype(np.intp, copy=False)
+    if pfns.size and int(pfns.max()) < held.size:  # the usual case: one gather, no masks
+        held_for = held[idx]
+    else:
+        known = idx < held.size
+        held_for = np.zeros(pfns.size, dtype=np.uint64)
+        held_for[known] = held[idx[known]]
     send = (held_for == 0) | (held_for != hashes)
     by_hash = None
     if content is not None and content.size:
-        at = np.minimum(np.searchsorted(content, hashes), content.size - 1)
-        by_hash = send & (content[at] == hashes)
+        # looked up only for the pages that would travel (a quarter or fewer): this runs in P's downtime
+        differ = np.flatnonzero(send)
+        wanted = hashes[differ]
+        at = np.minimum(np.searchsorted(content, wanted), content.size - 1)
+        by_hash = np.zeros(pfns.size, dtype=bool)
+        by_hash[differ[content[at] == wanted]] = True
         send = send & ~by_hash
     return DedupPlan(send=send, pages=int(pfns.size), sent_pages=int(np.count_nonzero(send)), by_hash=by_hash)
