@@ -210,6 +210,14 @@ def mirror_problems(entries: list, status: Callable[[str, str], object] | None =
     return problems
 
 
+async def check_mirrors(entries: list) -> None:
+    """Raises CutoverAborted if md's network legs cannot carry P's disk into the VM (mirror_problems)."""
+    if problems := await asyncio.to_thread(mirror_problems, entries):
+        raise CutoverAborted(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
+                             "bring the leg back (mdadm --re-add, or roll the redundancy back and build it again: "
+                             "python3 -m source_agent.redundancy), then migrate again")
+
+
 async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
     held = np.zeros(max_pfn, dtype=np.uint64)
     async for chunk in stub.HeldHashes(destination_pb2.HeldHashesRequest(migration_id=migration_id), timeout=120):
@@ -343,10 +351,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
-    if problems := await asyncio.to_thread(mirror_problems, entries):
-        raise CutoverAborted(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
-                             "roll the redundancy back and build it again (python3 -m source_agent.redundancy), "
-                             "then migrate again")
+    await check_mirrors(entries)  # again: a leg can fail during pre-copy
     if journal is not None:
         # the ids V will name for cancellation after the move (only these are ever cancelled)
         report = journal.report()  # type: ignore[attr-defined]

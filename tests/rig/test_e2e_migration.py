@@ -6,8 +6,10 @@ Order matters (one rig; after the last test P lives in the VM and the rig is res
 2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
 3. a cutover whose agent and helper are killed right after the snapshot (fault injection,
    $P2V_FAULT): the agent started next puts P back;
-4. a cutover whose helper is killed right after the snapshot, and then a rehearsal (`migrate
-   --rehearse`: FREEZE, snapshot, the image sent and verified on V, then P runs on), each leave P
+4. with md's network leg failed, the migration is refused before pre-copy (the VM keeps only that
+   leg), then the leg comes back; a cutover whose helper is killed right after the snapshot, and
+   then a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
+   P runs on), each leave P
    as it was: workloads, TCP session, addresses, traffic block, md, the NIC's link, the bond's
    timers, the cutover route and ARP pin, the image size;
 5. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
@@ -211,6 +213,23 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     assert "bond" in kinds and "md-leg" in kinds, kinds
     bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
     md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
+
+    # md failed its network leg: the migration is refused before pre-copy (the VM would keep only that
+    # leg), with the reason; then the leg comes back (its bitmap makes the resync short)
+    leg = next(e["detail"]["leg"] for e in built["journal"]["entries"] if e["kind"] == "md-leg")
+    rig.run(f"mdadm {C.P_MD_DEVICE} --fail {leg}", check=True, timeout=30)
+    try:
+        cr.start_migration(rig, dest, extra="--max-rounds 1")
+        out = wait_migrate_output(rig, timeout_s=300)
+        assert cr.final_state(out) == "failed" and "cannot carry P's disk" in " ".join(out.split()), out
+        assert "rounds 0" in " ".join(out.split()), out  # refused before pre-copy
+    finally:
+        rig.run(f"mdadm {C.P_MD_DEVICE} --remove {leg} && mdadm {C.P_MD_DEVICE} --re-add {leg}", check=True,
+                timeout=60)
+        name = leg.rsplit("/", 1)[-1]
+        rig.run(f"for i in $(seq 300); do grep -q in_sync /sys/block/{md}/md/dev-{name}/state && "
+                f"[ $(cat /sys/block/{md}/md/sync_action) = idle ] && exit 0; sleep 1; done; exit 1",
+                check=True, timeout=330)
 
     # the cutover helper killed right after the snapshot (P frozen, its traffic blocked, its NIC down):
     # the agent puts P back by itself
