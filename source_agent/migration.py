@@ -79,6 +79,7 @@ class SourceMigration:
     async def run(self) -> None:
         address = self.request.destination
         channel = None
+        memory = None
         try:
             self._journal()
             await self._phase("prepare", f"negotiating with {address}")
@@ -131,6 +132,8 @@ class SourceMigration:
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=f"internal error: {exc!r}")
         finally:
             self._journal()
+            if memory is not None:
+                memory.close()  # its descriptors (/proc/kcore, kpageflags) would outlive every migration
             if channel is not None:
                 await channel.close()
 
