@@ -37,7 +37,7 @@ import numpy as np
 import zstandard
 
 from common import image_wire as W
-from common.heap import trim_heap
+from common.heap import hold_freed_memory, trim_heap
 from common.hibernate_image import (
     PAGE_SIZE,
     SNAPSHOT_CREATE_IMAGE,
@@ -1043,6 +1043,7 @@ def run(raw: dict[str, Any], held: np.ndarray) -> int:
     """The helper's whole life in its process: `raw` is a HelperConfig's fields, `held` V's hash per
     PFN (0 = not held). The outcome goes to stdout as one JSON line (emit). Returns the exit code."""
     cfg = HelperConfig(**raw)
+    hold_freed_memory()  # the agent's fixed threshold (common/heap.py) would cost the downtime here
     try:
         snap = SnapshotDevice(cfg.snapshot_device)
     except (OSError, ValueError, OverflowError) as exc:
