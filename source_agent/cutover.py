@@ -210,10 +210,10 @@ def mirror_problems(entries: list, status: Callable[[str, str], object] | None =
     return problems
 
 
-async def check_mirrors(entries: list) -> None:
-    """Raises CutoverAborted if md's network legs cannot carry P's disk into the VM (mirror_problems)."""
+async def check_mirrors(entries: list, error: type[Exception] = CutoverAborted) -> None:
+    """Raises `error` if md's network legs cannot carry P's disk into the VM (mirror_problems)."""
     if problems := await asyncio.to_thread(mirror_problems, entries):
-        raise CutoverAborted(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
+        raise error(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
                              "bring the leg back (mdadm --re-add, or roll the redundancy back and build it again: "
                              "python3 -m source_agent.redundancy), then migrate again")
 

@@ -86,7 +86,8 @@ class SourceMigration:
             channel = open_channel(address, self.config.tls)
             self.session = await prepare.open_session(channel, address, self.host_id)
             if not self.request.dry_run:  # before pre-copy: a broken mirror would only be found after it
-                await cutover.check_mirrors(cutover.load_journal_entries(self.config.agent.state_dir)[1])
+                await cutover.check_mirrors(cutover.load_journal_entries(self.config.agent.state_dir)[1],
+                                            MigrationAborted)  # nothing on V to wait for: no retried cancel
             memory = self._open_memory()
             inventory = await asyncio.to_thread(self.inventory_fn)
             streams = self.request.streams or self.config.migration.streams

@@ -162,3 +162,36 @@ def test_migrations_leave_no_descriptors_behind(short_tmp, tls_dir) -> None:
         if source is not None:
             source.stop()
         dest.stop()
+
+
+def test_a_migration_over_a_broken_mirror_is_refused_before_pre_copy(short_tmp, tls_dir) -> None:
+    """Real agents over mutual TLS: the redundancy journal lists an md network leg whose array is not
+    there (this host has no md at all): `p2vctl migrate` fails at once with the reason, before any
+    page is sent and without reserving anything on V. The rig's whole-OS test does it with a leg
+    md really failed."""
+    from source_agent.redundancy.journal import Journal, default_path
+
+    journal = Journal.create(default_path(short_tmp / "source-state"), "earlier")
+    leg = journal.begin("md-leg", physical="sdb", virtual="/dev/nbd0", md="md127", leg="/dev/nbd0")
+    journal.update(leg, state="done")
+    dest = AgentProcess("dest_agent.main", ["--config", str(dest_config(short_tmp, tls_dir, "127.0.0.1:0"))],
+                        short_tmp, name="dest")
+    source = None
+    try:
+        address = next(p for p in dest.wait_ready().split() if not p.startswith("unix:"))
+        source = AgentProcess("source_agent.main",
+                              ["--config", str(source_config(short_tmp, tls_dir, "file:/dev/null"))],
+                              short_tmp, name="source")
+        source.wait_ready()
+        run = subprocess.run([sys.executable, "-m", "p2vctl.cli", "migrate", address, "--agent",
+                              str(short_tmp / "source.sock"), "--json"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        final = json.loads(run.stdout.strip().splitlines()[-1])
+        assert run.returncode != 0 and final["state"] == "MIGRATION_STATE_FAILED", run.stdout + run.stderr
+        assert "cannot carry P's disk" in final["error"] and "md127 does not exist" in final["error"], final
+        assert int(final["stats"].get("transferred", 0)) == 0, final  # refused before pre-copy
+        assert not list((short_tmp / "dest-state").glob("migrations/*")), "V reserved a migration"
+    finally:
+        if source is not None:
+            source.stop()
+        dest.stop()
