@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -135,20 +138,31 @@ def test_restarted_source_agent_repairs_and_has_v_drop_the_migration(short_tmp, 
         dest.stop()
 
 
-def test_migrations_leave_no_descriptors_behind(short_tmp, tls_dir) -> None:
-    """Real agents over mutual TLS on loopback: the source agent's open descriptors are the same
-    after each of three dry runs (its memory source, the channels and sockets are closed)."""
-    memory = short_tmp / "memory.bin"
-    memory.write_bytes(os.urandom(4 << 20) + bytes(12 << 20))
+@contextlib.contextmanager
+def dest_and_source(short_tmp: Path, tls_dir: Path, memory: str) -> Iterator[tuple[str, AgentProcess]]:
+    """A real destination agent on loopback, then a source agent (memory source `memory`) that
+    migrates to it; yields V's address and the source agent; both stopped at the end."""
     dest = AgentProcess("dest_agent.main", ["--config", str(dest_config(short_tmp, tls_dir, "127.0.0.1:0"))],
                         short_tmp, name="dest")
     source = None
     try:
         address = next(p for p in dest.wait_ready().split() if not p.startswith("unix:"))
-        source = AgentProcess("source_agent.main",
-                              ["--config", str(source_config(short_tmp, tls_dir, f"file:{memory}"))],
+        source = AgentProcess("source_agent.main", ["--config", str(source_config(short_tmp, tls_dir, memory))],
                               short_tmp, name="source")
         source.wait_ready()
+        yield address, source
+    finally:
+        if source is not None:
+            source.stop()
+        dest.stop()
+
+
+def test_migrations_leave_no_descriptors_behind(short_tmp, tls_dir) -> None:
+    """Real agents over mutual TLS on loopback: the source agent's open descriptors are the same
+    after each of three dry runs (its memory source, the channels and sockets are closed)."""
+    memory = short_tmp / "memory.bin"
+    memory.write_bytes(os.urandom(4 << 20) + bytes(12 << 20))
+    with dest_and_source(short_tmp, tls_dir, f"file:{memory}") as (address, source):
         fds = []
         for _ in range(3):
             run = subprocess.run([sys.executable, "-m", "p2vctl.cli", "migrate", address, "--agent",
@@ -158,10 +172,6 @@ def test_migrations_leave_no_descriptors_behind(short_tmp, tls_dir) -> None:
             time.sleep(0.5)  # the agent closes what the migration used after it reported the end
             fds.append(len(os.listdir(f"/proc/{source.proc.pid}/fd")))
         assert fds[0] == fds[1] == fds[2], fds
-    finally:
-        if source is not None:
-            source.stop()
-        dest.stop()
 
 
 def test_a_migration_over_a_broken_mirror_is_refused_before_pre_copy(short_tmp, tls_dir) -> None:
@@ -174,15 +184,7 @@ def test_a_migration_over_a_broken_mirror_is_refused_before_pre_copy(short_tmp, 
     journal = Journal.create(default_path(short_tmp / "source-state"), "earlier")
     leg = journal.begin("md-leg", physical="sdb", virtual="/dev/nbd0", md="md127", leg="/dev/nbd0")
     journal.update(leg, state="done")
-    dest = AgentProcess("dest_agent.main", ["--config", str(dest_config(short_tmp, tls_dir, "127.0.0.1:0"))],
-                        short_tmp, name="dest")
-    source = None
-    try:
-        address = next(p for p in dest.wait_ready().split() if not p.startswith("unix:"))
-        source = AgentProcess("source_agent.main",
-                              ["--config", str(source_config(short_tmp, tls_dir, "file:/dev/null"))],
-                              short_tmp, name="source")
-        source.wait_ready()
+    with dest_and_source(short_tmp, tls_dir, "file:/dev/null") as (address, _):
         run = subprocess.run([sys.executable, "-m", "p2vctl.cli", "migrate", address, "--agent",
                               str(short_tmp / "source.sock"), "--json"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -191,7 +193,3 @@ def test_a_migration_over_a_broken_mirror_is_refused_before_pre_copy(short_tmp, 
         assert "cannot carry P's disk" in final["error"] and "md127 does not exist" in final["error"], final
         assert int(final["stats"].get("transferred", 0)) == 0, final  # refused before pre-copy
         assert not list((short_tmp / "dest-state").glob("migrations/*")), "V reserved a migration"
-    finally:
-        if source is not None:
-            source.stop()
-        dest.stop()
