@@ -1,7 +1,8 @@
 """Protocol and software versions, and the capabilities this build offers."""
 
-# 3: the image socket's WARM frames; 2: xxh64 page hashes and checksums (1: xxh3)
-PROTOCOL_VERSION = 3
+# 4: ResolveCutover (V keeps an undecided image loaded for P's word); 3: the image socket's WARM
+# frames; 2: xxh64 page hashes and checksums (1: xxh3)
+PROTOCOL_VERSION = 4
 MIN_PROTOCOL_VERSION = 3
 AGENT_VERSION = "0.1.0"
 

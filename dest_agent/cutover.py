@@ -34,8 +34,36 @@ READY_TIMEOUT_S = 240.0
 
 def undecided(result: ReceiveResult) -> bool:
     """After a failed receive: whether P may be off or running (V acknowledged the image and heard
-    neither COMMIT nor P's ABORT). Then nothing may start the VM, nor drop it. Pure."""
+    neither COMMIT nor P's ABORT). Then nothing may start the VM, nor drop it, until P's agent
+    resolves it (ResolveCutover). Pure."""
     return result.acked and not result.committed and not result.aborted_after_ack
+
+
+#: V's verdicts on P's word about a cutover (`resolve_verdict`)
+VM_RUNS, START_VM, DROP, NOTHING_HELD = "vm-runs", "start-vm", "drop", "nothing-held"
+#: how long ResolveCutover waits for a receiver still waiting for COMMIT (P's helper is gone: its
+#: socket's end comes soon); then P's agent asks again
+RESOLVE_WAIT_S = 20.0
+
+
+def resolve_verdict(result: ReceiveResult | None, point_of_no_return: bool, dropped: bool,
+                    source_committed: bool) -> str:
+    """What V does when P's agent resolves a cutover its helper left (ResolveCutover). Pure.
+
+    VM_RUNS: COMMIT reached V before (or an earlier word): the VM is P; P must stay off, whatever
+    it meant. START_VM / DROP: V holds an acknowledged image undecided: P's word decides, and binds
+    V (P powers off / runs on after the answer). NOTHING_HELD: no image is held (never acknowledged,
+    P said ABORT, or dropped since): V never starts one; P runs on."""
+    if point_of_no_return or (result is not None and result.committed):
+        return VM_RUNS
+    if result is not None and undecided(result) and not dropped:
+        return START_VM if source_committed else DROP
+    return NOTHING_HELD
+
+
+class ResolveError(RuntimeError):
+    """V cannot answer yet (still receiving) or could not start the VM: P's agent falls back to its
+    own note (power off once committed)."""
 
 
 @dataclass
@@ -44,7 +72,9 @@ class CutoverState:
     vm_start: asyncio.Task | None = None
     vm_start_error: str = ""
     receive: asyncio.Task | None = None
+    receiver: object | None = None  # the ImageReceiver of the last attempt: it starts the VM
     result: ReceiveResult | None = None
+    dropped: bool = False  # P's word (abort, cancel, resolve): the held image is never started
     last_error: str = ""
     point_of_no_return: bool = False
     resumed: destination_pb2.ResumedRequest | None = None
@@ -131,6 +161,7 @@ class CutoverDesk:
         except OSError as exc:
             return destination_pb2.CutoverReply(ready=False, detail=f"cannot open the image socket: {exc}")
         st.attempts += 1
+        st.receiver, st.result, st.dropped = receiver, None, False
         record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
         host, port = receiver.endpoint
         st.receive = asyncio.create_task(self._receive(record, st, receiver), name=f"image-{record.id}")
@@ -152,8 +183,11 @@ class CutoverDesk:
             st.last_error = str(exc)
             st.result = receiver.result
             if undecided(receiver.result):
-                # ACK sent, COMMIT never came: P might run on or be off. Never start the VM here.
+                # ACK sent, COMMIT never came: P might run on or be off. The VM keeps the image
+                # loaded; only P's agent's word (resolve) starts or drops it.
                 record.set_state(common_pb2.MIGRATION_STATE_FAILED, f"cutover undecided: {exc}")
+                log.error("cutover undecided: the waiting VM holds P's image until P's agent resolves it",
+                          extra={"migration": record.id, "error": str(exc)})
                 return
             log.warning("cutover failed before the point of no return; P runs on",
                         extra={"migration": record.id, "error": str(exc)})
@@ -166,13 +200,60 @@ class CutoverDesk:
                 figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts}
                 await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
 
+    async def resolve(self, record: MigrationRecord, source_committed: bool) -> destination_pb2.ResolveReply:
+        """P's agent's word on a cutover its helper left (see resolve_verdict); raises ResolveError
+        when V cannot answer for sure."""
+        st = self.states.get(record.id)
+        if st is not None and st.receive is not None and not st.receive.done():
+            try:  # the receiver still waits for COMMIT; its answer comes first
+                await asyncio.wait_for(asyncio.shield(st.receive), RESOLVE_WAIT_S)
+            except TimeoutError:
+                raise ResolveError(f"V still waits for P's helper on the image socket after {RESOLVE_WAIT_S:.0f}s; "
+                                   "ask again") from None
+        verdict = resolve_verdict(st.result if st else None, bool(st and st.point_of_no_return),
+                                  bool(st and st.dropped), source_committed)
+        log.warning("cutover resolved by P's agent", extra={
+            "migration": record.id, "source_committed": source_committed, "verdict": verdict})
+        if verdict == VM_RUNS:
+            return destination_pb2.ResolveReply(vm_runs=True, detail="COMMIT had reached V: the VM is P")
+        if verdict == NOTHING_HELD:
+            return destination_pb2.ResolveReply(
+                vm_runs=False, detail="V holds no acknowledged image of this migration and never starts one: P runs on")
+        assert st is not None and st.receiver is not None
+        if verdict == DROP:
+            self.abort(record)
+            record.set_state(common_pb2.MIGRATION_STATE_ACTIVE)
+            await asyncio.to_thread(record.journal)
+            return destination_pb2.ResolveReply(vm_runs=False, detail="V dropped the image it held: P runs on")
+        st.point_of_no_return = True  # from the GO on, whatever the VM answers: never drop it
+        try:
+            await asyncio.to_thread(st.receiver.commit)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise ResolveError(f"V told the waiting VM to restore P, and it did not confirm: {exc}") from None
+        record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
+        await asyncio.to_thread(record.journal)
+        assert st.result is not None
+        figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts, "resolved_by_source": True}
+        await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
+        log.info("P committed through its agent; the waiting VM restores P", extra={"migration": record.id})
+        return destination_pb2.ResolveReply(vm_runs=True, detail="V started the VM from the image it had acknowledged")
+
     def abort(self, record: MigrationRecord) -> None:
         st = self.states.get(record.id)
         if st is None or st.point_of_no_return:
             return
+        st.dropped = True
+        if st.receiver is not None:  # a VM holding an acknowledged image discards it
+            st.receiver.feed.abort("cutover aborted by the source")  # type: ignore[attr-defined]
         if st.vm is not None:
             st.vm.feed.abort("cutover aborted by the source")
             st.vm.rearm()
+
+    def holds_undecided(self, record_id: str) -> bool:
+        """The VM holds an acknowledged image nobody decided on (the migration reads FAILED)."""
+        st = self.states.get(record_id)
+        return (st is not None and st.result is not None and undecided(st.result) and not st.dropped
+                and not st.point_of_no_return)
 
     def past_point_of_no_return(self, record_id: str) -> bool:
         """P committed: the VM is P now (or about to be), and nothing may cancel it."""
@@ -182,7 +263,12 @@ class CutoverDesk:
     def close(self, record_id: str) -> None:
         """The migration was cancelled or failed before the point of no return: drop the VM."""
         st = self.states.get(record_id)
-        if st is None or st.point_of_no_return or st.vm is None:
+        if st is None or st.point_of_no_return:
+            return
+        st.dropped = True
+        if st.receiver is not None:  # a VM holding an acknowledged image discards it
+            st.receiver.feed.abort("migration cancelled")  # type: ignore[attr-defined]
+        if st.vm is None:
             return
         vm = st.vm
         st.vm = None

@@ -342,14 +342,24 @@ class ImageReceiver:
         try:
             kind, payload = W.recv_frame(conn, max_payload=1 << 16)
         except (W.WireError, OSError) as exc:
-            # P may or may not have received the ACK: starting the VM could make a second live copy.
-            self.feed.abort("no COMMIT from P")
-            raise ReceiveError(f"no COMMIT from P after ACK ({exc}); the waiting VM was not started — "
-                               "check whether P still runs before anything else") from None
+            # P may or may not have sent COMMIT (its helper died, or the frame was lost): starting the
+            # VM could make a second live copy, dropping it could lose the OS if P powers off. The VM
+            # keeps the image loaded until P's agent says which (ResolveCutover) or V drops it.
+            raise ReceiveError(f"no COMMIT from P after ACK ({exc}); the waiting VM holds the image until "
+                               "P's agent resolves the cutover — check whether P still runs before anything "
+                               "else") from None
         if kind != W.COMMIT:
             res.aborted_after_ack = kind == W.ABORT
             self.feed.abort(f"P sent {W.NAMES[kind]} instead of COMMIT")
             raise ReceiveError(f"P sent {W.NAMES[kind]} after ACK: {bytes(payload)[:200]!r}")
+        self.commit()
+
+    def commit(self) -> None:
+        """P committed: the VM restores P's image (after COMMIT on the socket, or P's agent's word
+        through ResolveCutover when the socket went silent after the ACK). Only ever once."""
+        res = self.result
+        if not res.acked or res.committed or res.aborted_after_ack:
+            raise ReceiveError("nothing to commit: no image acknowledged and still held")
         res.committed, res.committed_at = True, time.time()
         self.feed.go()
         res.go_at = time.time()

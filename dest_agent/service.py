@@ -356,6 +356,16 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                                 f"migration {record.id} is {common_pb2.MigrationState.Name(record.state)}")
         return await self.cutover.announce(record)
 
+    async def ResolveCutover(self, request: destination_pb2.ResolveRequest, context):
+        await self._peer(context)
+        record = await self._migration(request.migration_id, context)
+        from dest_agent.cutover import ResolveError
+
+        try:
+            return await self.cutover.resolve(record, request.source_committed)
+        except ResolveError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
     async def Resumed(self, request: destination_pb2.ResumedRequest, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)
@@ -395,7 +405,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if self.cutover.past_point_of_no_return(record.id):  # e.g. an agent in the VM that found an old note
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {record.id} is past its point of no return: P committed, the VM is P")
-        if not record.finished:
+        if not record.finished or self.cutover.holds_undecided(record.id):  # P's word: it runs on
             await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_CANCELLED,
                                     request.reason or "cancelled by the source")
         log.info("cancelled", extra={"migration": record.id, "reason": request.reason})

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -68,6 +68,37 @@ def power_off_after_commit() -> NoReturn:
     except OSError as exc:
         raise PastPointOfNoReturn(f"V runs the OS now, and P could not power itself off ({exc}): P stays "
                                   "cut off by its traffic block; power it off by hand") from None
+
+
+#: V's answer to P's word on a cutover (source_agent.migration.resolve_on_destination, bound to the TLS
+#: config): (V's agent "host:port", migration id, committed) -> does the VM run?
+ResolveCall = Callable[[str, str, bool], Awaitable[object]]
+
+
+async def vm_runs_after_commit(destination: str, migration_id: str, blocked: list[str],
+                               resolve: ResolveCall | None) -> bool:
+    """The helper marked the cutover committed, then went without powering P off: between its mark
+    and COMMIT on the wire, V may hold the acknowledged image undecided. Ask V (through a hole in
+    the traffic block for V's agent only) to start the VM from it. True: the VM runs (or COMMIT had
+    reached V): P powers off. False: V holds no image and never starts one: P runs on. When V
+    cannot answer, True: the helper's mark is all P knows, and a second live copy is worse than none."""
+    from source_agent import traffic_block
+
+    if resolve is None or not destination or not migration_id:
+        return True
+    host, _, port = destination.rpartition(":")
+    host = host.strip("[]")
+    try:
+        await asyncio.to_thread(traffic_block.open_path, blocked, host, int(port))
+    except (ValueError, traffic_block.BlockError) as exc:  # no block left, or V named by a host name
+        log.warning("no path opened through the traffic block to V's agent (%s): asking anyway", exc)
+    try:
+        reply = await resolve(destination, migration_id, True)
+    except Exception as exc:
+        log.critical("V could not say whether it runs the OS (%s): P keeps to its helper's mark", exc)
+        return True
+    log.critical("V on the cutover its helper left: %s", getattr(reply, "detail", reply))
+    return bool(getattr(reply, "vm_runs", True))
 
 
 def helper_verdict(result: dict, rehearse: bool) -> str:
@@ -343,11 +374,13 @@ def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held:
 
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
-                  helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "") -> dict:
+                  helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "",
+                  resolve: ResolveCall | None = None) -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
     P runs on otherwise. `destination` (V's agent) is written down for an agent that would have to
-    finish this after a crash (host_settings.recover_interrupted_cutover)."""
+    finish this after a crash (host_settings.recover_interrupted_cutover); `resolve` asks V about a
+    cutover the helper left past its commit mark (vm_runs_after_commit)."""
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
@@ -376,6 +409,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     def helper_forked(pid: int) -> None:  # a later agent must know whether the helper still works
         write_pending(pending_file, replace(pending, helper_pid=pid, helper_started=process_started(pid) or 0))
 
+    committed = False
     try:
         write_pending(pending_file, pending)
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
@@ -384,6 +418,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
         result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)
+        committed = helper_verdict(result, rehearse) == "power-off"
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
         # in a thread: pyroute2 runs an event loop of its own (the thread finishes even if cancelled again)
         done = await asyncio.shield(asyncio.to_thread(restore_host_settings, settings))
@@ -396,10 +431,20 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         set_io_timeouts(legs, None, settings.io_timeouts)
         raise
     finally:
-        clear_pending(pending_file)  # the helper's outcome is in (it cleared it already if it could)
+        if not committed:  # the helper's outcome is in (it cleared it already if it could)
+            clear_pending(pending_file)
     verdict = helper_verdict(result, rehearse)
     if verdict == "power-off":
-        power_off_after_commit()
+        # the note stays, committed (also if the helper could not mark it): should this agent die
+        # now, the next one powers P off
+        write_pending(pending_file, replace(pending, committed=True))
+        if await vm_runs_after_commit(destination, remote_id, blocked, resolve):
+            power_off_after_commit()
+        done = await asyncio.to_thread(restore_host_settings, settings)
+        clear_pending(pending_file)
+        result = {**result, "reason": "the helper went after its commit mark, and V dropped the image it held: "
+                                      f"P runs on (settings put back: {', '.join(done) or 'nothing to do'})"}
+        verdict = "aborted"
     if verdict != "resumed":
         set_io_timeouts(legs, None, settings.io_timeouts)  # P runs on as it was
         if verdict == "rehearsed":

@@ -948,6 +948,7 @@ class Helper:
             except OSError as exc:
                 print(f"cutover helper: commit note: {exc}", file=sys.stderr, flush=True)
         emit("committed", self.fig)
+        fault_point("before-commit")  # V holds the image undecided: the agent resolves it with V
         try:
             assert self.sock is not None
             W.send_frame(self.sock, W.COMMIT)
@@ -955,7 +956,7 @@ class Helper:
             self.sock.shutdown(socket.SHUT_WR)
             self.sock.close()
         except OSError:
-            pass  # V starts the VM only on COMMIT: if it is lost, V keeps the VM waiting (no 2nd copy)
+            pass  # V starts the VM only on COMMIT, or on the agent's word (vm_runs_after_commit)
         for problem in release_network_legs(self.cfg.network_legs):
             print(f"cutover helper: {problem}", file=sys.stderr, flush=True)
         self.snap.power_off()

@@ -245,12 +245,14 @@ async def recover_interrupted_cutover(
         state_dir: str | Path, after_repair: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
         wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
         root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size",
-        block_root: str = "/sys/block", power_off: Callable[[], object] | None = None) -> list[str]:
+        block_root: str = "/sys/block", power_off: Callable[[], object] | None = None,
+        vm_runs: Callable[[PendingCutover], Awaitable[bool]] | None = None) -> list[str]:
     """At the agent's start: put P back after a cutover whose helper and agent both died, then
     `after_repair` (best effort: the agent marks its journal and tells V to drop its waiting VM).
     If the helper had marked the cutover committed, P is powered off instead (`power_off`, default
-    the kernel's). Returns what was done (empty: nothing was pending). Never raises for a bad file:
-    it is left in place and reported."""
+    the kernel's) unless `vm_runs` (V's answer, source_agent.cutover.vm_runs_after_commit) says V
+    holds no image and never starts one. Returns what was done (empty: nothing was pending). Never
+    raises for a bad file: it is left in place and reported."""
     path = pending_path(state_dir)
     boot = boot_id if boot_id is not None else current_boot_id()
     deadline = time.monotonic() + wait_s
@@ -269,7 +271,10 @@ async def recover_interrupted_cutover(
             clear_pending(path)
             return ["a pending cutover from an earlier boot dropped (the restart undid its settings)"]
         if verdict == POWER_OFF:
-            return power_off_committed(pending, power_off)
+            if vm_runs is None or await vm_runs(pending):
+                return power_off_committed(pending, power_off)
+            log.warning("interrupted cutover: V dropped the image its helper had committed: P runs on")
+            break
         if verdict == REPAIR:
             break
         if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -183,7 +183,7 @@ class SourceMigration:
         stats.precopy_bytes = stats.transferred
         figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
                                         self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
-                                        destination=self.request.destination)
+                                        destination=self.request.destination, resolve=self._resolve)
         if figures.get("outcome") == "rehearsed":
             await self._rehearsed(figures, stats, t0)
             return
@@ -211,6 +211,9 @@ class SourceMigration:
         self._journal(completed=True, figures=figures)
         if self.unload is not None:
             self.unload()
+
+    async def _resolve(self, destination: str, migration_id: str, committed: bool) -> destination_pb2.ResolveReply:
+        return await resolve_on_destination(destination, migration_id, self.config.tls, committed)
 
     async def _rehearsed(self, figures: dict, stats: common_pb2.MigrationStats, t0: float) -> None:
         """P ran on after V acknowledged the image: the figures of a cutover that handed nothing over."""
@@ -260,27 +263,49 @@ class SourceMigration:
                 pass
 
 
-async def cancel_on_destination(address: str, migration_id: str, tls: TlsConfig, reason: str,
-                                attempts: int = 3) -> str:
-    """Tell V to drop a migration this agent no longer runs (an agent that restarted after dying
-    mid-cutover: V still holds its waiting VM). Returns what V said; raises when it cannot be told."""
+async def _ask_destination(address: str, tls: TlsConfig,
+                           call: Callable[[destination_pb2_grpc.DestinationStub], Awaitable],
+                           attempts: int, final: tuple[grpc.StatusCode, ...] = ()) -> object:
+    """One call on a fresh channel to V (not this agent's: its TCP state may be the image's),
+    retried `attempts` times unless V answers with a `final` code; raises RuntimeError with V's
+    reason when it cannot be told."""
     channel = open_channel(address, tls)
     try:
         stub = destination_pb2_grpc.DestinationStub(channel)
-        request = common_pb2.CancelRequest(migration_id=migration_id, reason=reason)
         for attempt in range(attempts):
             try:
-                reply = await stub.Cancel(request, timeout=10, wait_for_ready=True)
-                break
+                return await call(stub)
             except grpc.RpcError as exc:
                 if attempt + 1 == attempts or exc.code() in (grpc.StatusCode.NOT_FOUND,
-                                                              grpc.StatusCode.PERMISSION_DENIED):
+                                                              grpc.StatusCode.PERMISSION_DENIED, *final):
                     raise RuntimeError(prepare.describe_rpc_error(exc, address)) from None
                 await asyncio.sleep(1)
     finally:
         await channel.close()
-    state = common_pb2.MigrationState.Name(reply.state).removeprefix("MIGRATION_STATE_").lower()
+    raise RuntimeError("no attempt made")
+
+
+async def cancel_on_destination(address: str, migration_id: str, tls: TlsConfig, reason: str,
+                                attempts: int = 3) -> str:
+    """Tell V to drop a migration this agent no longer runs (an agent that restarted after dying
+    mid-cutover: V still holds its waiting VM). Returns what V said; raises when it cannot be told."""
+    request = common_pb2.CancelRequest(migration_id=migration_id, reason=reason)
+    reply = await _ask_destination(
+        address, tls, lambda stub: stub.Cancel(request, timeout=10, wait_for_ready=True), attempts)
+    state = common_pb2.MigrationState.Name(reply.state).removeprefix("MIGRATION_STATE_").lower()  # type: ignore[attr-defined]
     return f"V told: migration {migration_id} {state}"
+
+
+async def resolve_on_destination(address: str, migration_id: str, tls: TlsConfig, committed: bool,
+                                 attempts: int = 3, timeout_s: float = 30.0) -> destination_pb2.ResolveReply:
+    """P's word on a cutover whose helper went after V's ACK (ResolveCutover): V starts the VM if
+    P `committed`, else drops it. V's answer binds P: `vm_runs` -> P powers off. Raises RuntimeError
+    when V cannot tell (unreachable, restarted, an older V): P then keeps to its own note. Each
+    attempt may take `timeout_s` (V waits up to dest_agent.cutover.RESOLVE_WAIT_S for its receiver)."""
+    request = destination_pb2.ResolveRequest(migration_id=migration_id, source_committed=committed)
+    return await _ask_destination(  # type: ignore[return-value]
+        address, tls, lambda stub: stub.ResolveCutover(request, timeout=timeout_s, wait_for_ready=True), attempts,
+        final=(grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION))
 
 
 FINAL_STATES = frozenset(common_pb2.MigrationState.Name(s) for s in (

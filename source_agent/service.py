@@ -12,7 +12,8 @@ from common.rpc import require_peer
 from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
-from .migration import SourceMigration, cancel_on_destination, mark_interrupted
+from .cutover import vm_runs_after_commit
+from .migration import SourceMigration, cancel_on_destination, mark_interrupted, resolve_on_destination
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,13 @@ class SourceService(source_pb2_grpc.SourceServicer):
             told = await cancel_on_destination(pending.destination, pending.migration_id, self.config.tls, why)
             return f"journal of {', '.join(marked) or 'no migration'} marked failed; {told}"
 
-        done = await recover_interrupted_cutover(self.config.agent.state_dir, after_repair)
+        async def vm_runs(pending: PendingCutover) -> bool:
+            async def ask(destination: str, migration_id: str, committed: bool):
+                return await resolve_on_destination(destination, migration_id, self.config.tls, committed)
+
+            return await vm_runs_after_commit(pending.destination, pending.migration_id, pending.settings.blocked, ask)
+
+        done = await recover_interrupted_cutover(self.config.agent.state_dir, after_repair, vm_runs=vm_runs)
         if done:
             log.warning("interrupted cutover recovered: %s", "; ".join(done))
         return done

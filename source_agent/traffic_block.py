@@ -112,6 +112,36 @@ def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 
     return applied_before(commands, None)
 
 
+def open_path_commands(interfaces: Sequence[str], ip: str, port: int) -> list[list[str]]:
+    """tc argv lists that let one TCP service of V's (its agent) through a block in place: the pass
+    rule at PRIO_V, narrowed to that port. Pure."""
+    ipaddress.IPv4Address(ip)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    cmds = []
+    for ifname in interfaces:
+        if not _IFNAME.match(ifname) or ifname == "lo":
+            raise ValueError(f"interface name {ifname!r} refused")
+        for direction, addr_key, port_key in (("egress", "dst", "dport"), ("ingress", "src", "sport")):
+            cmds.append(["tc", "filter", "add", "dev", ifname, direction, "prio", str(PRIO_V), "protocol", "ip",
+                         "u32", "match", "ip", addr_key, f"{ip}/32", "match", "ip", port_key, str(port), "0xffff",
+                         "action", "ok"])
+    return cmds
+
+
+def open_path(interfaces: Sequence[str], ip: str, port: int, timeout_s: float = 20.0) -> None:
+    """After a helper went past COMMIT without powering P off: the agent must ask V's agent what
+    became of the image (ResolveCutover) while P stays cut off from everything else, md's NBD leg
+    included (P's disk must not move past the image's). Raises BlockError."""
+    script = "".join(" ".join(argv[1:]) + "\n" for argv in open_path_commands(interfaces, ip, port))
+    try:
+        res = subprocess.run(["tc", "-batch", "-"], input=script, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BlockError(f"opening the path to {ip}:{port}: {exc}") from None
+    if res.returncode != 0:
+        raise BlockError(f"opening the path to {ip}:{port}: {res.stderr.strip() or f'tc exited {res.returncode}'}")
+
+
 def tighten(interfaces: Sequence[str]) -> None:
     """Drop the "anything with V" pass rule on every interface, both directions. Raises BlockError
     unless the kernel acknowledged each deletion: a pass rule left in place lets P's kernel keep

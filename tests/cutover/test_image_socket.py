@@ -153,6 +153,27 @@ def meminfo_file(tmp_path: Path) -> Path:
     return path
 
 
+def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: PageStore, *, token: bytes = TOKEN,
+                rehearse: bool = False, compression: str = "adaptive", claim_held: dict[int, int] | None = None,
+                resume_actions: list[dict] | None = None, resume_runner=None,
+                pending_file: str = "", migration_id: str = "mig1") -> tuple[Helper, RecordingBlock]:
+    """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
+    snap.watch = image_size_file(tmp_path)
+    block = RecordingBlock()
+    cfg = HelperConfig(migration_id=migration_id, endpoint=endpoint, token=token.hex(),
+                       block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
+                       drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
+                       resume_actions=list(resume_actions or []), pending_file=pending_file)
+    held = store.hashes(0, MAX_PFN)
+    for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
+        held[pfn] = page_hash
+    helper = Helper(cfg, snap, held, block=block, uname=UNAME,  # type: ignore[arg-type]
+                    resume_runner=resume_runner)
+    return helper, block
+
+
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
@@ -172,19 +193,9 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     t = threading.Thread(target=serve)
     t.start()
     snap = snapshot or PlaybackSnapshot(image)
-    snap.watch = image_size_file(tmp_path)
-    block = RecordingBlock()
-    cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=token.hex(),
-                       block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
-                       drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
-                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
-                       stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
-                       resume_actions=list(resume_actions or []), pending_file=pending_file)
-    held = store.hashes(0, MAX_PFN)
-    for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
-        held[pfn] = page_hash
-    helper = Helper(cfg, snap, held, block=block, uname=UNAME,  # type: ignore[arg-type]
-                    resume_runner=resume_runner)
+    helper, block = make_helper(tmp_path, f"{host}:{port}", snap, store, token=token, rehearse=rehearse,
+                                compression=compression, claim_held=claim_held, resume_actions=resume_actions,
+                                resume_runner=resume_runner, pending_file=pending_file)
     result = helper.run()
     if result == "aborted" and t.is_alive():
         receiver.close()

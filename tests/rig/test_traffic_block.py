@@ -1,6 +1,7 @@
 """The cutover's traffic block with real packets, inside P (the host kernel lacks tc's gact action):
-a namespace in P stands in for V, with an "image" port and another port (NBD's). Before FREEZE both
-pass; after `tighten` only the image stream passes; `lift` restores everything."""
+a namespace in P stands in for V, with an "image" port, NBD's and V's agent's. Before FREEZE all
+pass; after `tighten` only the image stream passes; `open_path` (an agent resolving a cutover its
+helper left) lets V's agent through and nothing else; `lift` restores everything."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def serve(port):
     s = socket.create_server(("10.99.0.2", port))
     while True:
         c, _ = s.accept(); c.sendall(b"hi"); c.close()
-for p in (40000, 10809):
+for p in (40000, 10809, 7470):
     threading.Thread(target=serve, args=(p,), daemon=True).start()
 threading.Event().wait(115)
 ' &
@@ -42,14 +43,19 @@ def reach(port):
     except OSError:
         return False
 
-out = {"before": [reach(40000), reach(10809)]}
+def all_ports():
+    return [reach(40000), reach(10809), reach(7470)]
+
+out = {"before": all_ports()}
 blocked = tb.apply(["p2vt-a"], "10.99.0.2", 40000)
 out["applied_on"] = blocked
-out["applied"] = [reach(40000), reach(10809)]
+out["applied"] = all_ports()
 tb.tighten(blocked)
-out["tightened"] = [reach(40000), reach(10809)]
+out["tightened"] = all_ports()
+tb.open_path(blocked, "10.99.0.2", 7470)
+out["opened"] = all_ports()
 out["lifted_on"] = tb.lift(blocked)
-out["lifted"] = [reach(40000), reach(10809)]
+out["lifted"] = all_ports()
 print(json.dumps(out))
 PY
 """
@@ -63,9 +69,10 @@ def test_block_passes_only_the_image_stream_after_tighten(rig: Rig) -> None:
                 timeout=60)
     assert res.rc == 0, res.err
     out = json.loads(res.out.strip().splitlines()[-1])
-    assert out["before"] == [True, True]
+    assert out["before"] == [True, True, True]
     assert out["applied_on"] == ["p2vt-a"]
-    assert out["applied"] == [True, True]  # NBD and the like still flow until FREEZE has synced
-    assert out["tightened"] == [True, False]  # then nothing but the image stream
+    assert out["applied"] == [True, True, True]  # NBD and the like still flow until FREEZE has synced
+    assert out["tightened"] == [True, False, False]  # then nothing but the image stream
+    assert out["opened"] == [True, False, True]  # V's agent, and still not NBD
     assert out["lifted_on"] == ["p2vt-a"]
-    assert out["lifted"] == [True, True]
+    assert out["lifted"] == [True, True, True]

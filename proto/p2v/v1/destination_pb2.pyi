@@ -298,6 +298,22 @@ class CutoverReply(_message.Message):
     vm_disk_pci_addresses: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ..., feed_pci_address: _Optional[str] = ..., vm_nic_pci_addresses: _Optional[_Iterable[str]] = ..., vm_disk_pci_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ResolveRequest(_message.Message):
+    __slots__ = ("migration_id", "source_committed")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    source_committed: bool
+    def __init__(self, migration_id: _Optional[str] = ..., source_committed: _Optional[bool] = ...) -> None: ...
+
+class ResolveReply(_message.Message):
+    __slots__ = ("vm_runs", "detail")
+    VM_RUNS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    vm_runs: bool
+    detail: str
+    def __init__(self, vm_runs: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class ResumedRequest(_message.Message):
     __slots__ = ("migration_id", "host_id", "resumed_at", "unfrozen_at", "resume_steps", "cutover_bytes", "image_bytes", "image_pages_sent", "image_pages_skipped", "frozen_at")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]

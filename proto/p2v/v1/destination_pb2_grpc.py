@@ -75,6 +75,11 @@ class DestinationStub:
                 request_serializer=p2v_dot_v1_dot_destination__pb2.CutoverRequest.SerializeToString,
                 response_deserializer=p2v_dot_v1_dot_destination__pb2.CutoverReply.FromString,
                 _registered_method=True)
+        self.ResolveCutover = channel.unary_unary(
+                '/p2v.v1.Destination/ResolveCutover',
+                request_serializer=p2v_dot_v1_dot_destination__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=p2v_dot_v1_dot_destination__pb2.ResolveReply.FromString,
+                _registered_method=True)
         self.Resumed = channel.unary_unary(
                 '/p2v.v1.Destination/Resumed',
                 request_serializer=p2v_dot_v1_dot_destination__pb2.ResumedRequest.SerializeToString,
@@ -157,6 +162,15 @@ class DestinationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveCutover(self, request, context):
+        """P's word on a cutover V left undecided (V acknowledged the image, then P's helper went without
+        COMMIT or ABORT): V starts the VM if P committed, drops it if P runs on. V's answer binds P:
+        vm_runs -> P powers off (also when P meant to run on: COMMIT had reached V); else P runs on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Resumed(self, request, context):
         """The agent inside the VM after resume: reports in, gets the ids to cancel.
         """
@@ -225,6 +239,11 @@ def add_DestinationServicer_to_server(servicer, server):
                     servicer.Cutover,
                     request_deserializer=p2v_dot_v1_dot_destination__pb2.CutoverRequest.FromString,
                     response_serializer=p2v_dot_v1_dot_destination__pb2.CutoverReply.SerializeToString,
+            ),
+            'ResolveCutover': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveCutover,
+                    request_deserializer=p2v_dot_v1_dot_destination__pb2.ResolveRequest.FromString,
+                    response_serializer=p2v_dot_v1_dot_destination__pb2.ResolveReply.SerializeToString,
             ),
             'Resumed': grpc.unary_unary_rpc_method_handler(
                     servicer.Resumed,
@@ -463,6 +482,33 @@ class Destination:
             '/p2v.v1.Destination/Cutover',
             p2v_dot_v1_dot_destination__pb2.CutoverRequest.SerializeToString,
             p2v_dot_v1_dot_destination__pb2.CutoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveCutover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2v.v1.Destination/ResolveCutover',
+            p2v_dot_v1_dot_destination__pb2.ResolveRequest.SerializeToString,
+            p2v_dot_v1_dot_destination__pb2.ResolveReply.FromString,
             options,
             channel_credentials,
             insecure,

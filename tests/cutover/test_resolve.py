@@ -1,0 +1,186 @@
+"""A cutover whose helper went between its commit mark and COMMIT (dest_agent/cutover.py resolve,
+source_agent/cutover.py vm_runs_after_commit): V holds the acknowledged image undecided, the waiting
+VM keeps it loaded, and P's agent's word decides. V's answer binds P: once COMMIT had reached V, P
+powers off whatever it meant; once V dropped the image, it never starts it.
+
+The helper is P's real one on a playback snapshot, killed for real (SIGKILL, $P2V_FAULT) in a child
+process; V is the real DestinationService over gRPC on loopback, its image receiver the real one;
+the waiting VM is a recording stand-in (the VM's side runs in the rig)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from common.config import TlsConfig
+from dest_agent.cutover import DROP, NOTHING_HELD, START_VM, VM_RUNS, resolve_verdict, undecided
+from dest_agent.image_receiver import ImageReceiver, ReceiveResult
+from p2v.v1 import common_pb2
+from source_agent import host_settings as hs
+from source_agent.cutover import vm_runs_after_commit
+from source_agent.cutover_helper import FAULT_ENV
+from source_agent.migration import resolve_on_destination
+from tests.cutover.imagegen import make_image
+from tests.cutover.test_image_socket import MAX_PFN, TOKEN, PlaybackSnapshot, RecordingFeed, make_helper
+from tests.memory.harness import destination
+
+INSECURE = TlsConfig(insecure=True)
+
+
+def test_verdict() -> None:
+    def result(acked: bool, committed: bool = False, aborted: bool = False) -> ReceiveResult:
+        return ReceiveResult("m", acked=acked, committed=committed, aborted_after_ack=aborted)
+
+    undecided_image = result(True)
+    assert resolve_verdict(undecided_image, False, False, source_committed=True) == START_VM
+    assert resolve_verdict(undecided_image, False, False, source_committed=False) == DROP
+    # COMMIT had reached V: the VM is P, also for an agent that meant to run on
+    for committed in (True, False):
+        assert resolve_verdict(result(True, committed=True), True, False, committed) == VM_RUNS
+        assert resolve_verdict(undecided_image, True, False, committed) == VM_RUNS  # started on an earlier word
+    # nothing held: never acknowledged, P said ABORT, or dropped since (an earlier word, a cancel)
+    for committed in (True, False):
+        assert resolve_verdict(None, False, False, committed) == NOTHING_HELD
+        assert resolve_verdict(result(False), False, False, committed) == NOTHING_HELD
+        assert resolve_verdict(result(True, aborted=True), False, False, committed) == NOTHING_HELD
+        assert resolve_verdict(undecided_image, False, True, committed) == NOTHING_HELD
+
+
+def helper_killed_before_commit(tmp_path: Path, migration_id: str, endpoint: str, image: bytes,
+                                store) -> tuple[list[dict], int]:
+    """P's helper in a child, killed by its fault point between "committed" and COMMIT. Returns its
+    outcome lines (what the agent reads) and its wait status."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only the helper runs here, then the process ends without cleanup
+        try:
+            os.close(read_end)
+            os.dup2(write_end, 1)
+            os.environ[FAULT_ENV] = "helper-killed-before-commit"
+            helper, _ = make_helper(tmp_path, endpoint, PlaybackSnapshot(image), store, migration_id=migration_id)
+            helper.run()
+        finally:
+            os._exit(70)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as out:
+        lines = [json.loads(ln) for ln in out.read().decode().splitlines() if ln.startswith("{")]
+    return lines, os.waitpid(pid, 0)[1]
+
+
+async def undecided_cutover(tmp_path: Path, dest) -> tuple[str, RecordingFeed]:
+    """A migration on V whose image was acknowledged, then P's helper died before COMMIT."""
+    await asyncio.to_thread(tmp_path.mkdir, parents=True, exist_ok=True)
+    migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+    record = dest.service.migrations[migration_id]
+    desk = dest.service.cutover
+    feed = RecordingFeed()
+    receiver = ImageReceiver(migration_id, TOKEN, record.store, feed, record.dir / "hibernation.img",
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
+    st = desk.state(migration_id)
+    st.receiver = receiver  # as announce() does once the waiting VM is ready
+    st.receive = asyncio.create_task(desk._receive(record, st, receiver))
+    image, _, _ = make_image(np.arange(100, 400, dtype=np.uint64), seed=7)
+    host, port = receiver.endpoint
+    said, status = await asyncio.to_thread(helper_killed_before_commit, tmp_path, migration_id, f"{host}:{port}",
+                                           image, record.store)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert said[-1]["outcome"] == "committed"  # the agent's cue: P must not run on as it was
+    await st.receive
+    assert st.result is not None and undecided(st.result)
+    assert feed.events == ["begin", "loaded"]  # the VM holds the image: neither started nor dropped
+    assert not dest.service.cutover.past_point_of_no_return(migration_id)
+    return migration_id, feed
+
+
+async def test_p_committed_v_starts_the_vm_and_its_answer_binds(tmp_path: Path) -> None:
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+        status = await dest.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+        assert "undecided" in status.error
+
+        reply = await resolve_on_destination(dest.address, migration_id, INSECURE, committed=True)
+        assert reply.vm_runs and "started the VM" in reply.detail
+        assert feed.events == ["begin", "loaded", "go"]
+        figures = json.loads((dest.service.migrations[migration_id].dir / "cutover.json").read_text())
+        assert figures["committed"] and figures["resolved_by_source"]
+        status = await dest.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+        assert status.state == common_pb2.MIGRATION_STATE_CUTOVER and status.point_of_no_return
+
+        # an agent that says P runs on now (one that lost its note) is told to power off
+        again = await resolve_on_destination(dest.address, migration_id, INSECURE, committed=False)
+        assert again.vm_runs and feed.events.count("go") == 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dest.stub.Cancel(common_pb2.CancelRequest(migration_id=migration_id), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_p_runs_on_v_drops_the_image_and_never_starts_it(tmp_path: Path) -> None:
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+
+        reply = await resolve_on_destination(dest.address, migration_id, INSECURE, committed=False)
+        assert not reply.vm_runs and "dropped" in reply.detail
+        assert feed.events == ["begin", "loaded", "abort"]
+        status = await dest.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+        assert status.state == common_pb2.MIGRATION_STATE_ACTIVE and not status.point_of_no_return
+
+        late = await resolve_on_destination(dest.address, migration_id, INSECURE, committed=True)
+        assert not late.vm_runs and "go" not in feed.events
+
+
+async def test_the_agent_asks_v_and_keeps_to_the_helper_s_mark_when_v_cannot_answer(tmp_path: Path) -> None:
+    """source_agent.cutover.vm_runs_after_commit, what both the live agent and the next one call."""
+    async def ask(address: str, migration_id: str, committed: bool):
+        return await resolve_on_destination(address, migration_id, INSECURE, committed, attempts=2, timeout_s=3)
+
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+        assert await vm_runs_after_commit(dest.address, migration_id, [], ask) is True
+        assert feed.events[-1] == "go"
+
+        # V does not know the migration (restarted, or another V): the mark stands, P powers off
+        assert await vm_runs_after_commit(dest.address, "unknown-migration", [], ask) is True
+
+        other, other_feed = await undecided_cutover(tmp_path / "b", dest)
+        await dest.stub.Cancel(common_pb2.CancelRequest(migration_id=other, reason="operator"), timeout=10)
+        assert await vm_runs_after_commit(dest.address, other, [], ask) is False  # dropped: P runs on
+        assert "go" not in other_feed.events
+
+    # V gone altogether
+    assert await vm_runs_after_commit(dest.address, migration_id, [], ask) is True
+
+
+async def test_next_agent_runs_p_on_when_v_dropped_the_committed_image(tmp_path: Path) -> None:
+    """host_settings.recover_interrupted_cutover with V's answer: the helper's committed note makes
+    the next agent power P off, unless V says it holds nothing (then P is put back, as before the
+    mark)."""
+    settings = hs.HostSettings(blocked=[], admin_up=[], bonds={}, image_size="")
+    state = tmp_path / "state"
+    powered: list[str] = []
+    for vm_runs, expected in ((True, "powered"), (False, "repaired")):
+        note = hs.PendingCutover(settings, "boot", "m1", "10.0.0.2:7470", committed=True)
+        hs.write_pending(hs.pending_path(state), note)
+        asked: list[str] = []
+
+        async def answer(pending: hs.PendingCutover, vm_runs: bool = vm_runs, asked: list[str] = asked) -> bool:
+            asked.append(pending.migration_id)
+            return vm_runs
+
+        done = await hs.recover_interrupted_cutover(
+            state, None, boot_id="boot", proc=str(tmp_path / "noproc"), root=str(tmp_path / "net"),
+            image_size_path=str(tmp_path / "image_size"), block_root=str(tmp_path / "block"),
+            power_off=lambda: powered.append("off"), vm_runs=answer)
+        assert asked == ["m1"]
+        if expected == "powered":
+            assert powered == ["off"] and "P powered off" in done[-1]
+            assert hs.read_pending(hs.pending_path(state)) is not None  # kept until P is off for good
+        else:
+            assert powered == ["off"]  # not again
+            assert "settings put back" in done[0] and hs.read_pending(hs.pending_path(state)) is None
