@@ -35,6 +35,7 @@ from .host_settings import (
     clear_pending,
     current_boot_id,
     pending_path,
+    power_off_past_commit,
     process_started,
     read_host_settings,
     restore_host_settings,
@@ -58,16 +59,10 @@ class PastPointOfNoReturn(RuntimeError):
 
 
 def power_off_after_commit() -> NoReturn:
-    """P still runs after its helper sent COMMIT: power it off now, as the helper would have. The
-    traffic block stays: if the kernel refuses, P at least stays cut off (PastPointOfNoReturn)."""
-    from source_agent.cutover_helper import power_off
-
-    log.critical("the cutover helper sent COMMIT but P still runs: powering P off (V runs the OS now)")
-    try:
-        power_off()
-    except OSError as exc:
-        raise PastPointOfNoReturn(f"V runs the OS now, and P could not power itself off ({exc}): P stays "
-                                  "cut off by its traffic block; power it off by hand") from None
+    """P still runs after its helper sent COMMIT: power it off now (host_settings.power_off_past_commit);
+    PastPointOfNoReturn if the kernel refuses."""
+    refusal = power_off_past_commit("the cutover helper sent COMMIT but P still runs")
+    raise PastPointOfNoReturn(f"V runs the OS now, and {refusal or 'P did not go off'}")
 
 
 #: V's answer to P's word on a cutover (source_agent.migration.resolve_on_destination, bound to the TLS

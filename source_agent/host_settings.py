@@ -302,18 +302,24 @@ async def recover_interrupted_cutover(
     return done
 
 
-def power_off_committed(pending: PendingCutover, power_off: Callable[[], object] | None = None) -> list[str]:
-    """P runs although its helper was sending COMMIT: power it off, as the helper would have. The
-    traffic block and the file stay: if the kernel refuses, P at least stays cut off, and the next
-    agent tries again."""
+def power_off_past_commit(why: str, power_off: Callable[[], object] | None = None) -> str:
+    """P runs although COMMIT may have reached V: power it off, as the helper would have (`power_off`,
+    default the kernel's, which does not return). The traffic block stays: if the kernel refuses, P at
+    least stays cut off. Returns the refusal ("" when a stand-in power-off returned)."""
     if power_off is None:
         from source_agent.cutover_helper import power_off
-    log.critical("interrupted cutover: its helper had sent COMMIT for migration %s (V runs the OS now): "
-                 "powering P off", pending.migration_id)
+    log.critical("%s: powering P off (V runs the OS now)", why)
     try:
         power_off()
     except OSError as exc:
-        log.critical("interrupted cutover: P could not power itself off: %s", exc)
-        return [f"past the point of no return (the helper had sent COMMIT for {pending.migration_id}), and P "
-                f"could not power itself off ({exc}): P stays cut off by its traffic block; power it off by hand"]
-    return [f"past the point of no return (the helper had sent COMMIT for {pending.migration_id}): P powered off"]
+        log.critical("P could not power itself off: %s", exc)
+        return f"P could not power itself off ({exc}): P stays cut off by its traffic block; power it off by hand"
+    return ""
+
+
+def power_off_committed(pending: PendingCutover, power_off: Callable[[], object] | None = None) -> list[str]:
+    """The next agent's half of power_off_past_commit: the file stays, so that should the kernel
+    refuse, the agent after it tries again."""
+    what = f"past the point of no return (the helper had sent COMMIT for {pending.migration_id})"
+    refusal = power_off_past_commit(f"interrupted cutover: {what}", power_off)
+    return [f"{what}, and {refusal}" if refusal else f"{what}: P powered off"]
