@@ -1,4 +1,5 @@
-"""p2vctl: the thin command line over the source agent's gRPC API.
+"""p2vctl: the thin command line over the source agent's gRPC API (and, for `resolve`, the
+destination agent's).
 
 Exit codes: 0 ok; 1 the operation failed or the check refused; 2 usage or configuration error;
 3 the agent is unreachable; 4 the migration was cancelled or rolled back.
@@ -18,7 +19,7 @@ from google.protobuf.json_format import MessageToDict
 
 from common.config import TlsConfig
 from common.rpc import open_channel
-from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
+from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2, source_pb2_grpc
 
 from . import render
 
@@ -42,6 +43,7 @@ class Client:
         self.address = agent
         self.channel = open_channel(agent, tls)
         self.stub = source_pb2_grpc.SourceStub(self.channel)
+        self.destination = destination_pb2_grpc.DestinationStub(self.channel)  # `resolve` only
 
     async def close(self) -> None:
         await self.channel.close()
@@ -120,6 +122,19 @@ async def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_resolve(client: Client, args: argparse.Namespace) -> int:
+    """On V, when P's agent could not resolve a cutover its helper left undecided (V acknowledged the
+    image, COMMIT never came): the operator, who can see P, says whether P is off or runs on."""
+    reply = await client.destination.ResolveCutover(destination_pb2.ResolveRequest(
+        migration_id=args.migration_id, source_committed=args.p_is_off), timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(reply))
+    else:
+        verdict = "the VM runs the OS: keep P off" if reply.vm_runs else "P runs the OS: V never starts this image"
+        print(f"migration {args.migration_id}: {verdict} ({reply.detail})")
+    return EXIT_OK
+
+
 async def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
     reply = await client.stub.Rollback(common_pb2.MigrationRef(migration_id=args.migration_id or ""),
                                        timeout=args.timeout)
@@ -150,7 +165,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"discover": cmd_discover, "check": cmd_check, "migrate": cmd_migrate, "watch": cmd_watch,
-            "cancel": cmd_cancel, "rollback": cmd_rollback}
+            "cancel": cmd_cancel, "rollback": cmd_rollback, "resolve": cmd_resolve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("migration_id", nargs="?", help="default: the current or last migration")
         if name == "cancel":
             p.add_argument("--reason", default="cancelled by the operator")
+    p = sub.add_parser("resolve", parents=[common],
+                       help="on V: decide a cutover left undecided (--agent V's agent, --server-name p2v-dest)")
+    p.add_argument("migration_id", help="V's id of the migration (its status says 'cutover undecided')")
+    side = p.add_mutually_exclusive_group(required=True)
+    side.add_argument("--p-is-off", action="store_true", help="P is powered off: V starts the VM from the image")
+    side.add_argument("--p-runs-on", action="store_true", help="P still runs: V drops the image for good")
     p = sub.add_parser("certs", help="make a CA and agent certificates for mutual TLS")
     p.add_argument("--out", default="/etc/p2v/tls")
     p.add_argument("--name", action="append", default=[],
@@ -212,7 +233,8 @@ async def run(args: argparse.Namespace) -> int:
             print(f"p2vctl: {args.command}: {message}", file=sys.stderr)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             if not args.json:
-                print(f"p2vctl: is the source agent running and listening on {client.address}?",
+                which = "destination" if args.command == "resolve" else "source"
+                print(f"p2vctl: is the {which} agent running and listening on {client.address}?",
                       file=sys.stderr)
             return EXIT_UNREACHABLE
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):

@@ -29,13 +29,6 @@ DEST_IP = "10.77.0.2"
 CLIENT_IP = "10.77.0.3"
 P_IP = "10.77.0.10"
 P_MAC = "52:54:00:77:00:10"
-#: P's "physical" NIC: QEMU's model -> its PCI id (the driver has the model's name). e1000 is the
-#: rig's (DESIGN.md); e1000e, opt-in with P2V_RIG_NIC, for measuring what QEMU's e1000 emulation
-#: adds to the cutover (it ignores received frames for 1 s after every RCTL write; e1000e does not).
-P_NIC_MODELS = {"e1000": "8086:100e", "e1000e": "8086:10d3"}
-P_NIC_MODEL = os.environ.get("P2V_RIG_NIC", "e1000")
-if P_NIC_MODEL not in P_NIC_MODELS:
-    raise ValueError(f"P2V_RIG_NIC={P_NIC_MODEL!r}: one of {', '.join(P_NIC_MODELS)}")
 #: Host-side interface names (IFNAMSIZ is 16 including the NUL).
 P_TAP = "p2vtap-p"
 VETH_DEST_HOST = "p2vv-dest"

@@ -167,7 +167,7 @@ class Machine:
             *ide("data", self.disks.data, "raw", "ide.0", 1, C.DISK_MODEL_DATA, shared=True),
             *ide("spare", self.disks.spare, "raw", "ide.1", 0, C.DISK_MODEL_SPARE),
             "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
-            "-device", f"{C.P_NIC_MODEL},netdev=net0,mac={self.mac}",
+            "-device", f"e1000,netdev=net0,mac={self.mac}",
             # ttyS0: console, appended to a file (append survives a restore into another machine)
             "-chardev", f"file,id=con0,path={self.console_log},append=on",
             "-device", "isa-serial,chardev=con0,index=0",

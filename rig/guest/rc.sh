@@ -23,10 +23,7 @@ echo "4 4 1 7" > /proc/sys/kernel/printk
 say "boot script start"
 
 # --- network: P's NIC (e1000, found by its fixed MAC) gets P's fixed address --------------------
-# its driver by the PCI function's modalias (no udev here): e1000, or what P2V_RIG_NIC gave P
-for d in /sys/bus/pci/devices/*; do
-  case "$(cat "$d/class")" in 0x02*) modprobe -q "$(cat "$d/modalias")" ;; esac
-done
+modprobe -q e1000
 ip link set lo up
 nic=
 n=0

@@ -157,6 +157,28 @@ async def test_the_agent_asks_v_and_keeps_to_the_helper_s_mark_when_v_cannot_ans
     assert await vm_runs_after_commit(dest.address, migration_id, [], ask) is True
 
 
+def p2vctl(*argv: str) -> tuple[int, dict]:
+    """p2vctl in a child process (its own event loop and stdout), JSON out."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "p2vctl.cli", *argv, "--json", "--insecure"], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    return res.returncode, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+async def test_operator_resolves_on_v_with_p2vctl(tmp_path: Path) -> None:
+    """P's agent could not reach V: the operator, who sees P off, tells V (p2vctl resolve)."""
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+        code, said = await asyncio.to_thread(p2vctl, "resolve", migration_id, "--p-is-off", "--agent", dest.address)
+        assert code == 0 and said["vm_runs"] is True, said
+        assert feed.events[-1] == "go"
+        code, said = await asyncio.to_thread(p2vctl, "resolve", "no-such-migration", "--p-runs-on",
+                                             "--agent", dest.address)
+        assert code == 2 and said["code"] == "NOT_FOUND", said
+
+
 async def test_next_agent_runs_p_on_when_v_dropped_the_committed_image(tmp_path: Path) -> None:
     """host_settings.recover_interrupted_cutover with V's answer: the helper's committed note makes
     the next agent power P off, unless V says it holds nothing (then P is put back, as before the
