@@ -236,12 +236,46 @@ def mirror_problems(entries: list, status: Callable[[str, str], object] | None =
     return problems
 
 
-async def check_mirrors(entries: list, error: type[Exception] = CutoverAborted) -> None:
-    """Raises `error` if md's network legs cannot carry P's disk into the VM (mirror_problems)."""
+def heal_mirrors(entries: list, status: Callable[[str, str], object] | None = None,
+                 heal: Callable[[str, str, str], list[str]] | None = None) -> list[str]:
+    """Bring back md's network legs that failed or went (an NBD connection that timed out while P
+    was blocked, an operator's --fail) before a migration relies on them; what was done, or why it
+    could not be (mirror_problems then refuses the migration). `status` and `heal` stand in for
+    mdmirror's in tests."""
+    from source_agent.redundancy import mdmirror
+
+    def real_status(md: str, leg: str) -> object:
+        return mdmirror.leg_status(mdmirror.array_state(md), leg)
+
+    uris = {e.detail.get("device"): e.detail.get("uri", "") for e in entries
+            if e.kind == "nbd" and e.state in ("done", "pending")}
+    said = []
+    for e in entries:
+        if e.kind != "md-leg" or e.state not in ("done", "pending"):
+            continue
+        md, leg = e.detail["md"], e.detail["leg"]
+        try:
+            if (status or real_status)(md, os.path.basename(leg)).ready():  # type: ignore[attr-defined]
+                continue
+            if not uris.get(leg):
+                said.append(f"{leg} of {md}: no nbd export recorded for it; not brought back")
+                continue
+            steps = (heal or mdmirror.heal_leg)(md, leg, uris[leg])
+            said.append(f"{os.path.basename(leg)} of {md} brought back ({', '.join(steps)})")
+        except (mdmirror.MirrorError, OSError) as exc:
+            said.append(f"{os.path.basename(leg)} of {md} could not be brought back: {exc}")
+    return said
+
+
+async def check_mirrors(entries: list, error: type[Exception] = CutoverAborted, tried: list[str] | None = None
+                        ) -> None:
+    """Raises `error` if md's network legs cannot carry P's disk into the VM (mirror_problems);
+    `tried` says what heal_mirrors did before."""
     if problems := await asyncio.to_thread(mirror_problems, entries):
-        raise error(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}; "
-                             "bring the leg back (mdadm --re-add, or roll the redundancy back and build it again: "
-                             "python3 -m source_agent.redundancy), then migrate again")
+        raise error(f"md's network legs cannot carry P's disk into the VM: {'; '.join(problems)}"
+                    + (f" ({'; '.join(tried)})" if tried else "")
+                    + "; bring the leg back (mdadm --re-add, or roll the redundancy back and build it again: "
+                      "python3 -m source_agent.redundancy), then migrate again")
 
 
 async def held_hashes(stub, migration_id: str, max_pfn: int) -> np.ndarray:
@@ -379,7 +413,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     from source_agent import traffic_block
 
     journal, entries = load_journal_entries(state_dir)
-    await check_mirrors(entries)  # again: a leg can fail during pre-copy
+    healed = await asyncio.to_thread(heal_mirrors, entries)  # again: a leg can fail during pre-copy
+    await check_mirrors(entries, tried=healed)
     if journal is not None:
         # the ids V will name for cancellation after the move (only these are ever cancelled)
         report = journal.report()  # type: ignore[attr-defined]

@@ -86,8 +86,11 @@ class SourceMigration:
             channel = open_channel(address, self.config.tls)
             self.session = await prepare.open_session(channel, address, self.host_id)
             if not self.request.dry_run:  # before pre-copy: a broken mirror would only be found after it
-                await cutover.check_mirrors(cutover.load_journal_entries(self.config.agent.state_dir)[1],
-                                            MigrationAborted)  # nothing on V to wait for: no retried cancel
+                entries = cutover.load_journal_entries(self.config.agent.state_dir)[1]
+                if healed := await asyncio.to_thread(cutover.heal_mirrors, entries):
+                    log.warning("md's network legs", extra={"migration": self.id, "detail": "; ".join(healed)})
+                    await self._phase("prepare", "; ".join(healed))
+                await cutover.check_mirrors(entries, MigrationAborted, healed)  # nothing on V yet: no retried cancel
             memory = self._open_memory()
             inventory = await asyncio.to_thread(self.inventory_fn)
             streams = self.request.streams or self.config.migration.streams

@@ -221,9 +221,19 @@ def nbd_connect(
     journal: Journal, uri: str, virtual: str = "", min_size: int = 0, block_size: int = 512
 ) -> tuple[Entry, str]:
     """Connect a free nbd device to V's export; journaled. Returns (entry, "/dev/nbdN")."""
-    target = parse_nbd_uri(uri)
     dev = free_nbd()
     entry = journal.begin("nbd", physical=dev, virtual=virtual, uri=uri, device=dev)
+    size = attach_nbd(dev, uri, block_size)
+    journal.done(entry, size_bytes=size)
+    if size < min_size:
+        raise MirrorError(f"V's export {uri} has {size} bytes, the array's members need {min_size}")
+    log.info("nbd: %s connected to %s (%d bytes)", dev, uri, size)
+    return entry, dev
+
+
+def attach_nbd(dev: str, uri: str, block_size: int = 512) -> int:
+    """`nbd-client` attaches `dev` to V's export; returns the size it shows (bytes)."""
+    target = parse_nbd_uri(uri)
     if block_size not in (512, 1024, 2048, 4096):
         raise MirrorError(f"block size {block_size}: must be 512, 1024, 2048 or 4096")
     # the array's logical block size: a leg with a bigger one could not take md's small writes
@@ -241,11 +251,7 @@ def nbd_connect(
         if size:
             break
         time.sleep(0.1)
-    journal.done(entry, size_bytes=size)
-    if size < min_size:
-        raise MirrorError(f"V's export {uri} has {size} bytes, the array's members need {min_size}")
-    log.info("nbd: %s connected to %s (%d bytes)", dev, uri, size)
-    return entry, dev
+    return size
 
 
 def undo_nbd(entry: Entry) -> None:
@@ -397,6 +403,57 @@ def undo_md_leg(entry: Entry) -> None:
     after = array_state(md).shape()
     if after != entry.detail["before"]:
         raise MirrorError(f"{md} after rollback differs from before: {after} != {entry.detail['before']}")
+
+
+# --------------------------------------------------------------------------- bringing a leg back
+
+#: the steps that bring a network leg back (heal_steps)
+REMOVE, REATTACH, READD, WAIT = "remove", "reattach", "re-add", "wait"
+
+
+def heal_steps(status: LegStatus) -> list[str]:
+    """Pure: how to bring a network leg back into sync. A failed or missing leg is taken out, its
+    nbd device attached to V's export afresh (nbd shuts a timed-out connection down for good) and
+    re-added: its write-intent bitmap makes md copy only what changed while it was out. A leg
+    still recovering only needs waiting for."""
+    if status.ready():
+        return []
+    if status.present and not status.faulty:
+        return [WAIT]
+    return ([REMOVE] if status.present else []) + [REATTACH, READD, WAIT]
+
+
+def heal_leg(md: str, leg: str, uri: str, timeout_s: float = 600.0,
+             on_progress: Callable[[LegStatus], None] | None = None) -> list[str]:
+    """Bring md's network leg `leg` (its nbd device, as the journal names it) back into sync with
+    V's export `uri`; returns the steps taken. Raises MirrorError (sysops.CommandError is wrapped)."""
+    name = os.path.basename(leg)
+    steps = heal_steps(leg_status(array_state(md), name))
+    mdp = f"/dev/{md}"
+    for step in steps:
+        try:
+            if step == REMOVE:
+                remove_member(md, name)
+            elif step == REATTACH:
+                if nbd_in_use(leg):
+                    sysops.run(["nbd-client", "-d", leg], timeout=60)
+                attach_nbd(leg, uri, logical_block_size(mdp))
+            elif step == READD:
+                try:
+                    sysops.run(["mdadm", mdp, "--re-add", leg], timeout=120)
+                except sysops.CommandError as e:  # the bitmap cannot cover the gap: a full recovery
+                    log.warning("md: re-adding %s to %s refused (%s): adding it afresh", name, md, e)
+                    sysops.run(["mdadm", mdp, "--add", leg], timeout=120)
+                state_file = Path(f"/sys/block/{md}/md/dev-{name}/state")
+                if "write_mostly" not in _read(state_file):
+                    state_file.write_text("writemostly")
+            else:
+                wait_in_sync(md, leg, timeout_s, on_progress=on_progress)
+        except (sysops.CommandError, OSError) as e:
+            raise MirrorError(f"bringing {name} of {md} back ({step}): {e}") from None
+    if steps:
+        log.warning("md: %s of %s brought back (%s)", name, md, ", ".join(steps))
+    return steps
 
 
 def status_dict(md: str, leg: str) -> dict:
