@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -85,8 +86,14 @@ async def follow(stream) -> common_pb2.MigrationStatus | None:
                TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("migration", total=1.0, phase="setup", info="")
+        said = ("", "")
         async for status in stream:
             last = status
+            # each step's own word once, above the bar (the bar shows the round figures instead)
+            step = (status.progress.phase or "setup", status.progress.detail)
+            if step[1] and step != said and not step[1].startswith("round "):
+                progress.console.print(f"[dim]{step[0]}:[/] {escape(step[1])}")
+            said = step
             fraction = status.progress.fraction
             progress.update(task, completed=max(fraction, 0.0) if fraction >= 0 else None,
                             phase=status.progress.phase or "setup",
