@@ -80,3 +80,24 @@ def test_failed_apply_keeps_a_clsact_that_was_there_before(namespace: str) -> No
     result = _run_apply()
     assert "qdisc add dev v0 clsact" in result["error"], result
     assert "clsact" in _qdiscs()  # not ours: left alone
+
+
+LIFT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from source_agent import traffic_block as tb
+print(json.dumps([tb.lift(["v0", "gone0"]), tb.lift(["v0"])]))
+"""
+
+
+@pytest.mark.netns
+def test_lift_removes_the_clsact_qdisc_by_plain_netlink(namespace: str) -> None:
+    """The host has clsact (not u32): the qdisc `apply` adds is removed with its filters; an interface
+    that is gone (P's NIC in the VM) or has no block is skipped, and nothing raises."""
+    subprocess.run(["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "v0", "clsact"], check=True, timeout=10)
+    assert "clsact" in _qdiscs()
+    out = subprocess.run(["ip", "netns", "exec", NS, sys.executable, "-c", LIFT.format(repo=str(REPO))],
+                         capture_output=True, text=True, timeout=60)
+    first, again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first == ["v0"] and again == [], out.stderr
+    assert "clsact" not in _qdiscs()
