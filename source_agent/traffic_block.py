@@ -48,21 +48,38 @@ class BlockError(RuntimeError):
     pass
 
 
-def block_commands(interfaces: Sequence[str], v_ip: str, v_port: int) -> list[list[str]]:
-    ipaddress.IPv4Address(v_ip)  # raises ValueError on anything else
-    if not 0 < v_port < 65536:
-        raise ValueError(f"port {v_port} out of range")
-    cmds: list[list[str]] = []
+#: per direction: tc's hook, and the u32 keys naming V's side (its address, its port)
+DIRECTIONS = (("egress", "dst", "dport"), ("ingress", "src", "sport"))
+
+
+def _checked(interfaces: Sequence[str], ip: str, port: int) -> None:
+    ipaddress.IPv4Address(ip)  # raises ValueError on anything else
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
     for ifname in interfaces:
         if not _IFNAME.match(ifname) or ifname == "lo":
             raise ValueError(f"interface name {ifname!r} refused")
+
+
+def _pass_with(ifname: str, direction: int, prio: int, ip: str, port: int | None = None) -> list[str]:
+    """The u32 rule that lets traffic with `ip` (and `port` on its side) pass at `prio`."""
+    hook, addr_key, port_key = DIRECTIONS[direction]
+    argv = ["tc", "filter", "add", "dev", ifname, hook, "prio", str(prio), "protocol", "ip", "u32",
+            "match", "ip", addr_key, f"{ip}/32"]
+    if port is not None:
+        argv += ["match", "ip", port_key, str(port), "0xffff"]
+    return [*argv, "action", "ok"]
+
+
+def block_commands(interfaces: Sequence[str], v_ip: str, v_port: int) -> list[list[str]]:
+    _checked(interfaces, v_ip, v_port)
+    cmds: list[list[str]] = []
+    for ifname in interfaces:
         cmds.append(["tc", "qdisc", "add", "dev", ifname, "clsact"])
-        for direction, addr_key, port_key in (("egress", "dst", "dport"), ("ingress", "src", "sport")):
-            base = ["tc", "filter", "add", "dev", ifname, direction]
-            cmds.append([*base, "prio", "1", "protocol", "ip", "u32", "match", "ip", addr_key, f"{v_ip}/32",
-                         "match", "ip", port_key, str(v_port), "0xffff", "action", "ok"])
-            cmds.append([*base, "prio", str(PRIO_V), "protocol", "ip", "u32", "match", "ip", addr_key,
-                         f"{v_ip}/32", "action", "ok"])
+        for direction, (hook, _, _) in enumerate(DIRECTIONS):  # passes first: nothing is dropped meanwhile
+            base = ["tc", "filter", "add", "dev", ifname, hook]
+            cmds.append(_pass_with(ifname, direction, 1, v_ip, v_port))
+            cmds.append(_pass_with(ifname, direction, PRIO_V, v_ip))
             cmds.append([*base, "prio", "3", "protocol", "arp", "matchall", "action", "ok"])
             cmds.append([*base, "prio", "4", "protocol", "all", "matchall", "action", "drop"])
     return cmds
@@ -117,18 +134,9 @@ def apply(interfaces: Sequence[str], v_ip: str, v_port: int, timeout_s: float = 
 def open_path_commands(interfaces: Sequence[str], ip: str, port: int) -> list[list[str]]:
     """tc argv lists that let one TCP service of V's (its agent) through a block in place: the pass
     rule at PRIO_V, narrowed to that port. Pure."""
-    ipaddress.IPv4Address(ip)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    cmds = []
-    for ifname in interfaces:
-        if not _IFNAME.match(ifname) or ifname == "lo":
-            raise ValueError(f"interface name {ifname!r} refused")
-        for direction, addr_key, port_key in (("egress", "dst", "dport"), ("ingress", "src", "sport")):
-            cmds.append(["tc", "filter", "add", "dev", ifname, direction, "prio", str(PRIO_V), "protocol", "ip",
-                         "u32", "match", "ip", addr_key, f"{ip}/32", "match", "ip", port_key, str(port), "0xffff",
-                         "action", "ok"])
-    return cmds
+    _checked(interfaces, ip, port)
+    return [_pass_with(ifname, direction, PRIO_V, ip, port)
+            for ifname in interfaces for direction in range(len(DIRECTIONS))]
 
 
 def open_path(interfaces: Sequence[str], ip: str, port: int, timeout_s: float = 20.0) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from source_agent.traffic_block import applied_before, block_commands
+from source_agent.traffic_block import PRIO_V, applied_before, block_commands, open_path_commands
 from tests.agents import REPO
 from tests.netns import can_use_netns, ip
 
@@ -26,6 +26,20 @@ def test_applied_before_counts_only_commands_that_ran() -> None:
     assert applied_before(cmds, 2) == ["eth0"]
     assert applied_before(cmds, per_interface + 1) == ["eth0"]
     assert applied_before(cmds, per_interface + 2) == ["eth0", "p2vbond0"]
+
+
+def test_open_path_lets_one_port_of_v_through_and_refuses_bad_input() -> None:
+    cmds = open_path_commands(["eth0", "p2vbond0"], "10.0.0.2", 7470)
+    assert [c[4:6] for c in cmds] == [["eth0", "egress"], ["eth0", "ingress"],
+                                      ["p2vbond0", "egress"], ["p2vbond0", "ingress"]]
+    egress, ingress = cmds[0], cmds[1]
+    assert egress[6:8] == ["prio", str(PRIO_V)] and egress[-2:] == ["action", "ok"]
+    assert "dst" in egress and "10.0.0.2/32" in egress and egress[egress.index("dport") + 1] == "7470"
+    assert "src" in ingress and ingress[ingress.index("sport") + 1] == "7470"
+    for bad in ((["lo"], "10.0.0.2", 7470), (["eth0"], "v.example", 7470), (["eth0"], "10.0.0.2", 0),
+                (["eth0; reboot"], "10.0.0.2", 7470)):
+        with pytest.raises(ValueError):
+            open_path_commands(*bad)
 
 
 SNIPPET = """
