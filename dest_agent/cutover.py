@@ -196,9 +196,15 @@ class CutoverDesk:
                 st.vm.rearm()
         finally:
             await asyncio.to_thread(record.journal)
-            if st.result is not None:  # the figures of this attempt, for operators and benchmarks
-                figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts}
-                await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
+            if st.result is not None:
+                await self._write_figures(record, st)
+
+    @staticmethod
+    async def _write_figures(record: MigrationRecord, st: CutoverState, **extra: object) -> None:
+        """The figures of this attempt, for operators and benchmarks (cutover.json)."""
+        assert st.result is not None
+        figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts, **extra}
+        await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
 
     async def resolve(self, record: MigrationRecord, source_committed: bool) -> destination_pb2.ResolveReply:
         """P's agent's word on a cutover its helper left (see resolve_verdict); raises ResolveError
@@ -232,19 +238,22 @@ class CutoverDesk:
             raise ResolveError(f"V told the waiting VM to restore P, and it did not confirm: {exc}") from None
         record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
         await asyncio.to_thread(record.journal)
-        assert st.result is not None
-        figures = {**asdict(st.result), "error": st.last_error, "attempt": st.attempts, "resolved_by_source": True}
-        await asyncio.to_thread(write_json_atomic, record.dir / "cutover.json", figures)
+        await self._write_figures(record, st, resolved_by_source=True)
         log.info("P committed through its agent; the waiting VM restores P", extra={"migration": record.id})
         return destination_pb2.ResolveReply(vm_runs=True, detail="V started the VM from the image it had acknowledged")
+
+    @staticmethod
+    def _drop(st: CutoverState, reason: str) -> None:
+        """P's word that it runs on: the image is never started; a VM holding it discards it."""
+        st.dropped = True
+        if st.receiver is not None:
+            st.receiver.feed.abort(reason)  # type: ignore[attr-defined]
 
     def abort(self, record: MigrationRecord) -> None:
         st = self.states.get(record.id)
         if st is None or st.point_of_no_return:
             return
-        st.dropped = True
-        if st.receiver is not None:  # a VM holding an acknowledged image discards it
-            st.receiver.feed.abort("cutover aborted by the source")  # type: ignore[attr-defined]
+        self._drop(st, "cutover aborted by the source")
         if st.vm is not None:
             st.vm.feed.abort("cutover aborted by the source")
             st.vm.rearm()
@@ -265,9 +274,7 @@ class CutoverDesk:
         st = self.states.get(record_id)
         if st is None or st.point_of_no_return:
             return
-        st.dropped = True
-        if st.receiver is not None:  # a VM holding an acknowledged image discards it
-            st.receiver.feed.abort("migration cancelled")  # type: ignore[attr-defined]
+        self._drop(st, "migration cancelled")
         if st.vm is None:
             return
         vm = st.vm

@@ -138,6 +138,11 @@ def physical_nics(inventory: source_pb2.Inventory) -> list[source_pb2.Nic]:
     return [n for n in inventory.nics if n.pci_address and not n.kind and n.mac]
 
 
+def _live(entries: list, kind: str) -> list:
+    """The journal's entries of `kind` that are in place (not undone)."""
+    return [e for e in entries if e.kind == kind and e.state in ("done", "pending")]
+
+
 def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
              feed_address: str = "", vm_nics: list[str] | None = None,
              vm_disks: list[str] | None = None) -> list[resume.ResumeAction]:
@@ -146,8 +151,7 @@ def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: li
     NIC: bonded by p2v -> the virtual NIC joins that bond; otherwise it takes over the NIC's IPv4
     addresses and routes. Disk: only physical legs of arrays that p2v gave a network leg are failed
     (an array without another leg would lose its only member)."""
-    bonds = {e.physical: e.detail.get("bond", "") for e in journal_entries
-             if e.kind == "bond" and e.state in ("done", "pending")}
+    bonds = {e.physical: e.detail.get("bond", "") for e in _live(journal_entries, "bond")}
     nics: list[resume.NicFacts] = []
     announce_ips: list[tuple[str, str]] = []
     for nic in physical_nics(inventory):
@@ -173,9 +177,7 @@ def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: li
         nics.append(facts)
     md_legs: list[tuple[str, str]] = []
     by_name = {b.name: b for b in inventory.block_devices}
-    for e in journal_entries:
-        if e.kind != "md-leg" or e.state not in ("done", "pending"):
-            continue
+    for e in _live(journal_entries, "md-leg"):
         md = e.detail.get("md", "")
         leg = os.path.basename(e.detail.get("leg", ""))
         array = by_name.get(md)
@@ -208,8 +210,14 @@ NBD_CUTOVER_TIMEOUT_MS = 180_000
 
 
 def nbd_legs(entries: list) -> list[str]:
-    return [os.path.basename(e.detail.get("device", "")) for e in entries
-            if e.kind == "nbd" and e.state in ("done", "pending") and e.detail.get("device")]
+    return [os.path.basename(e.detail["device"]) for e in _live(entries, "nbd") if e.detail.get("device")]
+
+
+def _leg_status(md: str, leg: str) -> object:
+    """mdmirror's LegStatus of md's member `leg` (a name, as in sysfs)."""
+    from source_agent.redundancy.mdmirror import array_state, leg_status
+
+    return leg_status(array_state(md), leg)
 
 
 def mirror_problems(entries: list, status: Callable[[str, str], object] | None = None) -> list[str]:
@@ -217,17 +225,12 @@ def mirror_problems(entries: list, status: Callable[[str, str], object] | None =
     VM's arrays keep only their network leg: one that is faulty, gone or still recovering would
     leave the OS with a stale or no disk. `status(md, leg)` is mdmirror's LegStatus (tests pass
     their own); the verdict is the leg's own `ready`."""
-    from source_agent.redundancy.mdmirror import MirrorError, array_state, leg_status
-
-    def real_status(md: str, leg: str) -> object:
-        return leg_status(array_state(md), leg)
+    from source_agent.redundancy.mdmirror import MirrorError
 
     problems = []
-    for e in entries:
-        if e.kind != "md-leg" or e.state not in ("done", "pending"):
-            continue
+    for e in _live(entries, "md-leg"):
         try:
-            leg = (status or real_status)(e.detail["md"], os.path.basename(e.detail["leg"]))
+            leg = (status or _leg_status)(e.detail["md"], os.path.basename(e.detail["leg"]))
         except (MirrorError, OSError) as exc:
             problems.append(str(exc))
             continue
@@ -244,18 +247,12 @@ def heal_mirrors(entries: list, status: Callable[[str, str], object] | None = No
     mdmirror's in tests."""
     from source_agent.redundancy import mdmirror
 
-    def real_status(md: str, leg: str) -> object:
-        return mdmirror.leg_status(mdmirror.array_state(md), leg)
-
-    uris = {e.detail.get("device"): e.detail.get("uri", "") for e in entries
-            if e.kind == "nbd" and e.state in ("done", "pending")}
+    uris = {e.detail.get("device"): e.detail.get("uri", "") for e in _live(entries, "nbd")}
     said = []
-    for e in entries:
-        if e.kind != "md-leg" or e.state not in ("done", "pending"):
-            continue
+    for e in _live(entries, "md-leg"):
         md, leg = e.detail["md"], e.detail["leg"]
         try:
-            if (status or real_status)(md, os.path.basename(leg)).ready():  # type: ignore[attr-defined]
+            if (status or _leg_status)(md, os.path.basename(leg)).ready():  # type: ignore[attr-defined]
                 continue
             if not uris.get(leg):
                 said.append(f"{leg} of {md}: no nbd export recorded for it; not brought back")
