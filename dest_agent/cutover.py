@@ -39,6 +39,9 @@ def undecided(result: ReceiveResult) -> bool:
     return result.acked and not result.committed and not result.aborted_after_ack
 
 
+#: how the journal of a migration whose image the VM held undecided begins its error
+UNDECIDED_ERROR = "cutover undecided"
+
 #: V's verdicts on P's word about a cutover (`resolve_verdict`)
 VM_RUNS, START_VM, DROP, NOTHING_HELD = "vm-runs", "start-vm", "drop", "nothing-held"
 #: how long ResolveCutover waits for a receiver still waiting for COMMIT (P's helper is gone: its
@@ -157,7 +160,7 @@ class CutoverDesk:
             return destination_pb2.CutoverReply(ready=False, detail="the page store is closed")
         token = secrets.token_bytes(32)
         try:
-            receiver = st.vm.receiver(record.store, record.dir / "hibernation.img", token)
+            receiver = st.vm.receiver(record.store, record.dir / "hibernation.img", token, record.go_mark_path)
         except OSError as exc:
             return destination_pb2.CutoverReply(ready=False, detail=f"cannot open the image socket: {exc}")
         st.attempts += 1
@@ -185,7 +188,7 @@ class CutoverDesk:
             if undecided(receiver.result):
                 # ACK sent, COMMIT never came: P might run on or be off. The VM keeps the image
                 # loaded; only P's agent's word (resolve) starts or drops it.
-                record.set_state(common_pb2.MIGRATION_STATE_FAILED, f"cutover undecided: {exc}")
+                record.set_state(common_pb2.MIGRATION_STATE_FAILED, f"{UNDECIDED_ERROR}: {exc}")
                 log.error("cutover undecided: the waiting VM holds P's image until P's agent resolves it",
                           extra={"migration": record.id, "error": str(exc)})
                 return
@@ -258,12 +261,6 @@ class CutoverDesk:
             st.vm.feed.abort("cutover aborted by the source")
             st.vm.rearm()
 
-    def holds_undecided(self, record_id: str) -> bool:
-        """The VM holds an acknowledged image nobody decided on (the migration reads FAILED)."""
-        st = self.states.get(record_id)
-        return (st is not None and st.result is not None and undecided(st.result) and not st.dropped
-                and not st.point_of_no_return)
-
     def past_point_of_no_return(self, record_id: str) -> bool:
         """P committed: the VM is P now (or about to be), and nothing may cancel it."""
         st = self.states.get(record_id)
@@ -282,6 +279,32 @@ class CutoverDesk:
         if st.vm_start is not None and not st.vm_start.done():
             st.vm_start.cancel()
         vm.destroy()
+
+    # -- after a restart of this agent ------------------------------------------------------------
+    def reload(self, record: MigrationRecord) -> bool:
+        """A migration an earlier run of this agent left. True if that run had told the waiting VM
+        to GO (the GO mark, written before it): the VM is P, its agent's report is still awaited, and
+        nothing may cancel it. Otherwise nothing of its cutover outlived the agent: the waiting VM
+        discarded whatever it held when its feed closed, and was never told GO."""
+        if record.go_mark_path.exists():
+            self.state(record.id).point_of_no_return = True
+            return True
+        return False
+
+    def destroy_orphans(self, migration_ids: list[str]) -> None:
+        """The waiting VMs of migrations an earlier run of this agent left without GO: their feed (and
+        its token) went with that run, so they can never restore anything. Blocking (libvirt)."""
+        if not (migration_ids and self.config.vm.enabled and host_has_libvirt()):
+            return
+        for migration_id in migration_ids:
+            name = f"{self.config.vm.name_prefix}{migration_id}"
+            try:
+                if vm_builder.destroy(name):
+                    log.warning("destroyed the waiting VM an earlier run left", extra={"migration": migration_id})
+            except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
+                log.error("cannot destroy the waiting VM an earlier run left", extra={
+                    "migration": migration_id, "vm": name, "error": str(exc)})
+            (self.work_root / f"{name}-vda.img").unlink(missing_ok=True)
 
     # -- after the move --------------------------------------------------------------------------
     def resumed(self, record: MigrationRecord, request: destination_pb2.ResumedRequest) -> destination_pb2.ResumedReply:

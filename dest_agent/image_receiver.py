@@ -29,6 +29,7 @@ import numpy as np
 import zstandard
 
 from common import image_wire as W
+from common.atomicfile import write_json_atomic
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
 from common.pagecodec import new_checksum, page_hashes
 
@@ -177,8 +178,9 @@ class ImageReceiver:
     def __init__(self, migration_id: str, token: bytes, store: PageSource, feed: VmFeed, image_path: Path,
                  expected_kernel: ExpectedKernel | None = None, bind: tuple[str, int] = ("127.0.0.1", 0),
                  accept_timeout_s: float = 600.0, io_timeout_s: float = 120.0,
-                 commit_timeout_s: float = 60.0) -> None:
+                 commit_timeout_s: float = 60.0, go_mark: Path | None = None) -> None:
         self.migration_id = migration_id
+        self.go_mark = go_mark
         self._token: bytes | None = token
         self.store = store
         self.feed = feed
@@ -361,6 +363,12 @@ class ImageReceiver:
         if not res.acked or res.committed or res.aborted_after_ack:
             raise ReceiveError("nothing to commit: no image acknowledged and still held")
         res.committed, res.committed_at = True, time.time()
+        if self.go_mark is not None:
+            try:  # before GO: an agent restarting after it must know that the VM may be P
+                write_json_atomic(self.go_mark, {"migration": self.migration_id, "committed_at": res.committed_at})
+            except OSError as exc:  # P is past its point of no return: the VM must start all the same
+                log.error("cannot record the GO durably; a restart of this agent would not know the VM is P",
+                          extra={"migration": self.migration_id, "error": str(exc)})
         self.feed.go()
         res.go_at = time.time()
 

@@ -26,6 +26,7 @@ async def serve(config: DestConfig, *, ready_file: str | None = None) -> None:
     if config.agent.listen_unix:
         server.listen_unix(config.agent.listen_unix)
     await server.start([destination_pb2.DESCRIPTOR.services_by_name["Destination"].full_name])
+    await service.start()
     await server.run_until_stopped(on_stop=service.shutdown, ready_file=ready_file)
 
 

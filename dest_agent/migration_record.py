@@ -23,6 +23,10 @@ STATE_NAMES = {v: k.removeprefix("MIGRATION_STATE_").lower()
                for k, v in common_pb2.MigrationState.items()}
 STATE_VALUES = {v: k for k, v in STATE_NAMES.items()}
 
+#: Written durably before V tells the waiting VM to GO (dest_agent.image_receiver): an agent that
+#: restarts finds that the VM may be P, and must never let anyone cancel it or run P on.
+GO_MARK = "go.json"
+
 
 @dataclasses.dataclass
 class Counters:
@@ -71,6 +75,24 @@ class MigrationRecord:
     @property
     def image_path(self) -> Path:
         return self.dir / "memory.img"
+
+    @property
+    def go_mark_path(self) -> Path:
+        return self.dir / GO_MARK
+
+    @classmethod
+    def reload(cls, root: Path, meta: dict[str, Any]) -> MigrationRecord:
+        """The record as an earlier run of the agent journaled it; no page store is open."""
+        record = cls(root, meta["id"], source_host_id=meta.get("source_host_id", ""),
+                     memory_bytes=int(meta["memory_bytes"]), max_pfn=int(meta["max_pfn"]),
+                     page_size=int(meta.get("page_size", 4096)), peer=list(meta.get("peer", [])))
+        record.state = STATE_VALUES[meta["state"]]
+        record.error = meta.get("error", "")
+        record.round = int(meta.get("round", 0))
+        record.durable_round = int(meta.get("durable_round", 0))
+        record.redundancy = list(meta.get("redundancy", []))
+        record.created = float(meta.get("created", record.created))
+        return record
 
     def journal(self) -> None:
         write_json_atomic(self.meta_path, {

@@ -18,7 +18,7 @@ from common.config import DestConfig
 from common.rpc import require_peer
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
-from .migration_record import MigrationRecord
+from .migration_record import STATE_NAMES, MigrationRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         from dest_agent.cutover import CutoverDesk
 
         self.cutover = CutoverDesk(config, Path(config.agent.state_dir))
+        self._orphan_cleanup: asyncio.Task | None = None
+        self._orphans = self._reload()
         # Bulk data plane beside gRPC (dest_agent.bulk_receiver), started on the first Prepare.
         self._bulk = None
         self._bulk_failed = False
@@ -48,6 +50,43 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         self._catalog_spec = None
         if config.catalog:
             self._catalog_spec = self._parse_catalog(config.catalog)  # fail at start-up, not at use
+
+    def _reload(self) -> list[str]:
+        """Migrations an earlier run of this agent journaled. One that was under way lost its
+        streams, its image socket and its waiting VM's feed with that run: it reads FAILED (P runs
+        on; ResolveCutover says so), unless that run had told the VM to GO — then the VM is P and its
+        agent's report is still expected. Returns the ids whose waiting VMs are orphans."""
+        from dest_agent.cutover import UNDECIDED_ERROR
+
+        orphans: list[str] = []
+        for meta_path in sorted(self.root.glob("*/meta.json")):
+            try:
+                record = MigrationRecord.reload(self.root, MigrationRecord.load_meta(meta_path))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("cannot reload a migration's journal", extra={"path": str(meta_path), "error": str(exc)})
+                continue
+            self.migrations[record.id] = record
+            if self.cutover.reload(record):
+                log.warning("reloaded a migration past its point of no return: the VM is P",
+                            extra={"migration": record.id})
+                continue
+            # under way, or holding an image undecided: what it held went with that run (a migration
+            # that failed while this agent ran had its waiting VM destroyed then)
+            if not record.finished or (record.state == common_pb2.MIGRATION_STATE_FAILED
+                                       and record.error.startswith(UNDECIDED_ERROR)):
+                orphans.append(record.id)
+                was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
+                record.set_state(common_pb2.MIGRATION_STATE_FAILED,
+                                 f"the destination agent restarted during the migration ({was}); V never "
+                                 "started its VM: P runs on, start a new migration")
+                log.warning("reloaded an interrupted migration as failed", extra={"migration": record.id, "was": was})
+        return orphans
+
+    async def start(self) -> None:
+        """After the server is up: the waiting VMs an earlier run left go (in the background)."""
+        if self._orphans:
+            orphans, self._orphans = self._orphans, []
+            self._orphan_cleanup = asyncio.create_task(asyncio.to_thread(self.cutover.destroy_orphans, orphans))
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -63,6 +102,15 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         record = self.migrations.get(migration_id)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown migration {migration_id!r}")
+        return record
+
+    async def _open_migration(self, migration_id: str, context: grpc.aio.ServicerContext) -> MigrationRecord:
+        """A migration whose page store is still open (it takes pages and answers for them)."""
+        record = await self._migration(migration_id, context)
+        if record.store is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"migration {record.id} is {STATE_NAMES[record.state]}"
+                                + (f": {record.error}" if record.error else ""))
         return record
 
     # -- RPCs ------------------------------------------------------------------------------
@@ -124,6 +172,9 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
             if existing.source_host_id != request.source_host_id or existing.max_pfn != request.max_pfn:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                     f"migration {migration_id} exists with other parameters")
+            if existing.store is None:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                    f"migration {migration_id} is {STATE_NAMES[existing.state]}; start a new one")
             record = existing  # idempotent retry of Prepare
         else:
             try:
@@ -295,7 +346,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def EndRound(self, request: destination_pb2.RoundMark, context):
         await self._peer(context)
-        record = await self._migration(request.migration_id, context)
+        record = await self._open_migration(request.migration_id, context)
         if request.round == record.durable_round and request.round:
             # A retry after a lost reply: that round is already closed and durable.
             return destination_pb2.RoundAck(round=request.round, pages_held=record.store.pages_held(),
@@ -317,7 +368,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def HeldHashes(self, request: destination_pb2.HeldHashesRequest, context):
         await self._peer(context)
-        record = await self._migration(request.migration_id, context)
+        record = await self._open_migration(request.migration_id, context)
         end = request.end_pfn or record.max_pfn
         if request.start_pfn > end or end > record.max_pfn:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
@@ -405,7 +456,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if self.cutover.past_point_of_no_return(record.id):  # e.g. an agent in the VM that found an old note
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {record.id} is past its point of no return: P committed, the VM is P")
-        if not record.finished or self.cutover.holds_undecided(record.id):  # P's word: it runs on
+        # P's word that it runs on: also for one that failed (space freed; an undecided image dropped)
+        if not record.finished or record.state == common_pb2.MIGRATION_STATE_FAILED:
             await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_CANCELLED,
                                     request.reason or "cancelled by the source")
         log.info("cancelled", extra={"migration": record.id, "reason": request.reason})
@@ -435,6 +487,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if self._bulk is not None:
             await self._bulk.close()
         for record in self.migrations.values():
-            if not record.finished:
+            # past its point of no return the VM is P: its report is still due, to the next run
+            if not record.finished and not self.cutover.past_point_of_no_return(record.id):
                 await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_FAILED,
                                         f"destination agent stopped during round {record.round}")

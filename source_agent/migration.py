@@ -303,7 +303,8 @@ async def resolve_on_destination(address: str, migration_id: str, tls: TlsConfig
                                  attempts: int = 3, timeout_s: float = 30.0) -> destination_pb2.ResolveReply:
     """P's word on a cutover whose helper went after V's ACK (ResolveCutover): V starts the VM if
     P `committed`, else drops it. V's answer binds P: `vm_runs` -> P powers off. Raises RuntimeError
-    when V cannot tell (unreachable, restarted, an older V): P then keeps to its own note. Each
+    when V cannot tell (unreachable, its state directory lost, an older V): P then keeps to its own
+    note (a V agent that restarted answers from its journal and GO mark). Each
     attempt may take `timeout_s` (V waits up to dest_agent.cutover.RESOLVE_WAIT_S for its receiver)."""
     request = destination_pb2.ResolveRequest(migration_id=migration_id, source_committed=committed)
     return await _ask_destination(  # type: ignore[return-value]

@@ -94,6 +94,7 @@ class RecordingFeed:
         self.size = 0
         self.events: list[str] = []
         self.refuse_at_finish = refuse_at_finish
+        self.go_mark: Path | None = None  # V's GO mark: it must be durable before the VM hears GO
 
     def begin(self, size: int) -> None:
         self.size = size
@@ -109,7 +110,7 @@ class RecordingFeed:
         return len(self.data) // 4096
 
     def go(self) -> None:
-        self.events.append("go")
+        self.events.append("go" if self.go_mark is None or self.go_mark.exists() else "go-before-the-mark")
 
     def abort(self, reason: str) -> None:
         self.events.append("abort")
@@ -179,8 +180,9 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
              claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
              resume_runner=None, pending_file: str = ""):
+    feed.go_mark = tmp_path / "go.json"
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
-                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark)
     host, port = receiver.endpoint
     outcome: dict = {"receiver": receiver}
 
@@ -345,6 +347,7 @@ def test_store_page_that_differs_from_its_hash_fails_the_checksum(tmp_path: Path
     assert block.lifted == ["eth0", "p2vbond0"]
     assert "checksum" in outcome["error"]
     assert feed.events[-1] == "abort" and "go" not in feed.events  # what was still queued for the VM is dropped
+    assert not (tmp_path / "go.json").exists()  # never marked: a restarted V lets P run on
 
 
 def test_vm_refusing_the_image_aborts_the_cutover(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from common.config import TlsConfig
 from dest_agent.cutover import DROP, NOTHING_HELD, START_VM, VM_RUNS, resolve_verdict, undecided
 from dest_agent.image_receiver import ImageReceiver, ReceiveResult
-from p2v.v1 import common_pb2
+from p2v.v1 import common_pb2, destination_pb2
 from source_agent import host_settings as hs
 from source_agent.cutover import vm_runs_after_commit
 from source_agent.cutover_helper import FAULT_ENV
@@ -81,8 +81,9 @@ async def undecided_cutover(tmp_path: Path, dest) -> tuple[str, RecordingFeed]:
     record = dest.service.migrations[migration_id]
     desk = dest.service.cutover
     feed = RecordingFeed()
+    feed.go_mark = record.go_mark_path
     receiver = ImageReceiver(migration_id, TOKEN, record.store, feed, record.dir / "hibernation.img",
-                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10)
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=record.go_mark_path)
     st = desk.state(migration_id)
     st.receiver = receiver  # as announce() does once the waiting VM is ready
     st.receive = asyncio.create_task(desk._receive(record, st, receiver))
@@ -155,6 +156,70 @@ async def test_the_agent_asks_v_and_keeps_to_the_helper_s_mark_when_v_cannot_ans
 
     # V gone altogether
     assert await vm_runs_after_commit(dest.address, migration_id, [], ask) is True
+
+
+async def test_v_restarted_without_go_lets_p_run_on(tmp_path: Path) -> None:
+    """V's agent died after its ACK and before COMMIT (the waiting VM discarded the image when its
+    feed closed). The next run of V's agent reloads the migration from its journal: it never told
+    the VM GO, so it says P runs on — before, it did not know the migration and P powered off with
+    nothing running anywhere."""
+    async def ask(address: str, migration_id: str, committed: bool):
+        return await resolve_on_destination(address, migration_id, INSECURE, committed, attempts=2, timeout_s=3)
+
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+        record = dest.service.migrations[migration_id]
+        assert not record.go_mark_path.exists()
+        async with destination(tmp_path / "v") as restarted:  # the same state dir, a new agent
+            status = await restarted.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+            assert status.state == common_pb2.MIGRATION_STATE_FAILED and "restarted" in status.error
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=True)
+            assert not reply.vm_runs and "P runs on" in reply.detail
+            assert await vm_runs_after_commit(restarted.address, migration_id, [], ask) is False
+
+            # its page store is not open: a clear refusal, not a crash; the same id is not reused
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in restarted.stub.HeldHashes(
+                        destination_pb2.HeldHashesRequest(migration_id=migration_id), timeout=10):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "failed" in refused.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await restarted.stub.Prepare(destination_pb2.PrepareRequest(
+                    migration_id=migration_id, source_host_id="test-source", memory_bytes=MAX_PFN * 4096,
+                    page_size=4096, max_pfn=MAX_PFN), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+            # P's agent cancels it: the space goes, the journal stays
+            assert record.image_path.exists()
+            cancelled = await restarted.stub.Cancel(common_pb2.CancelRequest(migration_id=migration_id), timeout=10)
+            assert cancelled.state == common_pb2.MIGRATION_STATE_CANCELLED
+            assert not record.image_path.exists() and record.meta_path.exists()
+        assert "go" not in feed.events
+
+
+async def test_v_restarted_after_go_knows_the_vm_is_p(tmp_path: Path) -> None:
+    """V's agent died after it told the VM GO: the next run finds the GO mark, answers that the VM
+    is P, refuses to cancel it, and still serves the VM's agent's report (the redundancy to cancel)."""
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest)
+        await dest.stub.ReportRedundancy(destination_pb2.RedundancyReport(migration_id=migration_id, entries=[
+            destination_pb2.RedundancyEntry(id="bond0:ens4", kind="bond")]), timeout=10)
+        assert (await resolve_on_destination(dest.address, migration_id, INSECURE, committed=True)).vm_runs
+        assert feed.events[-1] == "go"  # and the mark was on disk before it (RecordingFeed checks)
+
+        async with destination(tmp_path / "v") as restarted:
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=False)
+            assert reply.vm_runs  # binds P: it powers off
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await restarted.stub.Cancel(common_pb2.CancelRequest(migration_id=migration_id), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            resumed = await restarted.stub.Resumed(destination_pb2.ResumedRequest(migration_id=migration_id),
+                                                   timeout=10)
+            assert list(resumed.cancel_ids) == ["bond0:ens4"]
+            done = await restarted.stub.Complete(destination_pb2.CompletionReport(
+                migration_id=migration_id, cancelled=["bond0:ens4"]), timeout=10)
+            assert done.state == common_pb2.MIGRATION_STATE_COMPLETED and done.point_of_no_return
+        assert feed.events.count("go") == 1
 
 
 def p2vctl(*argv: str) -> tuple[int, dict]:
