@@ -125,6 +125,19 @@ def test_bond_keeps_tcp_session_and_rollback_restores(rig: Rig, p: dict) -> None
     assert u.modules(rig) == mods_before
 
 
+def assert_members_equal(rig: Rig, md: str, data: str, leg: str, export: disk_export.DiskExport) -> None:
+    """Block for block: pause the writer, flush, compare the data areas of both members on the host."""
+    pid = u.sh(rig, f"cat {C.P_STATE_DIR}/filewriter.pid").strip()
+    u.sh(rig, f"kill -STOP {pid} && sync && echo idle > /sys/block/{md}/md/sync_action; mdadm --wait /dev/{md}; sync")
+    try:
+        size = int(u.sh(rig, f"cat /sys/block/{md}/md/component_size")) * 1024
+        a = u.sha_range(rig.machine.disks.data, u.data_offset_bytes(rig, data), size)
+        b = u.sha_range(export.image, u.data_offset_bytes(rig, leg), size)
+        assert a == b, "the export's data differ from the data disk's"
+    finally:
+        u.sh(rig, f"kill -CONT {pid}")
+
+
 def test_md_leg_syncs_under_writer_matches_export_and_rolls_back(
     rig: Rig, p: dict, export: disk_export.DiskExport
 ) -> None:
@@ -149,18 +162,25 @@ def test_md_leg_syncs_under_writer_matches_export_and_rolls_back(
     leg = mirror["leg"]
     assert "write_mostly" in u.sh(rig, f"cat /sys/block/{md}/md/dev-{leg}/state")
     assert u.sh(rig, f"cat /sys/block/{md}/md/bitmap/location").strip() != "none"
-    # block for block: pause the writer, flush, compare the data areas of both members on the host
-    pid = u.sh(rig, f"cat {C.P_STATE_DIR}/filewriter.pid").strip()
-    u.sh(rig, f"kill -STOP {pid} && sync && echo idle > /sys/block/{md}/md/sync_action; mdadm --wait /dev/{md}; sync")
+    assert_members_equal(rig, md, p["data"], leg, export)
+
+    # The leg lost for good on V's side (its md superblock wiped on the export): md refuses to
+    # re-add it, and the heal before a migration adds it afresh (a full recovery), as write-mostly.
+    u.sh(rig, f"mdadm /dev/{md} --fail /dev/{leg} && mdadm /dev/{md} --remove /dev/{leg} && nbd-client -d /dev/{leg}")
+    with open(export.image, "r+b") as image:
+        image.seek(4096)  # v1.2: the superblock is 4 KiB into the member
+        image.write(bytes(4096))
+    uri = f"nbd://{C.DEST_IP}:{EXPORT_PORT}/vdb"
+    u.sh(rig, f"echo 50000 > /sys/block/{md}/md/sync_speed_min")
     try:
-        size = int(u.sh(rig, f"cat /sys/block/{md}/md/component_size")) * 1024
-        off_data = u.data_offset_bytes(rig, p["data"])
-        off_leg = u.data_offset_bytes(rig, leg)
-        a = u.sha_range(rig.machine.disks.data, off_data, size)
-        b = u.sha_range(export.image, off_leg, size)
-        assert a == b, "the export's data differ from the data disk's"
+        healed = u.sh(rig, f"cd {C.P_PROJECT_DIR} && python3 -c \"from source_agent.redundancy import mdmirror; "
+                           f"print(mdmirror.heal_leg('{md}', '/dev/{leg}', '{uri}'))\" 2>&1", timeout=900)
     finally:
-        u.sh(rig, f"kill -CONT {pid}")
+        u.sh(rig, f"echo system > /sys/block/{md}/md/sync_speed_min")
+    assert "refused" in healed and "adding it afresh" in healed, healed
+    assert "['reattach', 're-add', 'wait']" in healed, healed
+    assert u.sh(rig, f"cat /sys/block/{md}/md/dev-{leg}/state").strip() == "in_sync,write_mostly"
+    assert_members_equal(rig, md, p["data"], leg, export)
     files = rig.verify_files()
     assert files.ok, files
     rb = u.red_json(rig, f"rollback --journal {p['journal']}")
