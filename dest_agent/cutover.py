@@ -23,9 +23,18 @@ from common.config import DestConfig
 from dest_agent import vm_builder
 from p2v.v1 import common_pb2, destination_pb2
 
-from .image_receiver import ReceiveError, ReceiveResult
+from .image_receiver import HeldImage, ReceiveError, ReceiveResult
 from .migration_record import MigrationRecord
-from .waiting_vm import SourceFacts, WaitingVm, available_kernels, host_has_libvirt
+from .waiting_vm import (
+    AdoptedVm,
+    FeedError,
+    SourceFacts,
+    WaitingVm,
+    available_kernels,
+    destroy_domain,
+    disk_path,
+    host_has_libvirt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +139,7 @@ class CutoverDesk:
         facts.reserved_slots = frozenset(s for s in (vm_builder.slot_of(a) for a in request.pci_addresses)
                                          if s is not None)
         st.vm = WaitingVm(self.config.vm, record.id, facts, self.work_root)
+        AdoptedVm(st.vm.name, st.vm.feed, st.vm.disk_path).save(record.waiting_vm_path)
         st.vm_start = asyncio.create_task(self._start_vm(st), name=f"waiting-vm-{record.id}")
 
     async def _start_vm(self, st: CutoverState) -> None:
@@ -291,20 +301,47 @@ class CutoverDesk:
             return True
         return False
 
-    def destroy_orphans(self, migration_ids: list[str]) -> None:
-        """The waiting VMs of migrations an earlier run of this agent left without GO: their feed (and
-        its token) went with that run, so they can never restore anything. Blocking (libvirt)."""
-        if not (migration_ids and self.config.vm.enabled and host_has_libvirt()):
-            return
-        for migration_id in migration_ids:
-            name = f"{self.config.vm.name_prefix}{migration_id}"
+    def settle_orphans(self, records: list[MigrationRecord]) -> None:
+        """The waiting VMs of migrations an earlier run of this agent left without GO. A VM that kept
+        the acknowledged image loaded when that run's feed closed is adopted: the migration is
+        undecided again, and P's agent's word (ResolveCutover, p2vctl resolve) starts or drops it as
+        before — P may be off already. Any other VM can never restore anything: it is destroyed.
+        Blocking (feed, libvirt); resolve and cancel wait for it."""
+        for record in records:
             try:
-                if vm_builder.destroy(name):
-                    log.warning("destroyed the waiting VM an earlier run left", extra={"migration": migration_id})
-            except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
-                log.error("cannot destroy the waiting VM an earlier run left", extra={
-                    "migration": migration_id, "vm": name, "error": str(exc)})
-            (self.work_root / f"{name}-vda.img").unlink(missing_ok=True)
+                adopted = AdoptedVm.load(record.waiting_vm_path)
+            except (OSError, ValueError, KeyError) as exc:
+                log.info("no waiting VM recorded for this migration (%s)", exc, extra={"migration": record.id})
+                adopted = None
+            if adopted is not None and self._adopt(record, adopted):
+                continue
+            name = adopted.name if adopted else f"{self.config.vm.name_prefix}{record.id}"
+            if not (self.config.vm.enabled and host_has_libvirt()):
+                continue
+            if adopted is not None:
+                adopted.destroy()
+            else:
+                destroy_domain(name, disk_path(self.work_root, name))
+            log.warning("the waiting VM an earlier run left is gone", extra={"migration": record.id, "vm": name})
+
+    def _adopt(self, record: MigrationRecord, adopted: AdoptedVm) -> bool:
+        try:
+            adopted.feed.connect()
+            pages = adopted.feed.held()
+        except (OSError, FeedError, ValueError) as exc:
+            adopted.feed.close()
+            log.info("the waiting VM holds no image (%s)", exc, extra={"migration": record.id})
+            return False
+        st = self.state(record.id)
+        st.vm, st.receiver = adopted, HeldImage(record.id, adopted.feed, pages, record.go_mark_path)
+        st.result = st.receiver.result
+        record.set_state(common_pb2.MIGRATION_STATE_FAILED,
+                         f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; the waiting VM "
+                         "still holds it until P's agent resolves the cutover (p2vctl resolve ID --p-is-off "
+                         "if P is off)")
+        log.critical("the waiting VM still holds P's acknowledged image: undecided until P's agent (or "
+                     "`p2vctl resolve`) says whether P is off", extra={"migration": record.id, "pages": pages})
+        return True
 
     # -- after the move --------------------------------------------------------------------------
     def resumed(self, record: MigrationRecord, request: destination_pb2.ResumedRequest) -> destination_pb2.ResumedReply:

@@ -174,6 +174,34 @@ def _widen_receive_buffer(listener: socket.socket, size: int = RECEIVE_BUFFER) -
             continue
 
 
+def commit_image(res: ReceiveResult, feed: VmFeed, go_mark: Path | None) -> None:
+    """Tell the VM holding the acknowledged image to restore it, once; the GO mark goes to disk first."""
+    if not res.acked or res.committed or res.aborted_after_ack:
+        raise ReceiveError("nothing to commit: no image acknowledged and still held")
+    res.committed, res.committed_at = True, time.time()
+    if go_mark is not None:
+        try:  # before GO: an agent restarting after it must know that the VM may be P
+            write_json_atomic(go_mark, {"migration": res.migration_id, "committed_at": res.committed_at})
+        except OSError as exc:  # P is past its point of no return: the VM must start all the same
+            log.error("cannot record the GO durably; a restart of this agent would not know the VM is P",
+                      extra={"migration": res.migration_id, "error": str(exc)})
+    feed.go()
+    res.go_at = time.time()
+
+
+class HeldImage:
+    """The acknowledged image a waiting VM kept loaded across a restart of V's agent, found again
+    (restore_program HELD): what that run's receiver would still do with it, commit or drop."""
+
+    def __init__(self, migration_id: str, feed: VmFeed, pages: int, go_mark: Path) -> None:
+        self.feed = feed
+        self.go_mark = go_mark
+        self.result = ReceiveResult(migration_id, image_pages=pages, acked=True)
+
+    def commit(self) -> None:
+        commit_image(self.result, self.feed, self.go_mark)
+
+
 class ImageReceiver:
     def __init__(self, migration_id: str, token: bytes, store: PageSource, feed: VmFeed, image_path: Path,
                  expected_kernel: ExpectedKernel | None = None, bind: tuple[str, int] = ("127.0.0.1", 0),
@@ -359,18 +387,7 @@ class ImageReceiver:
     def commit(self) -> None:
         """P committed: the VM restores P's image (after COMMIT on the socket, or P's agent's word
         through ResolveCutover when the socket went silent after the ACK). Only ever once."""
-        res = self.result
-        if not res.acked or res.committed or res.aborted_after_ack:
-            raise ReceiveError("nothing to commit: no image acknowledged and still held")
-        res.committed, res.committed_at = True, time.time()
-        if self.go_mark is not None:
-            try:  # before GO: an agent restarting after it must know that the VM may be P
-                write_json_atomic(self.go_mark, {"migration": self.migration_id, "committed_at": res.committed_at})
-            except OSError as exc:  # P is past its point of no return: the VM must start all the same
-                log.error("cannot record the GO durably; a restart of this agent would not know the VM is P",
-                          extra={"migration": self.migration_id, "error": str(exc)})
-        self.feed.go()
-        res.go_at = time.time()
+        commit_image(self.result, self.feed, self.go_mark)
 
     def _next(self, conn: socket.socket) -> tuple[bytes, bytearray]:
         kind, payload = W.recv_frame(conn)

@@ -80,6 +80,11 @@ class MigrationRecord:
     def go_mark_path(self) -> Path:
         return self.dir / GO_MARK
 
+    @property
+    def waiting_vm_path(self) -> Path:
+        """How a later run of the agent finds this migration's waiting VM (dest_agent.waiting_vm.AdoptedVm)."""
+        return self.dir / "waiting-vm.json"
+
     @classmethod
     def reload(cls, root: Path, meta: dict[str, Any]) -> MigrationRecord:
         """The record as an earlier run of the agent journaled it; no page store is open."""

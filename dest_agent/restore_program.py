@@ -4,12 +4,14 @@ It listens on the feed NIC, tells V what this VM is (kernel build, firmware map,
 a hibernation image from V and writes it into /dev/snapshot as it arrives (the kernel validates the
 header on the first page: wrong memory size or firmware map is refused right there). When the whole
 image is in, it answers LOADED and waits for V's word: GO -> FREEZE + ATOMIC_RESTORE (P's kernel takes
-over this machine and never returns here); ABORT or a dropped connection -> the image is discarded
-(closing /dev/snapshot frees it) and it waits for the next one.
+over this machine and never returns here); ABORT -> the image is discarded (closing /dev/snapshot
+frees it) and it waits for the next one. A connection lost while it waits for that word keeps the
+loaded image: P may be off already (V's agent died between its ACK and P's COMMIT), and V's next agent
+asks for it again with HELD and the same token; a new IMAGE discards it.
 
 Feed protocol (one TCP connection from V at a time, lines are ASCII):
-    VM -> V   P2VFEED1 <json facts>\\n
-    V  -> VM  IMAGE <bytes> <token>\\n  then <bytes> of image
+    VM -> V   P2VFEED1 <json facts, "holding": pages of a loaded image or 0>\\n
+    V  -> VM  IMAGE <bytes> <token>\\n  then <bytes> of image  | HELD <token>\\n
     VM -> V   LOADED <pages>\\n | ERR <reason>\\n
     V  -> VM  GO\\n | ABORT\\n
     VM -> V   RESTORING\\n  (then the machine becomes P)  | ERR <reason>\\n
@@ -156,40 +158,85 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
         raise
 
 
-def serve_one(conn: socket.socket, token: str) -> None:
+class Held:
+    """A loaded image nobody decided on yet: its /dev/snapshot descriptor (closing it frees it)."""
+
+    def __init__(self, fd: int, pages: int) -> None:
+        self.fd, self.pages = fd, pages
+
+    def discard(self) -> None:
+        os.close(self.fd)
+
+
+def serve_one(conn: socket.socket, token: str, held: Held | None = None,
+              device: str = "/dev/snapshot") -> Held | None:
+    """One connection from V. Returns the image still held (loaded, undecided) for the next one."""
     feed = Feed(conn)
-    feed.send("P2VFEED1 " + json.dumps(facts()))
+    feed.send("P2VFEED1 " + json.dumps({**facts(), "holding": held.pages if held else 0}))
     words = feed.line().split()
+    if len(words) == 2 and words[0] == "HELD":
+        if words[1] != token:
+            feed.send("ERR bad token")
+            return held
+        if held is None:
+            feed.send("ERR no image held")
+            return None
+        log(f"V asks again for the image held: {held.pages} pages")
+        feed.send(f"LOADED {held.pages}")
+        return decide(feed, held)
     if len(words) != 3 or words[0] != "IMAGE" or not words[1].isdigit():
-        feed.send("ERR expected IMAGE <bytes> <token>")
-        return
+        feed.send("ERR expected IMAGE <bytes> <token> or HELD <token>")
+        return held
     if words[2] != token:
         feed.send("ERR bad token")
-        return
+        return held
     size = int(words[1])
     if size <= 0 or size % PAGE or size > MAX_IMAGE_BYTES:
         feed.send(f"ERR bad image size {size}")
-        return
+        return held
+    if held is not None:
+        log("a new image: the one held is discarded")
+        held.discard()
     t0 = time.monotonic()
     spent: dict[str, float] = {}
     try:
-        fd, pages = load_image(feed, size, spent)
+        fd, pages = load_image(feed, size, spent, device=device)
     except (RuntimeError, OSError) as exc:
         log(str(exc))
-        feed.send(f"ERR {exc}")
-        return
+        try:
+            feed.send(f"ERR {exc}")
+        except OSError:
+            pass
+        return None
+    log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s "
+        f"(waiting for V {spent['recv']:.3f}s, writing {spent['write']:.3f}s)")
     try:
-        log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s "
-            f"(waiting for V {spent['recv']:.3f}s, writing {spent['write']:.3f}s)")
         feed.send(f"LOADED {pages}")
+    except OSError:
+        pass  # V went: the word comes on its next connection
+    return decide(feed, Held(fd, pages))
+
+
+def decide(feed: Feed, held: Held) -> Held | None:
+    """V's word on a loaded image. GO restores P (never returns when it works); ABORT discards; a
+    lost connection keeps it for V's next agent (HELD)."""
+    try:
         word = feed.line()
-        if word != "GO":
-            log(f"V said {word!r}: image discarded")
-            return
+    except (ConnectionError, OSError, ValueError) as exc:
+        log(f"feed lost while the image waits for V's word ({exc}): image kept")
+        return held
+    if word != "GO":
+        log(f"V said {word!r}: image discarded")
+        held.discard()
+        return None
+    try:  # V said GO (and marked it durably first): a feed lost now does not stop the restore
         feed.send("RESTORING")
+    except OSError:
+        pass
+    try:
         log("FREEZE + ATOMIC_RESTORE")
-        fcntl.ioctl(fd, SNAPSHOT_FREEZE)
-        fcntl.ioctl(fd, SNAPSHOT_ATOMIC_RESTORE)
+        fcntl.ioctl(held.fd, SNAPSHOT_FREEZE)
+        fcntl.ioctl(held.fd, SNAPSHOT_ATOMIC_RESTORE)
         feed.send("ERR ATOMIC_RESTORE returned")  # only reached when the restore failed
     except OSError as exc:
         log(f"restore failed: {exc}")
@@ -197,8 +244,8 @@ def serve_one(conn: socket.socket, token: str) -> None:
             feed.send(f"ERR {exc}")
         except OSError:
             pass
-    finally:
-        os.close(fd)  # an unused image is freed with the file
+    held.discard()  # a failed restore: the image is of no further use
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -209,12 +256,13 @@ def main(argv: list[str]) -> int:
     srv.bind(("0.0.0.0", port))
     srv.listen(1)
     log(f"P2V-RESTORE-LISTENING port {port} facts {json.dumps(facts())}")
+    held: Held | None = None
     for _ in range(MAX_CONNECTIONS):
         conn, peer = srv.accept()
         log(f"feed from {peer[0]}")
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            serve_one(conn, token)
+            held = serve_one(conn, token, held)
         except (ConnectionError, ValueError, OSError) as exc:
             log(f"feed ended: {exc}")
         finally:

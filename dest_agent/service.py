@@ -39,7 +39,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         from dest_agent.cutover import CutoverDesk
 
         self.cutover = CutoverDesk(config, Path(config.agent.state_dir))
-        self._orphan_cleanup: asyncio.Task | None = None
+        self._settling: asyncio.Task | None = None
         self._orphans = self._reload()
         # Bulk data plane beside gRPC (dest_agent.bulk_receiver), started on the first Prepare.
         self._bulk = None
@@ -51,14 +51,14 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if config.catalog:
             self._catalog_spec = self._parse_catalog(config.catalog)  # fail at start-up, not at use
 
-    def _reload(self) -> list[str]:
+    def _reload(self) -> list[MigrationRecord]:
         """Migrations an earlier run of this agent journaled. One that was under way lost its
         streams, its image socket and its waiting VM's feed with that run: it reads FAILED (P runs
         on; ResolveCutover says so), unless that run had told the VM to GO — then the VM is P and its
-        agent's report is still expected. Returns the ids whose waiting VMs are orphans."""
+        agent's report is still expected. Returns those whose waiting VMs an earlier run left."""
         from dest_agent.cutover import UNDECIDED_ERROR
 
-        orphans: list[str] = []
+        orphans: list[MigrationRecord] = []
         for meta_path in sorted(self.root.glob("*/meta.json")):
             try:
                 record = MigrationRecord.reload(self.root, MigrationRecord.load_meta(meta_path))
@@ -74,7 +74,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
             # that failed while this agent ran had its waiting VM destroyed then)
             if not record.finished or (record.state == common_pb2.MIGRATION_STATE_FAILED
                                        and record.error.startswith(UNDECIDED_ERROR)):
-                orphans.append(record.id)
+                orphans.append(record)
                 was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
                 record.set_state(common_pb2.MIGRATION_STATE_FAILED,
                                  f"the destination agent restarted during the migration ({was}); V never "
@@ -83,10 +83,16 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         return orphans
 
     async def start(self) -> None:
-        """After the server is up: the waiting VMs an earlier run left go (in the background)."""
+        """After the server is up: the waiting VMs an earlier run left are adopted (one that still
+        holds an acknowledged image) or destroyed, in the background (CutoverDesk.settle_orphans)."""
         if self._orphans:
             orphans, self._orphans = self._orphans, []
-            self._orphan_cleanup = asyncio.create_task(asyncio.to_thread(self.cutover.destroy_orphans, orphans))
+            self._settling = asyncio.create_task(asyncio.to_thread(self.cutover.settle_orphans, orphans))
+
+    async def _settled(self) -> None:
+        """Before anything decides on a cutover: what an earlier run left is known (adopted or gone)."""
+        if self._settling is not None:
+            await asyncio.shield(self._settling)
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -410,6 +416,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     async def ResolveCutover(self, request: destination_pb2.ResolveRequest, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)
+        await self._settled()
         from dest_agent.cutover import ResolveError
 
         try:
@@ -453,6 +460,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     async def Cancel(self, request: common_pb2.CancelRequest, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)
+        await self._settled()
         if self.cutover.past_point_of_no_return(record.id):  # e.g. an agent in the VM that found an old note
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {record.id} is past its point of no return: P committed, the VM is P")

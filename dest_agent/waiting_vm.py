@@ -6,6 +6,7 @@ against P, receive P's image into it (lifecycle step 5, V's side).
                            firmware map and memory are P's
     WaitingVm.receiver()   an ImageReceiver on V's image socket, feeding this VM
     WaitingVm.destroy()    before the point of no return only (afterwards the VM *is* P)
+    AdoptedVm              the same VM found again by the next run of V's agent (the image it holds)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomicfile import read_json, write_json_atomic
 from common.config import DestVmConfig
 from common.preflight import installed_ram_bytes, memmap_difference
 from p2v.v1 import destination_pb2
@@ -104,6 +106,14 @@ class FeedClient:
         if line != "RESTORING":
             raise FeedError(f"waiting VM did not restore: {line[:500]}")
 
+    def held(self) -> int:
+        """After connect(): ask the VM again for the image it kept loaded when an earlier run of V's
+        agent lost the feed before GO or ABORT. Returns its pages; the VM then waits for GO or ABORT."""
+        if not self.facts.get("holding"):
+            raise FeedError("the waiting VM holds no image")
+        self._send(f"HELD {self.token}\n".encode())
+        return self.finish()
+
     def abort(self, reason: str) -> None:
         try:
             if self.sock is not None:
@@ -119,6 +129,46 @@ class FeedClient:
             except OSError:
                 pass
             self.sock = None
+
+
+@dataclass
+class AdoptedVm:
+    """A waiting VM an earlier run of V's agent started, found again from what that run recorded
+    (`record`): enough to feed it its word on the image it holds, or to destroy it."""
+    name: str
+    feed: FeedClient
+    disk: Path
+
+    def save(self, path: Path) -> None:
+        """What a later run needs to find this VM again (its feed token is a secret: 0600)."""
+        write_json_atomic(path, {"name": self.name, "feed_host": self.feed.host, "feed_port": self.feed.port,
+                                 "feed_token": self.feed.token, "disk": str(self.disk)})
+
+    @classmethod
+    def load(cls, path: Path) -> AdoptedVm:
+        d = read_json(path)
+        return cls(d["name"], FeedClient(d["feed_host"], int(d["feed_port"]), d["feed_token"]), Path(d["disk"]))
+
+    def rearm(self) -> None:
+        """No further attempt goes to an adopted VM (its migration failed): it goes."""
+        self.destroy()
+
+    def destroy(self) -> None:
+        self.feed.close()
+        destroy_domain(self.name, self.disk)
+
+
+def disk_path(work_dir: Path, name: str) -> Path:
+    return work_dir / f"{name}-vda.img"
+
+
+def destroy_domain(name: str, disk: Path) -> None:
+    """A waiting VM's domain, if it exists, and its local disk (nothing on it yet before the move)."""
+    try:
+        vm_builder.destroy(name)
+    except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
+        log.error("cannot destroy the waiting VM %s: %s", name, exc)
+    disk.unlink(missing_ok=True)
 
 
 @dataclass
@@ -192,6 +242,11 @@ class WaitingVm:
         self._lock = threading.Lock()
 
     @property
+    def disk_path(self) -> Path:
+        """The VM's local disk (md takes it in after the move)."""
+        return disk_path(self.work_dir, self.name)
+
+    @property
     def console_log(self) -> str:
         return self.config.console_log or str(self.work_dir / f"{self.name}.console.log")
 
@@ -200,7 +255,7 @@ class WaitingVm:
         kernel = Path(c.kernel_dir) / f"vmlinuz-{self.source.kernel_release}"
         disks = [parse_shared_disk(s, i) for i, s in enumerate(c.shared_ide_disks)]
         if c.disk_bytes:
-            disks.append(vm_builder.VmDisk(path=str(self.work_dir / f"{self.name}-vda.img"), target="vda",
+            disks.append(vm_builder.VmDisk(path=str(self.disk_path), target="vda",
                                            serial=c.disk_serial))
         # init_on_free=1: the restore kernel zeroes its free memory at boot (off the critical path) so
         # that /dev/snapshot's prepare_image, which takes a zeroed page for every image page once
@@ -223,7 +278,7 @@ class WaitingVm:
         initrd = restore_initramfs.build(self.source.kernel_release, self.work_dir / "initramfs-cache",
                                          modules_base=Path(c.modules_base))
         if c.disk_bytes:
-            disk = self.work_dir / f"{self.name}-vda.img"
+            disk = self.disk_path
             if not disk.exists():
                 with disk.open("wb") as f:
                     f.truncate(c.disk_bytes)
@@ -297,7 +352,7 @@ class WaitingVm:
         if self.started:
             vm_builder.destroy(self.name)
             self.started = False
-        (self.work_dir / f"{self.name}-vda.img").unlink(missing_ok=True)
+        self.disk_path.unlink(missing_ok=True)
 
     def qemu_command_line(self) -> str:
         """For diagnostics: the QEMU command line libvirt used."""

@@ -1,6 +1,7 @@
 """A restarted destination agent destroys, through the real libvirtd, the waiting VM an interrupted
-migration left (its feed and token went with the earlier run: it can never restore anything), and
-leaves alone the VM of a migration it had told to GO (that VM is P).
+migration left when that VM holds no image (its feed does not answer here), and leaves alone the VM
+of a migration it had told to GO (that VM is P). (A VM still holding an image is adopted instead:
+tests/cutover/test_resolve.py, with the real restore program.)
 
 The "waiting VMs" are tiny real QEMU domains (TCG, no disk: the firmware idles), named as V names
 them; the journals are what an earlier run of the agent wrote."""
@@ -8,6 +9,7 @@ them; the journals are what an earlier run of the agent wrote."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from common.atomicfile import write_json_atomic
 from dest_agent.migration_record import MigrationRecord
 from dest_agent.service import DestinationService
+from dest_agent.waiting_vm import AdoptedVm, FeedClient
 from p2v.v1 import common_pb2
 from rig import libvirtd
 from rig.destination import VM_PREFIX
@@ -54,8 +57,15 @@ async def test_restarted_agent_destroys_orphaned_waiting_vms_only(tmp_path: Path
     config = dest_config(tmp_path / "v")
     config.vm.enabled, config.vm.name_prefix = True, VM_PREFIX
     root = Path(config.agent.state_dir) / "migrations"
-    journal(root, orphan_id, common_pb2.MIGRATION_STATE_CUTOVER)
+    orphan = journal(root, orphan_id, common_pb2.MIGRATION_STATE_CUTOVER)
     journal(root, p_id, common_pb2.MIGRATION_STATE_CUTOVER, go=True)
+    # what the earlier run recorded of the orphan: its feed answers no more (nothing listens there)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    disk = tmp_path / "orphan-vda.img"
+    disk.write_bytes(b"")
+    AdoptedVm(VM_PREFIX + orphan_id, FeedClient("127.0.0.1", dead_port, "token"), disk).save(orphan.waiting_vm_path)
 
     conn = libvirt.open("qemu:///system")
     try:
@@ -65,11 +75,11 @@ async def test_restarted_agent_destroys_orphaned_waiting_vms_only(tmp_path: Path
         assert service.migrations[orphan_id].state == common_pb2.MIGRATION_STATE_FAILED
         assert service.migrations[p_id].state == common_pb2.MIGRATION_STATE_CUTOVER
         await service.start()
-        assert service._orphan_cleanup is not None
-        await asyncio.wait_for(service._orphan_cleanup, 60)
+        await asyncio.wait_for(service._settled(), 60)
         alive = set(libvirtd.list_domains(VM_PREFIX))
         assert VM_PREFIX + orphan_id not in alive
         assert VM_PREFIX + p_id in alive  # the VM is P: never destroyed
+        assert not disk.exists()
     finally:
         for migration_id in (orphan_id, p_id):
             try:

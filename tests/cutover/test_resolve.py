@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from common.config import TlsConfig
+from dest_agent import restore_program
 from dest_agent.cutover import DROP, NOTHING_HELD, START_VM, VM_RUNS, resolve_verdict, undecided
 from dest_agent.image_receiver import ImageReceiver, ReceiveResult
+from dest_agent.waiting_vm import AdoptedVm, FeedClient
 from p2v.v1 import common_pb2, destination_pb2
 from source_agent import host_settings as hs
 from source_agent.cutover import vm_runs_after_commit
@@ -74,14 +76,19 @@ def helper_killed_before_commit(tmp_path: Path, migration_id: str, endpoint: str
     return lines, os.waitpid(pid, 0)[1]
 
 
-async def undecided_cutover(tmp_path: Path, dest) -> tuple[str, RecordingFeed]:
-    """A migration on V whose image was acknowledged, then P's helper died before COMMIT."""
+async def undecided_cutover(tmp_path: Path, dest, vm: FeedClient | None = None) -> tuple[str, RecordingFeed]:
+    """A migration on V whose image was acknowledged, then P's helper died before COMMIT. `vm`: a
+    feed to a restore program (else a recording stand-in), recorded as V's desk records it."""
     await asyncio.to_thread(tmp_path.mkdir, parents=True, exist_ok=True)
     migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
     record = dest.service.migrations[migration_id]
     desk = dest.service.cutover
     feed = RecordingFeed()
     feed.go_mark = record.go_mark_path
+    if vm is not None:
+        await asyncio.to_thread(vm.connect)
+        AdoptedVm(f"p2vtest-vm-{migration_id}", vm, tmp_path / "vda.img").save(record.waiting_vm_path)
+        feed = vm
     receiver = ImageReceiver(migration_id, TOKEN, record.store, feed, record.dir / "hibernation.img",
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=record.go_mark_path)
     st = desk.state(migration_id)
@@ -95,7 +102,8 @@ async def undecided_cutover(tmp_path: Path, dest) -> tuple[str, RecordingFeed]:
     assert said[-1]["outcome"] == "committed"  # the agent's cue: P must not run on as it was
     await st.receive
     assert st.result is not None and undecided(st.result)
-    assert feed.events == ["begin", "loaded"]  # the VM holds the image: neither started nor dropped
+    if vm is None:
+        assert feed.events == ["begin", "loaded"]  # the VM holds the image: neither started nor dropped
     assert not dest.service.cutover.past_point_of_no_return(migration_id)
     return migration_id, feed
 
@@ -220,6 +228,42 @@ async def test_v_restarted_after_go_knows_the_vm_is_p(tmp_path: Path) -> None:
                 migration_id=migration_id, cancelled=["bond0:ens4"]), timeout=10)
             assert done.state == common_pb2.MIGRATION_STATE_COMPLETED and done.point_of_no_return
         assert feed.events.count("go") == 1
+
+
+@pytest.mark.parametrize("p_word", ["p-is-off", "p-runs-on"])
+async def test_v_restarted_after_ack_the_vm_kept_the_image_and_p_decides(tmp_path: Path, monkeypatch,
+                                                                          p_word: str) -> None:
+    """V's agent died between its ACK and COMMIT: P may be off already (its helper sent COMMIT into
+    a dead socket and powered off) or about to run on. The waiting VM — the real restore program's
+    loop, /dev/snapshot a file — keeps the loaded image when the feed drops; the next run of V's
+    agent adopts it from what the first recorded (waiting-vm.json), and the cutover is undecided
+    again: P's word (its agent, or the operator's p2vctl resolve) starts it or drops it."""
+    from tests.cutover.test_restore_program import feed_vm
+
+    (host, port), ioctls, vm_thread, holding = feed_vm(tmp_path / "vm", monkeypatch, connections=2)
+    committed = p_word == "p-is-off"
+    async with destination(tmp_path / "v") as dest:
+        migration_id, feed = await undecided_cutover(tmp_path, dest, vm=FeedClient(host, port, "tok"))
+        record = dest.service.migrations[migration_id]
+        feed.close()  # V's agent dies: its socket closes, neither GO nor ABORT was said
+        async with destination(tmp_path / "v") as restarted:
+            await restarted.service.start()
+            await restarted.service._settled()
+            status = await restarted.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+            assert status.state == common_pb2.MIGRATION_STATE_FAILED
+            assert "undecided" in status.error and "still holds it" in status.error, status.error
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=committed)
+            assert reply.vm_runs is committed, reply.detail
+            if committed:
+                assert "started the VM" in reply.detail and record.go_mark_path.exists()
+            else:
+                assert "dropped" in reply.detail and not record.go_mark_path.exists()
+    await asyncio.to_thread(vm_thread.join, 10)
+    assert holding[0] > 0 and holding[1] == 0  # kept across the lost feed; then restored or discarded
+    if committed:
+        assert ioctls.calls == [restore_program.SNAPSHOT_FREEZE, restore_program.SNAPSHOT_ATOMIC_RESTORE]
+    else:
+        assert ioctls.calls == []
 
 
 def p2vctl(*argv: str) -> tuple[int, dict]:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dest_agent import restore_program
 from dest_agent.restore_program import PAGE, Feed, load_image
+from dest_agent.waiting_vm import FeedClient, FeedError
 
 
 def _load(tmp_path: Path, payload: bytes, size: int, first: bytes = b"") -> tuple[bytes, int, Feed, dict]:
@@ -43,3 +45,92 @@ def test_feed_cut_short_is_an_error(tmp_path: Path) -> None:
     image = os.urandom(20 * PAGE)
     with pytest.raises(ConnectionError, match="after"):
         _load(tmp_path, image[:-1], len(image))
+
+
+class FakeRestoreIoctls:
+    """Stands in for the kernel's FREEZE and ATOMIC_RESTORE on the file the tests use as
+    /dev/snapshot (a real ATOMIC_RESTORE never returns; the rig's whole-OS test runs it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, fd: int, request: int, *args) -> int:
+        self.calls.append(request)
+        if request == restore_program.SNAPSHOT_ATOMIC_RESTORE:
+            raise OSError("test: no kernel to restore into")
+        return 0
+
+
+def feed_vm(tmp_path: Path, monkeypatch, connections: int = 5
+            ) -> tuple[tuple[str, int], FakeRestoreIoctls, threading.Thread, list]:
+    """The restore program's connection loop (main's), on loopback, writing into a file; returns its
+    address, the ioctls it made, its thread and what it held after each connection."""
+    ioctls = FakeRestoreIoctls()
+    monkeypatch.setattr(restore_program.fcntl, "ioctl", ioctls)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "snapshot").write_bytes(b"")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    holding: list = []
+
+    def serve() -> None:
+        held = None
+        with listener:
+            for _ in range(connections):
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        held = restore_program.serve_one(conn, "tok", held, device=str(tmp_path / "snapshot"))
+                    except (ConnectionError, ValueError, OSError):
+                        pass
+                holding.append(held.pages if held else 0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname(), ioctls, thread, holding
+
+
+def test_loaded_image_outlives_the_feed_until_v_decides(tmp_path: Path, monkeypatch) -> None:
+    """V's agent goes between LOADED and its word: the image stays loaded; the next agent's HELD with
+    the token finds it (a wrong token does not), GO restores it; a new IMAGE replaces a held one."""
+    (host, port), ioctls, thread, holding = feed_vm(tmp_path, monkeypatch)
+    image = os.urandom(40 * PAGE)
+
+    first = FeedClient(host, port, "tok")
+    assert first.connect()["holding"] == 0
+    first.begin(len(image))
+    first.write(image)
+    assert first.finish() == 40
+    first.close()  # V's agent died: no GO, no ABORT
+
+    wrong = FeedClient(host, port, "not-the-token")
+    assert wrong.connect()["holding"] == 40
+    with pytest.raises(FeedError, match="bad token"):
+        wrong.held()
+    wrong.close()
+
+    again = FeedClient(host, port, "tok")
+    assert again.connect()["holding"] == 40
+    assert again.held() == 40  # LOADED once more: waiting for V's word
+    again.go()  # RESTORING: FREEZE + ATOMIC_RESTORE on the image held (right after this answer)
+    again.close()
+    assert (tmp_path / "snapshot").read_bytes() == image
+
+    # after a failed restore nothing is held; a new image, then ABORT: discarded
+    later = FeedClient(host, port, "tok")
+    assert later.connect()["holding"] == 0
+    with pytest.raises(FeedError, match="holds no image"):
+        later.held()
+    later.begin(len(image))
+    later.write(image)
+    later.finish()
+    later.abort("test")
+    last = FeedClient(host, port, "tok")
+    assert last.connect()["holding"] == 0
+    last.close()
+    thread.join(10)
+    assert ioctls.calls == [restore_program.SNAPSHOT_FREEZE, restore_program.SNAPSHOT_ATOMIC_RESTORE]
+    assert holding == [40, 40, 0, 0, 0]  # after the lost feed, the wrong token, the GO, the ABORT, the last
