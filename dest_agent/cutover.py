@@ -107,6 +107,16 @@ def add_figures(path: Path, key: str, figures: dict) -> None:
         log.warning("cannot record %s figures in %s: %s", key, path, exc)
 
 
+def receipt_says_committed(path: Path) -> bool:
+    """An attempt's figures (cutover.json) saying P committed or the VM resumed: what a run of V's
+    agent from before the GO mark left of a migration whose VM is P."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(figures, dict) and (bool(figures.get("committed")) or "resumed" in figures)
+
+
 class CutoverDesk:
     def __init__(self, config: DestConfig, work_root: Path) -> None:
         self.config = config
@@ -294,9 +304,9 @@ class CutoverDesk:
     def reload(self, record: MigrationRecord) -> bool:
         """A migration an earlier run of this agent left. True if that run had told the waiting VM
         to GO (the GO mark, written before it): the VM is P, its agent's report is still awaited, and
-        nothing may cancel it. Otherwise nothing of its cutover outlived the agent: the waiting VM
-        discarded whatever it held when its feed closed, and was never told GO."""
-        if record.go_mark_path.exists():
+        nothing may cancel it. Otherwise the VM was never told GO (settle_orphans finds out whether it
+        still holds an acknowledged image)."""
+        if record.go_mark_path.exists() or receipt_says_committed(record.dir / "cutover.json"):
             self.state(record.id).point_of_no_return = True
             return True
         return False

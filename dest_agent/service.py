@@ -54,8 +54,9 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     def _reload(self) -> list[MigrationRecord]:
         """Migrations an earlier run of this agent journaled. One that was under way lost its
         streams, its image socket and its waiting VM's feed with that run: it reads FAILED (P runs
-        on; ResolveCutover says so), unless that run had told the VM to GO — then the VM is P and its
-        agent's report is still expected. Returns those whose waiting VMs an earlier run left."""
+        on; ResolveCutover says so) unless its VM still holds an acknowledged image (start(): then it
+        is undecided again), or that run had told the VM to GO — then the VM is P and its agent's
+        report is still expected. Returns those whose waiting VMs an earlier run left."""
         from dest_agent.cutover import UNDECIDED_ERROR
 
         orphans: list[MigrationRecord] = []

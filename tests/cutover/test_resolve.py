@@ -230,6 +230,21 @@ async def test_v_restarted_after_go_knows_the_vm_is_p(tmp_path: Path) -> None:
         assert feed.events.count("go") == 1
 
 
+async def test_v_restarted_keeps_a_vm_an_older_agent_committed(tmp_path: Path) -> None:
+    """A migration whose VM an agent from before the GO mark started (its receipt says committed):
+    the next run treats it as P's, not as an orphan to destroy."""
+    async with destination(tmp_path / "v") as dest:
+        migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+        record = dest.service.migrations[migration_id]
+        record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
+        (record.dir / "cutover.json").write_text(json.dumps({"acked": True, "committed": True}))
+        async with destination(tmp_path / "v") as restarted:
+            assert restarted.service.migrations[migration_id].state == common_pb2.MIGRATION_STATE_CUTOVER
+            assert restarted.service._orphans == []
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=False)
+            assert reply.vm_runs
+
+
 @pytest.mark.parametrize("p_word", ["p-is-off", "p-runs-on"])
 async def test_v_restarted_after_ack_the_vm_kept_the_image_and_p_decides(tmp_path: Path, monkeypatch,
                                                                           p_word: str) -> None:
