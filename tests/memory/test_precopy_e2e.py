@@ -31,8 +31,9 @@ def make_region(tmp_path, size: int, fill: str = "text", seed: int = 0) -> FileS
 
 
 def max_wire_batch() -> int:
-    # a full batch of incompressible pages plus its PFN list, flags and framing
-    return BATCH + (BATCH // PAGE_SIZE) * 9 + 256
+    # a full batch of incompressible pages plus its PFN list, flags, and the message's other fields
+    # and framing (ids, seq, round, checksum: ~300 bytes measured; 1 KiB keeps the bound a window's)
+    return BATCH + (BATCH // PAGE_SIZE) * 9 + 1024
 
 
 def precopy_config(**kw) -> PrecopyConfig:
