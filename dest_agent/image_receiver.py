@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -172,6 +173,15 @@ def _widen_receive_buffer(listener: socket.socket, size: int = RECEIVE_BUFFER) -
             return
         except OSError:
             continue
+
+
+def fault_point(point: str) -> None:
+    """SIGKILL this agent here when $P2V_FAULT is "dest-killed-<point>": how the rig tests what a
+    restarted V makes of a cutover its predecessor left (as the cutover helper's fault points on P).
+    Nothing happens otherwise."""
+    if os.environ.get("P2V_FAULT", "") == f"dest-killed-{point}":
+        log.critical("P2V_FAULT=dest-killed-%s: killing this agent", point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def commit_image(res: ReceiveResult, feed: VmFeed, go_mark: Path | None) -> None:
@@ -361,6 +371,7 @@ class ImageReceiver:
             W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
             res.acked, res.acked_at = True, time.time()
             log.info("image acknowledged", extra={"migration": self.migration_id, "pages": header.pages})
+            fault_point("after-ack")  # P's COMMIT finds V's agent gone: the waiting VM keeps the image
             self._await_commit(conn)
             return res
         finally:
