@@ -31,8 +31,6 @@ from .waiting_vm import (
     SourceFacts,
     WaitingVm,
     available_kernels,
-    destroy_domain,
-    disk_path,
     host_has_libvirt,
 )
 
@@ -50,6 +48,9 @@ def undecided(result: ReceiveResult) -> bool:
 
 #: how the journal of a migration whose image the VM held undecided begins its error
 UNDECIDED_ERROR = "cutover undecided"
+
+#: what a waiting VM an earlier run of this agent left answers on its feed (`CutoverDesk._adopt`)
+ADOPTED, EMPTY, SILENT = "adopted", "empty", "silent"
 
 #: V's verdicts on P's word about a cutover (`resolve_verdict`)
 VM_RUNS, START_VM, DROP, NOTHING_HELD = "vm-runs", "start-vm", "drop", "nothing-held"
@@ -312,38 +313,52 @@ class CutoverDesk:
         return False
 
     def settle_orphans(self, records: list[MigrationRecord]) -> None:
-        """The waiting VMs of migrations an earlier run of this agent left without GO. A VM that kept
-        the acknowledged image loaded when that run's feed closed is adopted: the migration is
-        undecided again, and P's agent's word (ResolveCutover, p2vctl resolve) starts or drops it as
-        before — P may be off already. Any other VM can never restore anything: it is destroyed.
-        Blocking (feed, libvirt); resolve and cancel wait for it."""
+        """The waiting VMs of migrations an earlier run of this agent left without GO, asked on their
+        feeds. One that kept the acknowledged image loaded when that run's feed closed is adopted: the
+        migration is undecided again, and P's word (ResolveCutover, p2vctl resolve) starts or drops
+        it as before — P may be off already. One that holds nothing is destroyed. One that does not
+        answer is left running: it may be P (a restored VM has no feed), and destroying P would be
+        far worse than leaving a dead waiting VM to the operator. Blocking (feed, libvirt); resolve
+        and cancel wait for it."""
         for record in records:
             try:
-                adopted = AdoptedVm.load(record.waiting_vm_path)
+                vm = AdoptedVm.load(record.waiting_vm_path)
             except (OSError, ValueError, KeyError) as exc:
-                log.info("no waiting VM recorded for this migration (%s)", exc, extra={"migration": record.id})
-                adopted = None
-            if adopted is not None and self._adopt(record, adopted):
+                log.warning("no record of this migration's waiting VM (%s): left as it is", exc,
+                            extra={"migration": record.id})
                 continue
-            name = adopted.name if adopted else f"{self.config.vm.name_prefix}{record.id}"
-            if not (self.config.vm.enabled and host_has_libvirt()):
+            answer = self._adopt(record, vm)
+            if answer == ADOPTED:
                 continue
-            if adopted is not None:
-                adopted.destroy()
-            else:
-                destroy_domain(name, disk_path(self.work_root, name))
-            log.warning("the waiting VM an earlier run left is gone", extra={"migration": record.id, "vm": name})
+            if answer == SILENT:
+                log.error("the waiting VM an earlier run left does not answer on its feed: it may be P (a "
+                          "restored VM has none) or broken; left running — destroy it by hand (virsh destroy) "
+                          "once you know it is not P", extra={"migration": record.id, "vm": vm.name})
+                continue
+            if self.config.vm.enabled and host_has_libvirt():
+                vm.destroy()
+                log.warning("destroyed the waiting VM an earlier run left (it held no image)",
+                            extra={"migration": record.id, "vm": vm.name})
 
-    def _adopt(self, record: MigrationRecord, adopted: AdoptedVm) -> bool:
+    def _adopt(self, record: MigrationRecord, vm: AdoptedVm) -> str:
+        """ADOPTED (it held the image: undecided again), EMPTY (it answered, holding nothing) or SILENT."""
         try:
-            adopted.feed.connect()
-            pages = adopted.feed.held()
+            facts = vm.feed.connect()
         except (OSError, FeedError, ValueError) as exc:
-            adopted.feed.close()
-            log.info("the waiting VM holds no image (%s)", exc, extra={"migration": record.id})
-            return False
+            log.info("the waiting VM's feed does not answer (%s)", exc, extra={"migration": record.id})
+            return SILENT
+        if not facts.get("holding"):
+            vm.feed.close()
+            return EMPTY
+        try:
+            pages = vm.feed.held()
+        except (OSError, FeedError, ValueError) as exc:
+            vm.feed.close()
+            log.error("the waiting VM holds an image but did not give it back (%s)", exc,
+                      extra={"migration": record.id})
+            return SILENT
         st = self.state(record.id)
-        st.vm, st.receiver = adopted, HeldImage(record.id, adopted.feed, pages, record.go_mark_path)
+        st.vm, st.receiver = vm, HeldImage(record.id, vm.feed, pages, record.go_mark_path)
         st.result = st.receiver.result
         record.set_state(common_pb2.MIGRATION_STATE_FAILED,
                          f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; the waiting VM "
@@ -351,7 +366,7 @@ class CutoverDesk:
                          "if P is off)")
         log.critical("the waiting VM still holds P's acknowledged image: undecided until P's agent (or "
                      "`p2vctl resolve`) says whether P is off", extra={"migration": record.id, "pages": pages})
-        return True
+        return ADOPTED
 
     # -- after the move --------------------------------------------------------------------------
     def resumed(self, record: MigrationRecord, request: destination_pb2.ResumedRequest) -> destination_pb2.ResumedReply:

@@ -154,21 +154,13 @@ class AdoptedVm:
         self.destroy()
 
     def destroy(self) -> None:
+        """The domain, if it exists, and its local disk (nothing was written to it before the move)."""
         self.feed.close()
-        destroy_domain(self.name, self.disk)
-
-
-def disk_path(work_dir: Path, name: str) -> Path:
-    return work_dir / f"{name}-vda.img"
-
-
-def destroy_domain(name: str, disk: Path) -> None:
-    """A waiting VM's domain, if it exists, and its local disk (nothing on it yet before the move)."""
-    try:
-        vm_builder.destroy(name)
-    except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
-        log.error("cannot destroy the waiting VM %s: %s", name, exc)
-    disk.unlink(missing_ok=True)
+        try:
+            vm_builder.destroy(self.name)
+        except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
+            log.error("cannot destroy the waiting VM %s: %s", self.name, exc)
+        self.disk.unlink(missing_ok=True)
 
 
 @dataclass
@@ -244,7 +236,7 @@ class WaitingVm:
     @property
     def disk_path(self) -> Path:
         """The VM's local disk (md takes it in after the move)."""
-        return disk_path(self.work_dir, self.name)
+        return self.work_dir / f"{self.name}-vda.img"
 
     @property
     def console_log(self) -> str:
