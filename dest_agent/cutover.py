@@ -181,7 +181,9 @@ class CutoverDesk:
             return destination_pb2.CutoverReply(ready=False, detail="the page store is closed")
         token = secrets.token_bytes(32)
         try:
-            receiver = st.vm.receiver(record.store, record.dir / "hibernation.img", token, record.go_mark_path)
+            record.ack_mark_path.unlink(missing_ok=True)  # an earlier attempt's (P ran on after it)
+            receiver = st.vm.receiver(record.store, record.dir / "hibernation.img", token, record.go_mark_path,
+                                      record.ack_mark_path)
         except OSError as exc:
             return destination_pb2.CutoverReply(ready=False, detail=f"cannot open the image socket: {exc}")
         st.attempts += 1
@@ -341,7 +343,8 @@ class CutoverDesk:
                             extra={"migration": record.id, "vm": vm.name})
 
     def _adopt(self, record: MigrationRecord, vm: AdoptedVm) -> str:
-        """ADOPTED (it held the image: undecided again), EMPTY (it answered, holding nothing) or SILENT."""
+        """ADOPTED (it held the acknowledged image: undecided again), EMPTY (it answered, holding nothing
+        or an image never acknowledged, now discarded) or SILENT."""
         try:
             facts = vm.feed.connect()
         except (OSError, FeedError, ValueError) as exc:
@@ -357,6 +360,12 @@ class CutoverDesk:
             log.error("the waiting VM holds an image but did not give it back (%s)", exc,
                       extra={"migration": record.id})
             return SILENT
+        if not record.ack_mark_path.exists():
+            # loaded, never acknowledged: P's helper got no ACK, so it never committed and runs on
+            vm.feed.abort("never acknowledged")
+            log.warning("the waiting VM held an image V never acknowledged: discarded",
+                        extra={"migration": record.id, "pages": pages})
+            return EMPTY
         st = self.state(record.id)
         st.vm, st.receiver = vm, HeldImage(record.id, vm.feed, pages, record.go_mark_path)
         st.result = st.receiver.result

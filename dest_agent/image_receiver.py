@@ -216,9 +216,9 @@ class ImageReceiver:
     def __init__(self, migration_id: str, token: bytes, store: PageSource, feed: VmFeed, image_path: Path,
                  expected_kernel: ExpectedKernel | None = None, bind: tuple[str, int] = ("127.0.0.1", 0),
                  accept_timeout_s: float = 600.0, io_timeout_s: float = 120.0,
-                 commit_timeout_s: float = 60.0, go_mark: Path | None = None) -> None:
+                 commit_timeout_s: float = 60.0, go_mark: Path | None = None, ack_mark: Path | None = None) -> None:
         self.migration_id = migration_id
-        self.go_mark = go_mark
+        self.go_mark, self.ack_mark = go_mark, ack_mark
         self._token: bytes | None = token
         self.store = store
         self.feed = feed
@@ -368,6 +368,8 @@ class ImageReceiver:
                 if began:
                     self.feed.abort(reason)
                 raise ReceiveError(reason) from None
+            if self.ack_mark is not None:  # before the ACK: a VM found holding an image without it was never acked
+                write_json_atomic(self.ack_mark, {"migration": self.migration_id, "pages": header.pages})
             W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
             res.acked, res.acked_at = True, time.time()
             log.info("image acknowledged", extra={"migration": self.migration_id, "pages": header.pages})

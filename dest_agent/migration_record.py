@@ -26,6 +26,9 @@ STATE_VALUES = {v: k for k, v in STATE_NAMES.items()}
 #: Written durably before V tells the waiting VM to GO (dest_agent.image_receiver): an agent that
 #: restarts finds that the VM may be P, and must never let anyone cancel it or run P on.
 GO_MARK = "go.json"
+#: Written durably before V acknowledges an image: without it, an image a waiting VM still holds
+#: was never acknowledged, so P never committed it (P runs on).
+ACK_MARK = "ack.json"
 
 
 @dataclasses.dataclass
@@ -79,6 +82,10 @@ class MigrationRecord:
     @property
     def go_mark_path(self) -> Path:
         return self.dir / GO_MARK
+
+    @property
+    def ack_mark_path(self) -> Path:
+        return self.dir / ACK_MARK
 
     @property
     def waiting_vm_path(self) -> Path:

@@ -323,11 +323,12 @@ class WaitingVm:
         why = check_facts(self.source, self.feed.facts)
         return (not why), why
 
-    def receiver(self, store, image_path: Path, token: bytes, go_mark: Path) -> ImageReceiver:
+    def receiver(self, store, image_path: Path, token: bytes, go_mark: Path, ack_mark: Path) -> ImageReceiver:
         return ImageReceiver(self.migration_id, token, store, self.feed, image_path,
                              expected_kernel=ExpectedKernel(self.feed.facts.get("release", ""),
                                                             self.feed.facts.get("version", "")),
-                             bind=(self.config.image_address, self.config.image_port), go_mark=go_mark)
+                             bind=(self.config.image_address, self.config.image_port), go_mark=go_mark,
+                             ack_mark=ack_mark)
 
     def rearm(self) -> None:
         """After an aborted cutover: the restore program waits for the next image; reconnect."""

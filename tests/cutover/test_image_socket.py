@@ -182,7 +182,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              resume_runner=None, pending_file: str = ""):
     feed.go_mark = tmp_path / "go.json"
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
-                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark)
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark,
+                             ack_mark=tmp_path / "ack.json")
     host, port = receiver.endpoint
     outcome: dict = {"receiver": receiver}
 
@@ -221,6 +222,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert bytes(feed.data) == image  # the VM gets P's exact image
     assert (tmp_path / "image.bin").read_bytes() == image
     assert feed.events == ["begin", "loaded", "go"]
+    assert json.loads((tmp_path / "ack.json").read_text())["migration"] == "mig1"  # durable before the ACK
     res = outcome["result"]
     assert res.committed and res.acked
     n_held = int(pfns.size * 0.9)
@@ -348,6 +350,7 @@ def test_store_page_that_differs_from_its_hash_fails_the_checksum(tmp_path: Path
     assert "checksum" in outcome["error"]
     assert feed.events[-1] == "abort" and "go" not in feed.events  # what was still queued for the VM is dropped
     assert not (tmp_path / "go.json").exists()  # never marked: a restarted V lets P run on
+    assert not (tmp_path / "ack.json").exists()  # refused, never acknowledged
 
 
 def test_vm_refusing_the_image_aborts_the_cutover(tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ async def undecided_cutover(tmp_path: Path, dest, vm: FeedClient | None = None) 
         AdoptedVm(f"p2vtest-vm-{migration_id}", vm, tmp_path / "vda.img").save(record.waiting_vm_path)
         feed = vm
     receiver = ImageReceiver(migration_id, TOKEN, record.store, feed, record.dir / "hibernation.img",
-                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=record.go_mark_path)
+                             accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=record.go_mark_path,
+                             ack_mark=record.ack_mark_path)
     st = desk.state(migration_id)
     st.receiver = receiver  # as announce() does once the waiting VM is ready
     st.receive = asyncio.create_task(desk._receive(record, st, receiver))
@@ -102,6 +103,7 @@ async def undecided_cutover(tmp_path: Path, dest, vm: FeedClient | None = None) 
     assert said[-1]["outcome"] == "committed"  # the agent's cue: P must not run on as it was
     await st.receive
     assert st.result is not None and undecided(st.result)
+    assert record.ack_mark_path.exists()
     if vm is None:
         assert feed.events == ["begin", "loaded"]  # the VM holds the image: neither started nor dropped
     assert not dest.service.cutover.past_point_of_no_return(migration_id)
@@ -228,6 +230,32 @@ async def test_v_restarted_after_go_knows_the_vm_is_p(tmp_path: Path) -> None:
                 migration_id=migration_id, cancelled=["bond0:ens4"]), timeout=10)
             assert done.state == common_pb2.MIGRATION_STATE_COMPLETED and done.point_of_no_return
         assert feed.events.count("go") == 1
+
+
+async def test_v_restarted_discards_an_image_it_never_acknowledged(tmp_path: Path, monkeypatch) -> None:
+    """V's agent died after the VM had loaded the image and before its ACK: P's helper got no ACK,
+    never committed, and runs on. The VM kept the image (it cannot tell); the next run of V's agent
+    finds no ACK mark, has the VM discard it, and tells P to run on."""
+    from tests.cutover.test_restore_program import feed_vm
+
+    (host, port), ioctls, vm_thread, holding = feed_vm(tmp_path / "vm", monkeypatch, connections=2)
+    async with destination(tmp_path / "v") as dest:
+        migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+        record = dest.service.migrations[migration_id]
+        record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
+        feed = FeedClient(host, port, "tok")
+        await asyncio.to_thread(feed.connect)
+        AdoptedVm(f"p2vtest-vm-{migration_id}", feed, tmp_path / "vda.img").save(record.waiting_vm_path)
+        image = os.urandom(30 * 4096)
+        await asyncio.to_thread(lambda: (feed.begin(len(image)), feed.write(image), feed.finish()))
+        feed.close()  # V's agent dies before it acknowledged anything
+        async with destination(tmp_path / "v") as restarted:
+            await restarted.service.start()
+            await restarted.service._settled()
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=True)
+            assert not reply.vm_runs and "P runs on" in reply.detail
+    await asyncio.to_thread(vm_thread.join, 10)
+    assert holding == [30, 0] and ioctls.calls == []  # kept across the lost feed, then discarded
 
 
 async def test_v_restarted_keeps_a_vm_an_older_agent_committed(tmp_path: Path) -> None:
