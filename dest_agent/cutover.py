@@ -318,7 +318,8 @@ class CutoverDesk:
         """The waiting VMs of migrations an earlier run of this agent left without GO, asked on their
         feeds. One that kept the acknowledged image loaded when that run's feed closed is adopted: the
         migration is undecided again, and P's word (ResolveCutover, p2vctl resolve) starts or drops
-        it as before — P may be off already. One that holds nothing is destroyed. One that does not
+        it as before — P may be off already. One that holds nothing, or an image V never acknowledged
+        (P got no ACK and runs on: the VM discards it), is destroyed. One that does not
         answer is left running: it may be P (a restored VM has no feed), and destroying P would be
         far worse than leaving a dead waiting VM to the operator. Blocking (feed, libvirt); resolve
         and cancel wait for it."""
