@@ -24,7 +24,7 @@ from dest_agent import vm_builder
 from p2v.v1 import common_pb2, destination_pb2
 
 from .image_receiver import HeldImage, ReceiveError, ReceiveResult
-from .migration_record import MigrationRecord
+from .migration_record import STATE_NAMES, MigrationRecord
 from .waiting_vm import (
     AdoptedVm,
     FeedError,
@@ -48,6 +48,22 @@ def undecided(result: ReceiveResult) -> bool:
 
 #: how the journal of a migration whose image the VM held undecided begins its error
 UNDECIDED_ERROR = "cutover undecided"
+
+#: what a restarted agent makes of a migration an earlier run journaled (`restart_verdict`)
+AS_JOURNALED, VM_IS_P, INTERRUPTED = "as-journaled", "vm-is-p", "interrupted"
+
+
+def restart_verdict(finished: bool, failed: bool, error: str, go_marked: bool, receipt_committed: bool) -> str:
+    """Pure. VM_IS_P: the earlier run told its VM to GO (the mark, or an older agent's receipt): past
+    the point of no return. INTERRUPTED: under way, or its image held undecided: what the earlier run
+    held is to be found again (CutoverDesk.settle_orphans) and the migration reads failed unless its
+    VM still holds an acknowledged image. AS_JOURNALED: finished while that run lived."""
+    if go_marked or receipt_committed:
+        return VM_IS_P
+    if not finished or (failed and error.startswith(UNDECIDED_ERROR)):
+        return INTERRUPTED
+    return AS_JOURNALED
+
 
 #: what a waiting VM an earlier run of this agent left answers on its feed (`CutoverDesk._adopt`)
 ADOPTED, EMPTY, SILENT = "adopted", "empty", "silent"
@@ -304,15 +320,21 @@ class CutoverDesk:
         vm.destroy()
 
     # -- after a restart of this agent ------------------------------------------------------------
-    def reload(self, record: MigrationRecord) -> bool:
-        """A migration an earlier run of this agent left. True if that run had told the waiting VM
-        to GO (the GO mark, written before it): the VM is P, its agent's report is still awaited, and
-        nothing may cancel it. Otherwise the VM was never told GO (settle_orphans finds out whether it
-        still holds an acknowledged image)."""
-        if record.go_mark_path.exists() or receipt_says_committed(record.dir / "cutover.json"):
+    def reload(self, record: MigrationRecord) -> str:
+        """A migration an earlier run of this agent left (`restart_verdict`). VM_IS_P: its agent's
+        report is still awaited and nothing may cancel it. INTERRUPTED: it reads failed from here on
+        (settle_orphans finds out whether its VM still holds an acknowledged image)."""
+        verdict = restart_verdict(
+            record.finished, record.state == common_pb2.MIGRATION_STATE_FAILED, record.error,
+            record.go_mark_path.exists(), receipt_says_committed(record.dir / "cutover.json"))
+        if verdict == VM_IS_P:
             self.state(record.id).point_of_no_return = True
-            return True
-        return False
+        elif verdict == INTERRUPTED:
+            was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
+            record.set_state(common_pb2.MIGRATION_STATE_FAILED,
+                             f"the destination agent restarted during the migration ({was}); V never "
+                             "started its VM: P runs on, start a new migration")
+        return verdict
 
     def settle_orphans(self, records: list[MigrationRecord]) -> None:
         """The waiting VMs of migrations an earlier run of this agent left without GO, asked on their
@@ -323,6 +345,7 @@ class CutoverDesk:
         answer is left running: it may be P (a restored VM has no feed), and destroying P would be
         far worse than leaving a dead waiting VM to the operator. Blocking (feed, libvirt); resolve
         and cancel wait for it."""
+        can_destroy = self.config.vm.enabled and host_has_libvirt()
         for record in records:
             try:
                 vm = AdoptedVm.load(record.waiting_vm_path)
@@ -338,7 +361,7 @@ class CutoverDesk:
                           "restored VM has none) or broken; left running — destroy it by hand (virsh destroy) "
                           "once you know it is not P", extra={"migration": record.id, "vm": vm.name})
                 continue
-            if self.config.vm.enabled and host_has_libvirt():
+            if can_destroy:
                 vm.destroy()
                 log.warning("destroyed the waiting VM an earlier run left (it held no image)",
                             extra={"migration": record.id, "vm": vm.name})

@@ -52,14 +52,11 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
             self._catalog_spec = self._parse_catalog(config.catalog)  # fail at start-up, not at use
 
     def _reload(self) -> list[MigrationRecord]:
-        """Migrations an earlier run of this agent journaled. One that was under way lost its
-        streams, its image socket and its waiting VM's feed with that run: it reads FAILED (P runs
-        on; ResolveCutover says so) unless its VM still holds an acknowledged image (start(): then it
-        is undecided again), or that run had told the VM to GO — then the VM is P and its agent's
-        report is still expected. Returns those whose waiting VMs an earlier run left."""
-        from dest_agent.cutover import UNDECIDED_ERROR
+        """Migrations an earlier run of this agent journaled (CutoverDesk.reload decides what each
+        is now). Returns the interrupted ones: their waiting VMs are found again in start()."""
+        from dest_agent.cutover import INTERRUPTED, VM_IS_P
 
-        orphans: list[MigrationRecord] = []
+        interrupted: list[MigrationRecord] = []
         for meta_path in sorted(self.root.glob("*/meta.json")):
             try:
                 record = MigrationRecord.reload(self.root, MigrationRecord.load_meta(meta_path))
@@ -67,21 +64,14 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                 log.error("cannot reload a migration's journal", extra={"path": str(meta_path), "error": str(exc)})
                 continue
             self.migrations[record.id] = record
-            if self.cutover.reload(record):
+            verdict = self.cutover.reload(record)
+            if verdict == VM_IS_P:
                 log.warning("reloaded a migration past its point of no return: the VM is P",
                             extra={"migration": record.id})
-                continue
-            # under way, or holding an image undecided: what it held went with that run (a migration
-            # that failed while this agent ran had its waiting VM destroyed then)
-            if not record.finished or (record.state == common_pb2.MIGRATION_STATE_FAILED
-                                       and record.error.startswith(UNDECIDED_ERROR)):
-                orphans.append(record)
-                was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
-                record.set_state(common_pb2.MIGRATION_STATE_FAILED,
-                                 f"the destination agent restarted during the migration ({was}); V never "
-                                 "started its VM: P runs on, start a new migration")
-                log.warning("reloaded an interrupted migration as failed", extra={"migration": record.id, "was": was})
-        return orphans
+            elif verdict == INTERRUPTED:
+                interrupted.append(record)
+                log.warning("reloaded an interrupted migration as failed", extra={"migration": record.id})
+        return interrupted
 
     async def start(self) -> None:
         """After the server is up: the waiting VMs an earlier run left are adopted (one that still

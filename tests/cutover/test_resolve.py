@@ -21,7 +21,19 @@ import pytest
 
 from common.config import TlsConfig
 from dest_agent import restore_program
-from dest_agent.cutover import DROP, NOTHING_HELD, START_VM, VM_RUNS, resolve_verdict, undecided
+from dest_agent.cutover import (
+    AS_JOURNALED,
+    DROP,
+    INTERRUPTED,
+    NOTHING_HELD,
+    START_VM,
+    UNDECIDED_ERROR,
+    VM_IS_P,
+    VM_RUNS,
+    resolve_verdict,
+    restart_verdict,
+    undecided,
+)
 from dest_agent.image_receiver import ImageReceiver, ReceiveResult
 from dest_agent.waiting_vm import AdoptedVm, FeedClient
 from p2v.v1 import common_pb2, destination_pb2
@@ -53,6 +65,17 @@ def test_verdict() -> None:
         assert resolve_verdict(result(False), False, False, committed) == NOTHING_HELD
         assert resolve_verdict(result(True, aborted=True), False, False, committed) == NOTHING_HELD
         assert resolve_verdict(undecided_image, False, True, committed) == NOTHING_HELD
+
+
+def test_restart_verdict() -> None:
+    """What a restarted V makes of a journaled migration. Pure."""
+    for finished, failed in ((False, False), (True, True), (True, False)):
+        assert restart_verdict(finished, failed, "", go_marked=True, receipt_committed=False) == VM_IS_P
+        assert restart_verdict(finished, failed, "", go_marked=False, receipt_committed=True) == VM_IS_P
+    assert restart_verdict(False, False, "", False, False) == INTERRUPTED  # under way
+    assert restart_verdict(True, True, f"{UNDECIDED_ERROR}: no COMMIT", False, False) == INTERRUPTED
+    assert restart_verdict(True, True, "destination agent stopped", False, False) == AS_JOURNALED
+    assert restart_verdict(True, False, "", False, False) == AS_JOURNALED  # completed, cancelled
 
 
 def helper_killed_before_commit(tmp_path: Path, migration_id: str, endpoint: str, image: bytes,
