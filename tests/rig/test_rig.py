@@ -3,6 +3,8 @@ channel, bonding/md/nbd inside P, and a teardown that leaves nothing behind.
 
 Timings on the reference box (2 cores, TCG, see rig/README.md): the whole module takes about 1.5 min
 with a warm cache; a cold base build (debootstrap + wheels) adds about 1-2 min.
+The build and boot times are printed, not asserted: how fast a TCG guest boots is the host's
+speed, and the rig's own start timeouts already fail a boot that never ends.
 Set P2V_RIG_TEST_COLD=1 to force the base layer to be rebuilt in test_build_cold_and_cached.
 """
 
@@ -35,7 +37,6 @@ def test_build_cold_and_cached(rig_config: RigConfig) -> None:
     print(f"cached build: {second.seconds:.3f}s")
     assert second.base_cached and second.image_cached
     assert second.image_hash == first.image_hash
-    assert second.seconds < 3.0, "a cached build must be near-instant"
 
     # a project source change costs only the fast layer (the salt stands for a source change, and
     # keeps the image a running rig may use untouched)
@@ -43,7 +44,6 @@ def test_build_cold_and_cached(rig_config: RigConfig) -> None:
     third = build(changed)
     print(f"project layer rebuild: {third.seconds:.1f}s")
     assert third.base_cached and not third.image_cached
-    assert third.seconds < 60
     # the image must be usable by QEMU started by libvirt too (uid libvirt-qemu)
     for path in (third.root_image, third.kernel, third.initrd):
         assert path.stat().st_mode & 0o004
@@ -55,12 +55,11 @@ def test_p_boots_and_agent_ready(rig: Rig) -> None:
     print(f"\nboot to ready {t.boot_to_ready_s:.1f}s, to agent ready {t.boot_to_agent_ready_s}, "
           f"rig start total {t.start_total_s:.1f}s")
     assert rig.power_state() == "running"
-    assert t.boot_to_ready_s < 45, "P's boot script took far too long"
     agent = rig.agent_state()
     if agent.state == "absent":
         pytest.skip("source_agent.main is not in the project yet: the agent was not started")
     assert agent.ready, f"source agent {agent.state}; its log:\n{agent.log_tail}"
-    assert t.boot_to_agent_ready_s is not None and t.boot_to_agent_ready_s < 30
+    assert t.boot_to_agent_ready_s is not None
 
 
 def test_p_identity(rig: Rig) -> None:
