@@ -23,7 +23,7 @@ from common.config import DestConfig
 from dest_agent import vm_builder
 from p2v.v1 import common_pb2, destination_pb2
 
-from .image_receiver import HeldImage, ReceiveError, ReceiveResult
+from .image_receiver import HeldImage, ImageReceiver, ReceiveError, ReceiveResult
 from .migration_record import STATE_NAMES, MigrationRecord
 from .waiting_vm import (
     AdoptedVm,
@@ -67,6 +67,10 @@ def restart_verdict(finished: bool, failed: bool, error: str, go_marked: bool, r
 
 #: what a waiting VM an earlier run of this agent left answers on its feed (`CutoverDesk._adopt`)
 ADOPTED, EMPTY, SILENT = "adopted", "empty", "silent"
+
+#: how long V's agent, told to stop, lets a cutover whose helper is connected run on (P is frozen:
+#: the move ends in seconds, and ending it is better than making P wait out an abort)
+STOP_WAIT_S = 15.0
 
 #: V's verdicts on P's word about a cutover (`resolve_verdict`)
 VM_RUNS, START_VM, DROP, NOTHING_HELD = "vm-runs", "start-vm", "drop", "nothing-held"
@@ -318,6 +322,23 @@ class CutoverDesk:
         if st.vm_start is not None and not st.vm_start.done():
             st.vm_start.cancel()
         vm.destroy()
+
+    async def stop_receiving(self, record: MigrationRecord) -> None:
+        """V's agent stops (SIGTERM): a receive that P's helper has joined may end first (bounded by
+        STOP_WAIT_S); one still under way then, or not joined, is abandoned as if the agent had died
+        (ImageReceiver.abandon). What is left follows the receive's usual outcomes: before the ACK,
+        P runs on and the migration is closed as any other; after it, the image is held undecided,
+        and the VM keeps it for the next run of this agent to adopt — never dropped by a stop."""
+        st = self.states.get(record.id)
+        if st is None or st.receive is None or st.receive.done():
+            return
+        receiver = st.receiver
+        if getattr(receiver, "connected", False):
+            log.warning("stopping: the cutover under way may end first", extra={"migration": record.id})
+            await asyncio.wait({st.receive}, timeout=STOP_WAIT_S)
+        if not st.receive.done() and isinstance(receiver, ImageReceiver):
+            receiver.abandon("the destination agent is stopping")
+            await asyncio.wait({st.receive}, timeout=10)
 
     # -- after a restart of this agent ------------------------------------------------------------
     def reload(self, record: MigrationRecord) -> str:

@@ -232,6 +232,8 @@ class ImageReceiver:
         _widen_receive_buffer(self.listener)
         self.result = ReceiveResult(migration_id)
         self._closed = False
+        self._conn: socket.socket | None = None  # P's helper, once authenticated
+        self.abandoned = ""  # why V's agent gave this receive up (it is stopping)
         self._content: tuple[np.ndarray, np.ndarray] | None = None  # store hashes sorted, their PFNs
 
     @property
@@ -248,6 +250,24 @@ class ImageReceiver:
                 pass
             try:
                 self.listener.close()
+            except OSError:
+                pass
+
+    @property
+    def connected(self) -> bool:
+        """P's helper is authenticated: its cutover is under way (P frozen soon, or already)."""
+        return self._conn is not None
+
+    def abandon(self, reason: str) -> None:
+        """V's agent stops (SIGTERM) while this receive is not over: the image socket closes as if
+        the agent had died. Before the ACK, P gets none and runs on; after it, the waiting VM keeps
+        the image (undecided) for P's word, to this run or the next. Thread-safe: wakes `serve`."""
+        self.abandoned = reason
+        self.close()
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -268,6 +288,9 @@ class ImageReceiver:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     if not self._authenticate(conn, peer):
                         continue
+                    self._conn = conn
+                    if self.abandoned:  # abandon() came between accept and here
+                        raise ReceiveError(self.abandoned)
                     self._index_content()  # P still runs (it sends WARM next): not in the downtime
                     return self._receive(conn)
             raise ReceiveError(f"{MAX_AUTH_ATTEMPTS} connections without the right token")
@@ -370,7 +393,13 @@ class ImageReceiver:
                 raise ReceiveError(reason) from None
             if self.ack_mark is not None:  # before the ACK: a VM found holding an image without it was never acked
                 write_json_atomic(self.ack_mark, {"migration": self.migration_id, "pages": header.pages})
-            W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
+            try:
+                W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
+            except OSError as exc:  # not all of it went: P never reads a whole ACK, so it runs on
+                if self.ack_mark is not None:
+                    self.ack_mark.unlink(missing_ok=True)
+                self.feed.abort("the ACK could not be sent")
+                raise ReceiveError(f"the ACK could not be sent ({exc}): P runs on") from None
             res.acked, res.acked_at = True, time.time()
             log.info("image acknowledged", extra={"migration": self.migration_id, "pages": header.pages})
             fault_point("after-ack")  # P's COMMIT finds V's agent gone: the waiting VM keeps the image

@@ -485,6 +485,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         """SIGTERM: stop taking pages; journal every unfinished migration as interrupted."""
         if self._bulk is not None:
             await self._bulk.close()
+        # a cutover under way ends (or is abandoned) first: an acknowledged image is never dropped
+        await asyncio.gather(*(self.cutover.stop_receiving(r) for r in self.migrations.values()))
         for record in self.migrations.values():
             # past its point of no return the VM is P: its report is still due, to the next run
             if not record.finished and not self.cutover.past_point_of_no_return(record.id):

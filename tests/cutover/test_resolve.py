@@ -13,6 +13,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import threading
 from pathlib import Path
 
 import grpc
@@ -381,3 +383,100 @@ async def test_next_agent_runs_p_on_when_v_dropped_the_committed_image(tmp_path:
         else:
             assert powered == ["off"]  # not again
             assert "settings put back" in done[0] and hs.read_pending(hs.pending_path(state)) is None
+
+
+@pytest.mark.parametrize("p_commits", ["within-the-wait", "after-the-stop"])
+async def test_v_stopped_between_ack_and_commit_never_drops_the_image(tmp_path: Path, monkeypatch,
+                                                                       p_commits: str) -> None:
+    """V's agent is told to stop (SIGTERM: a package upgrade, `systemctl stop`) after its ACK and
+    before P's COMMIT: P's helper may commit and power off at any moment. Within STOP_WAIT_S the
+    cutover ends as usual (GO); later, the receive is abandoned as if the agent had died, and the
+    waiting VM — the real restore program's loop — keeps the image for the next run to adopt and
+    start on P's word. Before, the stop closed the migration and the VM discarded the image while P
+    powered off: the OS ran nowhere. P's helper is the real one (in a thread), held at its
+    before-commit point."""
+    from dest_agent import cutover as desk_module
+    from source_agent import cutover_helper
+    from tests.cutover.test_restore_program import feed_vm
+
+    within = p_commits == "within-the-wait"
+    (host, port), ioctls, vm_thread, holding = feed_vm(tmp_path / "vm", monkeypatch, connections=1 if within else 2)
+    at_commit, go_on = threading.Event(), threading.Event()
+    fault_point = cutover_helper.fault_point
+
+    def held_before_commit(point: str) -> None:
+        if point == "before-commit":
+            at_commit.set()
+            go_on.wait(30)
+        fault_point(point)
+
+    monkeypatch.setattr(cutover_helper, "fault_point", held_before_commit)
+    if not within:
+        monkeypatch.setattr(desk_module, "STOP_WAIT_S", 0.3)
+    async with destination(tmp_path / "v") as dest:
+        migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+        record = dest.service.migrations[migration_id]
+        desk = dest.service.cutover
+        vm = FeedClient(host, port, "tok")
+        await asyncio.to_thread(vm.connect)
+        AdoptedVm(f"p2vtest-vm-{migration_id}", vm, tmp_path / "vda.img").save(record.waiting_vm_path)
+        receiver = ImageReceiver(migration_id, TOKEN, record.store, vm, record.dir / "hibernation.img",
+                                 accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=30,
+                                 go_mark=record.go_mark_path, ack_mark=record.ack_mark_path)
+        st = desk.state(migration_id)
+        st.receiver = receiver
+        st.receive = asyncio.create_task(desk._receive(record, st, receiver))
+        image, _, _ = make_image(np.arange(100, 400, dtype=np.uint64), seed=7)
+        snap = PlaybackSnapshot(image)
+        ep_host, ep_port = receiver.endpoint
+        helper, _ = make_helper(tmp_path, f"{ep_host}:{ep_port}", snap, record.store, migration_id=migration_id)
+        p_side = asyncio.create_task(asyncio.to_thread(helper.run))
+        assert await asyncio.to_thread(at_commit.wait, 30)
+        assert record.ack_mark_path.exists() and not record.go_mark_path.exists()
+
+        if within:
+            asyncio.get_running_loop().call_later(0.3, go_on.set)
+        await dest.service.shutdown()
+        go_on.set()
+        assert await asyncio.wait_for(p_side, 30) == "powered-off"
+        assert snap.calls[-1] == "power_off"  # P is off: the image is all there is of the OS
+        if within:
+            assert record.go_mark_path.exists() and desk.past_point_of_no_return(migration_id)
+        else:
+            assert not record.go_mark_path.exists()
+            assert record.state == common_pb2.MIGRATION_STATE_FAILED and UNDECIDED_ERROR in record.error
+            vm.close()  # what the agent's exit does to its feed socket
+
+        async with destination(tmp_path / "v") as restarted:
+            await restarted.service.start()
+            await restarted.service._settled()
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=True)
+            assert reply.vm_runs, reply.detail
+    await asyncio.to_thread(vm_thread.join, 10)
+    restores = [restore_program.SNAPSHOT_FREEZE, restore_program.SNAPSHOT_ATOMIC_RESTORE]
+    assert ioctls.calls[-2:] == restores and ioctls.calls.count(restore_program.SNAPSHOT_ATOMIC_RESTORE) == 1
+    if within:  # restored on the first run's GO
+        assert holding == [0]
+    else:  # kept across the lost feed, restored on the next run's
+        assert len(holding) == 2 and holding[0] > 0 and holding[1] == 0
+
+
+async def test_v_stopped_before_p_s_helper_connects_closes_the_image_socket(tmp_path: Path) -> None:
+    """Told to stop while its image socket waits for P's helper: the socket closes at once (the
+    helper cannot start a cutover into a stopping agent: P runs on), the migration reads failed."""
+    async with destination(tmp_path / "v") as dest:
+        migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+        record = dest.service.migrations[migration_id]
+        desk = dest.service.cutover
+        receiver = ImageReceiver(migration_id, TOKEN, record.store, RecordingFeed(), record.dir / "hibernation.img",
+                                 accept_timeout_s=120, go_mark=record.go_mark_path, ack_mark=record.ack_mark_path)
+        st = desk.state(migration_id)
+        st.receiver = receiver
+        st.receive = asyncio.create_task(desk._receive(record, st, receiver))
+        endpoint = receiver.endpoint
+        socket.create_connection(endpoint, timeout=2).close()  # open until the stop
+        await dest.service.shutdown()
+        assert st.receive.done() and not st.result.acked
+        assert record.state == common_pb2.MIGRATION_STATE_FAILED and "stopped" in record.error
+        with pytest.raises(OSError):
+            socket.create_connection(endpoint, timeout=2).close()
