@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
+from common import faults
 from common import image_wire as W
 from common.atomicfile import write_json_atomic
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
@@ -179,8 +180,8 @@ def fault_point(point: str) -> None:
     """SIGKILL this agent here when $P2V_FAULT is "dest-killed-<point>": how the rig tests what a
     restarted V makes of a cutover its predecessor left (as the cutover helper's fault points on P).
     Nothing happens otherwise."""
-    if os.environ.get("P2V_FAULT", "") == f"dest-killed-{point}":
-        log.critical("P2V_FAULT=dest-killed-%s: killing this agent", point)
+    if faults.requested(f"dest-killed-{point}"):
+        log.critical("%s=dest-killed-%s: killing this agent", faults.FAULT_ENV, point)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

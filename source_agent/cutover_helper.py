@@ -36,6 +36,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import numpy as np
 import zstandard
 
+from common import faults
 from common import image_wire as W
 from common.heap import hold_freed_memory, trim_heap
 from common.hibernate_image import (
@@ -55,8 +56,6 @@ from source_agent import peer_kick, resume, traffic_block
 from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 
-#: Fault injection for tests, as CRIU_FAULT: the helper is killed at the point this names (see fault_point).
-FAULT_ENV = "P2V_FAULT"
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
 RB_POWER_OFF = 0x4321FEDC
@@ -239,11 +238,11 @@ def fault_point(point: str) -> None:
     first when it is "agent-and-helper-killed-<point>": a helper killed mid-cutover (the OOM killer,
     an admin) is how the rig tests the agent's safety net, both killed how it tests the next
     agent's (host_settings.recover_interrupted_cutover). Nothing happens otherwise."""
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault not in (f"helper-killed-{point}", f"agent-and-helper-killed-{point}"):
+    fault = faults.requested(f"helper-killed-{point}", f"agent-and-helper-killed-{point}")
+    if not fault:
         return
     with_agent = fault.startswith("agent-")
-    print(f"cutover helper: {FAULT_ENV}={fault}: killing {'the agent and ' if with_agent else ''}myself",
+    print(f"cutover helper: {faults.FAULT_ENV}={fault}: killing {'the agent and ' if with_agent else ''}myself",
           file=sys.stderr, flush=True)
     if with_agent:
         os.kill(os.getppid(), signal.SIGKILL)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from common.config import TlsConfig
+from common.faults import FAULT_ENV
 from dest_agent import restore_program
 from dest_agent.cutover import (
     AS_JOURNALED,
@@ -41,7 +42,6 @@ from dest_agent.waiting_vm import AdoptedVm, FeedClient
 from p2v.v1 import common_pb2, destination_pb2
 from source_agent import host_settings as hs
 from source_agent.cutover import vm_runs_after_commit
-from source_agent.cutover_helper import FAULT_ENV
 from source_agent.migration import resolve_on_destination
 from tests.cutover.imagegen import make_image
 from tests.cutover.test_image_socket import MAX_PFN, TOKEN, PlaybackSnapshot, RecordingFeed, make_helper
