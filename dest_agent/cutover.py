@@ -70,7 +70,7 @@ ADOPTED, EMPTY, SILENT = "adopted", "empty", "silent"
 
 #: how long V's agent, told to stop, lets a cutover whose helper is connected run on (P is frozen:
 #: the move ends in seconds, and ending it is better than making P wait out an abort)
-STOP_WAIT_S = 15.0
+STOP_WAIT_S = 10.0
 
 #: V's verdicts on P's word about a cutover (`resolve_verdict`)
 VM_RUNS, START_VM, DROP, NOTHING_HELD = "vm-runs", "start-vm", "drop", "nothing-held"
