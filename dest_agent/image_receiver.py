@@ -177,12 +177,14 @@ def _widen_receive_buffer(listener: socket.socket, size: int = RECEIVE_BUFFER) -
 
 
 def fault_point(point: str) -> None:
-    """SIGKILL this agent here when $P2V_FAULT is "dest-killed-<point>": how the rig tests what a
-    restarted V makes of a cutover its predecessor left (as the cutover helper's fault points on P).
-    Nothing happens otherwise."""
-    if faults.requested(f"dest-killed-{point}"):
-        log.critical("%s=dest-killed-%s: killing this agent", faults.FAULT_ENV, point)
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this agent here when $P2V_FAULT is "dest-killed-<point>", or SIGTERM it (a graceful
+    stop, as `systemctl stop`) when it is "dest-stopped-<point>": how the rig tests what a restarted
+    V makes of a cutover its predecessor left (as the cutover helper's fault points on P). Nothing
+    happens otherwise."""
+    fault = faults.requested(f"dest-killed-{point}", f"dest-stopped-{point}")
+    if fault:
+        log.critical("%s=%s: %s this agent", faults.FAULT_ENV, fault, "stopping" if "stopped" in fault else "killing")
+        os.kill(os.getpid(), signal.SIGTERM if "stopped" in fault else signal.SIGKILL)
 
 
 def commit_image(res: ReceiveResult, feed: VmFeed, go_mark: Path | None) -> None:
