@@ -228,8 +228,10 @@ def enable_slots(addresses: list[str], later: list[str] | None = None, skip: str
     return "enabled " + (", ".join(pending) if pending else "nothing (all present)")
 
 
-def _netdev_by_mac(mac: str, exclude_masters: bool = True) -> str | None:
+def _netdev_by_mac(mac: str, exclude_masters: bool = True, exclude: str = "") -> str | None:
     for d in sorted((SYS / "class/net").iterdir()):
+        if d.name == exclude:
+            continue
         try:
             addr = (d / "address").read_text().strip().lower()
         except OSError:
@@ -242,10 +244,10 @@ def _netdev_by_mac(mac: str, exclude_masters: bool = True) -> str | None:
     return None
 
 
-def wait_netdev_by_mac(mac: str, timeout_s: float = 10.0) -> str:
+def wait_netdev_by_mac(mac: str, timeout_s: float = 10.0, exclude: str = "") -> str:
     deadline = time.monotonic() + timeout_s
     while True:
-        name = _netdev_by_mac(mac)
+        name = _netdev_by_mac(mac, exclude=exclude)
         if name:
             return name
         if time.monotonic() > deadline:
@@ -272,7 +274,11 @@ def remove_feed_nic(mac: str, address: str = "") -> str:
 
 def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None,
               routes: list | None = None) -> str:
-    new = wait_netdev_by_mac(mac)
+    """The VM's NIC (P's MAC) takes P's NIC `name`'s place: in p2v's bond, or with its IPv4
+    addresses and gateway routes. P's NIC is still there, dead (its PCI function goes after
+    UNFREEZE) and with P's MAC too: it is never the one adopted, and without a bond it is taken
+    down and its addresses off, else P's subnet would still route through it."""
+    new = wait_netdev_by_mac(mac, exclude=name)
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -282,6 +288,13 @@ def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None
             _write(SYS / "class/net" / bond / "bonding/slaves", f"+{new}")
             ipr.link("set", index=idx, state="up")
             return f"{new} enslaved in {bond}"
+        for old in ipr.link_lookup(ifname=name):
+            ipr.link("set", index=old, state="down")
+            for address, prefixlen in addresses or []:
+                try:
+                    ipr.addr("del", index=old, address=address, prefixlen=int(prefixlen))
+                except Exception as exc:
+                    log.info("address %s/%s off %s: %s", address, prefixlen, name, exc)
         ipr.link("set", index=idx, state="up")
         for address, prefixlen in addresses or []:
             try:
