@@ -82,7 +82,9 @@ def remove_orphan_vm_disks(vm_dir: Path) -> list[Path]:
     return removed
 
 
-def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None = None) -> Destination:
+def start_destination(rig: Rig, with_export: bool = True, memory_mib: int | None = None,
+                      env: dict[str, str] | None = None) -> Destination:
+    """V's agent in the destination namespace (`env`: added to its environment, e.g. P2V_FAULT)."""
     d = rig.run_dir / "dest"
     shutil.rmtree(d / "state", ignore_errors=True)  # records of an earlier rig run
     remove_orphan_vm_disks(d / "vm")
@@ -147,16 +149,36 @@ cpu_features = {_toml_list(list(C.P_CPU_FEATURES))}
 {catalog}""")
     agent_log = rig.run_dir / "dest-agent.log"
     agent_log.unlink(missing_ok=True)
-    ready = d / "ready"
+    dest = Destination(rig, d, config, console, ctl, export, agent_log)
+    start_agent(dest, env)
+    return dest
+
+
+def start_agent(dest: Destination, env: dict[str, str] | None = None) -> None:
+    """(Re)start V's agent on the destination's config and state; returns once it serves."""
+    ready = dest.dir / "ready"
     ready.unlink(missing_ok=True)
-    rig.spawn("dest-agent", [sys.executable, "-m", "dest_agent.main", "--config", str(config), "--ready-file",
-                             str(ready), "--text-logs"])
+    dest.rig.spawn("dest-agent", [sys.executable, "-m", "dest_agent.main", "--config", str(dest.config),
+                                  "--ready-file", str(ready), "--text-logs"], env=env)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if time.monotonic() > deadline:
-            raise TimeoutError("destination agent not ready:\n" + agent_log.read_text()[-3000:])
+            raise TimeoutError("destination agent not ready:\n" + dest.agent_log.read_text()[-3000:])
         time.sleep(0.2)
-    return Destination(rig, d, config, console, ctl, export, agent_log)
+
+
+def agent_running(dest: Destination) -> bool:
+    return dest.rig.pids.get("dest-agent") is not None
+
+
+def p2vctl_on_v(dest: Destination, *argv: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """p2vctl run by V's operator (in V's namespace, with the operator's certificate) against V's agent."""
+    tls = dest.dir / "tls"
+    return subprocess.run(
+        ["ip", "netns", "exec", C.NS_DEST, sys.executable, "-m", "p2vctl.cli", *argv, "--agent", dest.address,
+         "--server-name", "p2v-dest", "--ca", str(tls / "ca.pem"), "--cert", str(tls / "p2vctl.pem"),
+         "--key", str(tls / "p2vctl.key"), "--json"],
+        capture_output=True, text=True, timeout=timeout_s, cwd=str(dest.rig.cfg.repo_root))
 
 
 def stop_destination(dest: Destination) -> None:
