@@ -411,8 +411,12 @@ class CutoverDesk:
             log.warning("the waiting VM held an image V never acknowledged: discarded",
                         extra={"migration": record.id, "pages": pages})
             return EMPTY
+        try:
+            figures = json.loads(record.ack_mark_path.read_text()).get("figures")
+        except (OSError, ValueError, AttributeError):
+            figures = None  # figures only: the image is adopted all the same
         st = self.state(record.id)
-        st.vm, st.receiver = vm, HeldImage(record.id, vm.feed, pages, record.go_mark_path)
+        st.vm, st.receiver = vm, HeldImage(record.id, vm.feed, pages, record.go_mark_path, figures)
         st.result = st.receiver.result
         record.set_state(common_pb2.MIGRATION_STATE_FAILED,
                          f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; the waiting VM "

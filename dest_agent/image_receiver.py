@@ -154,6 +154,11 @@ class ReceiveResult:
     source_timings: dict[str, float] = field(default_factory=dict)
 
 
+#: what the ACK mark keeps of the receive: a restarted agent that adopts the image still reports them
+ACK_FIGURES = ("image_bytes", "image_pages", "pages_sent", "pages_from_store", "pages_by_hash", "wire_bytes",
+               "checksum")
+
+
 @dataclass
 class ExpectedKernel:
     release: str
@@ -206,10 +211,14 @@ class HeldImage:
     """The acknowledged image a waiting VM kept loaded across a restart of V's agent, found again
     (restore_program HELD): what that run's receiver would still do with it, commit or drop."""
 
-    def __init__(self, migration_id: str, feed: VmFeed, pages: int, go_mark: Path) -> None:
+    def __init__(self, migration_id: str, feed: VmFeed, pages: int, go_mark: Path,
+                 figures: dict | None = None) -> None:
         self.feed = feed
         self.go_mark = go_mark
         self.result = ReceiveResult(migration_id, image_pages=pages, acked=True)
+        for key, value in (figures or {}).items():  # the ACK mark's (ACK_FIGURES): that run's receive
+            if key in ACK_FIGURES and isinstance(value, int):
+                setattr(self.result, key, value)
 
     def commit(self) -> None:
         commit_image(self.result, self.feed, self.go_mark)
@@ -395,7 +404,8 @@ class ImageReceiver:
                     self.feed.abort(reason)
                 raise ReceiveError(reason) from None
             if self.ack_mark is not None:  # before the ACK: a VM found holding an image without it was never acked
-                write_json_atomic(self.ack_mark, {"migration": self.migration_id, "pages": header.pages})
+                write_json_atomic(self.ack_mark, {"migration": self.migration_id, "pages": header.pages,
+                                                  "figures": {k: getattr(res, k) for k in ACK_FIGURES}})
             try:
                 W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
             except OSError as exc:  # not all of it went: P never reads a whole ACK, so it runs on

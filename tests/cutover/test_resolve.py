@@ -313,6 +313,7 @@ async def test_v_restarted_after_ack_the_vm_kept_the_image_and_p_decides(tmp_pat
     async with destination(tmp_path / "v") as dest:
         migration_id, feed = await undecided_cutover(tmp_path, dest, vm=FeedClient(host, port, "tok"))
         record = dest.service.migrations[migration_id]
+        received = dest.service.cutover.state(migration_id).result
         feed.close()  # V's agent dies: its socket closes, neither GO nor ABORT was said
         async with destination(tmp_path / "v") as restarted:
             await restarted.service.start()
@@ -320,6 +321,10 @@ async def test_v_restarted_after_ack_the_vm_kept_the_image_and_p_decides(tmp_pat
             status = await restarted.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
             assert status.state == common_pb2.MIGRATION_STATE_FAILED
             assert "undecided" in status.error and "still holds it" in status.error, status.error
+            # the first run's figures of the receive, from its ACK mark
+            assert status.stats.downtime_bytes == received.wire_bytes > 0
+            assert (status.stats.cutover_pages, status.stats.skipped) == (received.image_pages,
+                                                                           received.pages_from_store)
             reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=committed)
             assert reply.vm_runs is committed, reply.detail
             if committed:
