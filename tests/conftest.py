@@ -39,8 +39,14 @@ def rig_config() -> RigConfig:
 @pytest.fixture(scope="session")
 def rig(rig_config: RigConfig) -> Iterator[Rig]:
     # SIGTERM (e.g. a CI job timeout) would skip fixture finalizers: turn it into KeyboardInterrupt,
-    # which pytest answers by tearing fixtures down
+    # which pytest answers by tearing fixtures down — in this process only. A child forked from it
+    # inherits the handler (pyroute2's NetNS forks one, and ends it with SIGTERM): there the same
+    # KeyboardInterrupt tore the whole session's rig down under the tests still running (seen in CI).
+    session_pid = os.getpid()
+
     def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != session_pid:
+            os._exit(128 + signum)
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -49,8 +55,9 @@ def rig(rig_config: RigConfig) -> Iterator[Rig]:
         instance.start()
         yield instance
     finally:
-        instance.stop()
-        signal.signal(signal.SIGTERM, previous)
+        if os.getpid() == session_pid:
+            instance.stop()
+            signal.signal(signal.SIGTERM, previous)
 
 
 def later_tests_use_the_rig(request: pytest.FixtureRequest) -> bool:
