@@ -19,11 +19,13 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
+import grpc
 import numpy as np
 
 from common.heap import trim_heap
@@ -488,23 +490,51 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     return result
 
 
+#: how long the agent in the VM keeps asking V to take its reports (Resumed, Complete): V's agent may
+#: be restarting (its unit does so in seconds; an operator's stop can last longer), and without them
+#: P's redundancy is never cancelled in the VM
+REPORT_PATIENCE_S = 1800.0
+
+
+def unreachable(exc: BaseException) -> bool:
+    """V did not answer (down, restarting, the path not back yet), as opposed to V's refusal. Pure."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return isinstance(exc, OSError)
+
+
+async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float = REPORT_PATIENCE_S,
+                    first_delay_s: float = 1.0, max_delay_s: float = 15.0):
+    """`call()` until V answers, retried with a growing pause for up to `patience_s` while V is
+    unreachable; then, or at once when V refuses, a RuntimeError naming `what`."""
+    deadline = time.monotonic() + patience_s
+    delay, attempt = first_delay_s, 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except Exception as exc:
+            if not unreachable(exc):
+                why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                raise RuntimeError(f"{what}: V refused: {why}") from None
+            if time.monotonic() + delay > deadline:
+                raise RuntimeError(f"{what}: no answer from V after {attempt} attempts in {patience_s:.0f}s: "
+                                   f"{exc}") from None
+            log.warning("%s (attempt %d): %s", what, attempt, exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
+
+
 async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_dir: str,
-                       retries: int = 60) -> CutoverOutcome:
+                       patience_s: float = REPORT_PATIENCE_S) -> CutoverOutcome:
     """Inside the VM: report to V, cancel what V names, report completion."""
     req = destination_pb2.ResumedRequest(
         migration_id=remote_id, host_id=host_id, resumed_at=figures.get("resumed_at", 0.0),
         unfrozen_at=figures.get("unfrozen_at", 0.0), frozen_at=figures.get("frozen_at", 0.0),
         resume_steps=figures.get("resume_steps", []))
-    reply = None
-    for attempt in range(retries):  # the network path may need a moment after the NIC switch
-        try:
-            reply = await stub.Resumed(req, timeout=5, wait_for_ready=True)
-            break
-        except Exception as exc:
-            log.warning("reporting the resume to V (attempt %d): %s", attempt + 1, exc)
-            await asyncio.sleep(1)
-    if reply is None:
-        raise RuntimeError("could not reach V from the VM after resume")
+    # the network path may need a moment after the NIC switch, V's agent longer after a restart
+    reply = await patiently(lambda: stub.Resumed(req, timeout=5, wait_for_ready=True),
+                            "reporting the resume to V", patience_s)
     outcome = CutoverOutcome("resumed", figures)
     journal, _ = load_journal_entries(state_dir)
     if reply.cancel_ids and journal is not None:
@@ -515,7 +545,9 @@ async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_
         outcome.failed = [f"{i}: {why}" for i, why in result.failed]
     elif reply.cancel_ids:
         outcome.failed = [f"{i}: no redundancy journal on this host" for i in reply.cancel_ids]
-    outcome.completion = await stub.Complete(destination_pb2.CompletionReport(
+    report = destination_pb2.CompletionReport(
         migration_id=remote_id, cancelled=outcome.cancelled, failed=outcome.failed,
-        detail="; ".join(figures.get("resume_steps", []))), timeout=30)
+        detail="; ".join(figures.get("resume_steps", [])))
+    outcome.completion = await patiently(lambda: stub.Complete(report, timeout=30, wait_for_ready=True),
+                                         "reporting the completion to V", patience_s)
     return outcome
