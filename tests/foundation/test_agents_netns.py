@@ -15,7 +15,7 @@ from tests.agents import REPO, AgentProcess
 from tests.foundation.conftest import dest_config
 from tests.netns import netns_pair
 
-pytestmark = pytest.mark.usefixtures("needs_netns")
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("needs_netns")]
 PEER = str(Path(__file__).with_name("peer.py"))
 
 

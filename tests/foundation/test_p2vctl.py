@@ -12,7 +12,7 @@ from tests.agents import REPO, AgentProcess
 from tests.foundation.conftest import dest_config, source_config
 from tests.netns import netns_pair
 
-pytestmark = pytest.mark.usefixtures("needs_netns")
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("needs_netns")]
 
 
 def p2vctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -45,6 +45,7 @@ def test_sd_notify_ready_and_stopping(short_tmp, tls_dir):
         listener.close()
 
 
+@pytest.mark.netns
 @pytest.mark.usefixtures("needs_netns")
 def test_health_and_p2vctl_over_tls(short_tmp, tls_dir):
     """Remote tooling reaches the source agent only with a valid client certificate."""
