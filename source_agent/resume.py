@@ -272,6 +272,15 @@ def remove_feed_nic(mac: str, address: str = "") -> str:
     return f"removed {name} ({address})"
 
 
+def _change_addresses(ipr, op: str, index: int, ifname: str, addresses: list) -> None:
+    """Add or delete IPv4 addresses on one link; one that is already there (or gone) is logged."""
+    for address, prefixlen in addresses:
+        try:
+            ipr.addr(op, index=index, address=address, prefixlen=int(prefixlen))
+        except Exception as exc:
+            log.info("address %s/%s %s on %s: %s", address, prefixlen, op, ifname, exc)
+
+
 def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None,
               routes: list | None = None) -> str:
     """The VM's NIC (P's MAC) takes P's NIC `name`'s place: in p2v's bond, or with its IPv4
@@ -290,17 +299,9 @@ def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None
             return f"{new} enslaved in {bond}"
         for old in ipr.link_lookup(ifname=name):
             ipr.link("set", index=old, state="down")
-            for address, prefixlen in addresses or []:
-                try:
-                    ipr.addr("del", index=old, address=address, prefixlen=int(prefixlen))
-                except Exception as exc:
-                    log.info("address %s/%s off %s: %s", address, prefixlen, name, exc)
+            _change_addresses(ipr, "del", old, name, addresses or [])
         ipr.link("set", index=idx, state="up")
-        for address, prefixlen in addresses or []:
-            try:
-                ipr.addr("add", index=idx, address=address, prefixlen=int(prefixlen))
-            except Exception as exc:
-                log.info("address %s/%s on %s: %s", address, prefixlen, new, exc)
+        _change_addresses(ipr, "add", idx, new, addresses or [])
         for dst, dst_len, gateway in routes or []:
             try:
                 kw = {"dst": f"{dst}/{dst_len}"} if dst else {"dst": "0.0.0.0/0"}
