@@ -56,6 +56,49 @@ def run(main: Awaitable[Any]) -> Any:
         return runner.run(main)
 
 
+def unreachable(exc: BaseException) -> bool:
+    """The peer did not answer (down, restarting, the path not back yet), as opposed to its refusal.
+    Pure."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return isinstance(exc, OSError)
+
+
+async def until_reachable(call: Callable[[], Awaitable[Any]], within_s: float, *, first_delay_s: float = 1.0,
+                          max_delay_s: float = 15.0,
+                          on_retry: Callable[[int, BaseException], None] | None = None) -> Any:
+    """`call()` until the peer answers, retried with a growing pause while it is unreachable, for up to
+    `within_s`. A refusal, or the last unreachable error once the time is up, is raised as it came:
+    the caller words it. Only for calls that are safe to repeat."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    delay, attempt = first_delay_s, 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except Exception as exc:
+            if not unreachable(exc) or asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
+
+
+async def wait_for_agent(channel: grpc.aio.Channel, within_s: float) -> None:
+    """Wait until the agent behind `channel` answers its health service. gRPC fails a call at once
+    when a connect attempt failed (an agent still starting; a transient 'handshaker shutdown' seen on
+    the local socket right after a rehearsal); a health check is safe to repeat, a Migrate is not."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        await until_reachable(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=5), within_s,
+                              first_delay_s=0.2, max_delay_s=2.0)
+    except grpc.RpcError as exc:
+        if unreachable(exc):
+            raise
+        # any other answer (a server without the health service) still says it is there
+
+
 class _ProtocolMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
                         grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
     """Stamp every outgoing call with our protocol version."""

@@ -18,13 +18,15 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.config import TlsConfig
-from common.rpc import open_channel
+from common.rpc import open_channel, wait_for_agent
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2, source_pb2_grpc
 
 from . import render
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CANCELLED = 0, 1, 2, 3, 4
 DEFAULT_AGENT = "unix:/run/p2v/source.sock"
+
+
 
 
 def as_dict(message: Any) -> dict:
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="source agent: unix socket path or host:port (TLS) [%(default)s]")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per call [%(default)s]")
+    common.add_argument("--connect-timeout", type=float, default=20.0,
+                        help="seconds to wait for a connection to the agent [%(default)s]")
     common.add_argument("--ca", default="/etc/p2v/tls/ca.pem")
     common.add_argument("--cert", default="/etc/p2v/tls/p2vctl.pem")
     common.add_argument("--key", default="/etc/p2v/tls/p2vctl.key")
@@ -220,23 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(args: argparse.Namespace, message: str, code: grpc.StatusCode) -> None:
+    if args.json:
+        emit_json({"error": message, "code": code.name})
+    else:
+        print(f"p2vctl: {args.command}: {message}", file=sys.stderr)
+
+
+def _unreachable(args: argparse.Namespace, client: Client, message: str, code: grpc.StatusCode) -> int:
+    _error(args, message, code)
+    if not args.json:
+        which = "destination" if args.command == "resolve" else "source"
+        print(f"p2vctl: is the {which} agent running and listening on {client.address}?", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
 async def run(args: argparse.Namespace) -> int:
     client = Client(args)
     try:
+        await wait_for_agent(client.channel, args.connect_timeout)
         return await COMMANDS[args.command](client, args)
     except grpc.RpcError as exc:
         code = exc.code()
         message = exc.details() or str(code)
-        if args.json:
-            emit_json({"error": message, "code": code.name})
-        else:
-            print(f"p2vctl: {args.command}: {message}", file=sys.stderr)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            if not args.json:
-                which = "destination" if args.command == "resolve" else "source"
-                print(f"p2vctl: is the {which} agent running and listening on {client.address}?",
-                      file=sys.stderr)
-            return EXIT_UNREACHABLE
+            return _unreachable(args, client, message, code)
+        _error(args, message, code)
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             return EXIT_USAGE
         return EXIT_FAILED

@@ -232,11 +232,22 @@ def start_migration(rig: Rig, dest: Destination, extra: str = "") -> None:
     assert res.rc == 0, res.err
 
 
-def wait_p_off(rig: Rig, timeout_s: float) -> float:
+def wait_p_off(rig: Rig, timeout_s: float, look_every_s: float = 15.0) -> float:
+    """When P powered off. p2vctl's output in P is looked at now and then: a migration that ended
+    while P runs (p2vctl's error, a final state) will not power it off, and is reported at once."""
     deadline = time.monotonic() + timeout_s
+    next_look = time.monotonic() + look_every_s
     while time.monotonic() < deadline:
         if not rig.machine.alive():
             return time.time()
+        if time.monotonic() > next_look:
+            next_look = time.monotonic() + look_every_s
+            try:  # short: P may be frozen for its cutover, and P's power-off is what is timed
+                out = rig.machine.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=2, transfer_s=1).out
+            except ControlError:
+                out = ""
+            if "p2vctl: migrate:" in out or final_state(out):
+                raise AssertionError(f"p2vctl migrate ended while P runs:\n{out[-1500:]}")
         time.sleep(0.2)
     raise TimeoutError(f"P still running after {timeout_s:.0f}s")
 

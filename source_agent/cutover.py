@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ import grpc
 import numpy as np
 
 from common.heap import trim_heap
+from common.rpc import unreachable, until_reachable
 from p2v.v1 import destination_pb2, source_pb2
 
 from . import resume
@@ -496,33 +496,25 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
 REPORT_PATIENCE_S = 1800.0
 
 
-def unreachable(exc: BaseException) -> bool:
-    """V did not answer (down, restarting, the path not back yet), as opposed to V's refusal. Pure."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return isinstance(exc, OSError)
-
-
 async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float = REPORT_PATIENCE_S,
                     first_delay_s: float = 1.0, max_delay_s: float = 15.0):
     """`call()` until V answers, retried with a growing pause for up to `patience_s` while V is
     unreachable; then, or at once when V refuses, a RuntimeError naming `what`."""
-    deadline = time.monotonic() + patience_s
-    delay, attempt = first_delay_s, 0
-    while True:
-        attempt += 1
-        try:
-            return await call()
-        except Exception as exc:
-            if not unreachable(exc):
-                why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
-                raise RuntimeError(f"{what}: V refused: {why}") from None
-            if time.monotonic() + delay > deadline:
-                raise RuntimeError(f"{what}: no answer from V after {attempt} attempts in {patience_s:.0f}s: "
-                                   f"{exc}") from None
-            log.warning("%s (attempt %d): %s", what, attempt, exc)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay_s)
+    attempts = [0]
+
+    def retried(attempt: int, exc: BaseException) -> None:
+        attempts[0] = attempt
+        log.warning("%s (attempt %d): %s", what, attempt, exc)
+
+    try:
+        return await until_reachable(call, patience_s, first_delay_s=first_delay_s, max_delay_s=max_delay_s,
+                                     on_retry=retried)
+    except Exception as exc:
+        if not unreachable(exc):
+            why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+            raise RuntimeError(f"{what}: V refused: {why}") from None
+        raise RuntimeError(f"{what}: no answer from V after {attempts[0] + 1} attempts in "
+                           f"{patience_s:.0f}s: {exc}") from None
 
 
 async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_dir: str,

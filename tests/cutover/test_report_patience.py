@@ -7,7 +7,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from source_agent.cutover import patiently, unreachable
+from common.rpc import unreachable
+from source_agent.cutover import patiently
 
 
 def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,9 +80,34 @@ def test_watch_without_migration_and_unreachable_agent(agents, short_tmp):
     result = p2vctl("watch", "--agent", sock, "--json")
     assert result.returncode == 2
     assert json.loads(result.stdout)["code"] == "NOT_FOUND"
-    gone = p2vctl("discover", "--agent", str(short_tmp / "nothing.sock"), "--timeout", "3")
+    gone = p2vctl("discover", "--agent", str(short_tmp / "nothing.sock"), "--connect-timeout", "2")
     assert gone.returncode == 3
     assert "is the source agent running" in gone.stderr
+
+
+def test_p2vctl_waits_for_an_agent_that_is_still_starting(short_tmp, tls_dir):
+    """A call made while the agent is not (yet) listening is not an error until --connect-timeout:
+    p2vctl retries its connection (a failed connect attempt otherwise fails the first call at once)."""
+    memory = short_tmp / "memory.bin"
+    memory.write_bytes(b"\x00" * (4 << 20))
+    sock = short_tmp / "source.sock"
+    ctl = subprocess.Popen([sys.executable, "-m", "p2vctl.cli", "discover", "--json", "--agent", str(sock),
+                            "--connect-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=REPO, env={"PATH": "/usr/bin:/bin"})
+    with netns_pair("ctw", "10.78.2") as pair:
+        time.sleep(2)  # p2vctl has tried and failed by now
+        assert ctl.poll() is None, ctl.communicate()
+        source = AgentProcess("source_agent.main",
+                              ["--config", str(source_config(short_tmp, tls_dir, f"file:{memory}"))],
+                              short_tmp, netns=pair.left, name="source")
+        try:
+            source.wait_ready()
+            out, err = ctl.communicate(timeout=60)
+        finally:
+            ctl.kill()
+            source.stop()
+    assert ctl.returncode == 0, err
+    assert "p2vtctwa" in {n["name"] for n in json.loads(out)["nics"]}
 
 
 def test_certs_command(short_tmp):

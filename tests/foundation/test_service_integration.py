@@ -64,6 +64,7 @@ def test_health_and_p2vctl_over_tls(short_tmp, tls_dir):
 
         assert asyncio.run(health()) == health_pb2.HealthCheckResponse.SERVING
         base = [sys.executable, "-m", "p2vctl.cli", "discover", "--json", "--agent", tcp, "--timeout", "10",
+                "--connect-timeout", "3",
                 "--ca", str(tls_dir / "ca.pem"), "--server-name", "p2v-source"]
         ok = subprocess.run([*base, "--cert", str(tls_dir / "p2vctl.pem"), "--key", str(tls_dir / "p2vctl.key")],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
