@@ -517,6 +517,13 @@ async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float 
                            f"{patience_s:.0f}s: {exc}") from None
 
 
+def split_cancel_ids(entries: list, ids: list[str]) -> tuple[list[str], list[str]]:
+    """V's ids to cancel: (those still to do, those this host's journal has cancelled already). A
+    report made again after the agent in the VM died or gave up finds part of it done. Pure."""
+    cancelled = {e.id for e in entries if e.state == "cancelled"}
+    return [i for i in ids if i not in cancelled], [i for i in ids if i in cancelled]
+
+
 async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_dir: str,
                        patience_s: float = REPORT_PATIENCE_S) -> CutoverOutcome:
     """Inside the VM: report to V, cancel what V names, report completion."""
@@ -528,13 +535,19 @@ async def after_resume(stub, remote_id: str, host_id: str, figures: dict, state_
     reply = await patiently(lambda: stub.Resumed(req, timeout=5, wait_for_ready=True),
                             "reporting the resume to V", patience_s)
     outcome = CutoverOutcome("resumed", figures)
-    journal, _ = load_journal_entries(state_dir)
+    journal, entries = load_journal_entries(state_dir)
     if reply.cancel_ids and journal is not None:
         from source_agent.redundancy import cancel as cancel_mod
 
-        result = await asyncio.to_thread(cancel_mod.cancel, journal, list(reply.cancel_ids))
-        outcome.cancelled = [i for i, _ in result.done]
-        outcome.failed = [f"{i}: {why}" for i, why in result.failed]
+        live, already = split_cancel_ids(entries, list(reply.cancel_ids))
+        outcome.cancelled = already  # by an earlier agent whose reports did not reach V
+        if live:
+            try:
+                result = await asyncio.to_thread(cancel_mod.cancel, journal, live)
+                outcome.cancelled += [i for i, _ in result.done]
+                outcome.failed = [f"{i}: {why}" for i, why in result.failed]
+            except cancel_mod.CancelError as exc:  # nothing was changed
+                outcome.failed = [f"{', '.join(live)}: {exc}"]
     elif reply.cancel_ids:
         outcome.failed = [f"{i}: no redundancy journal on this host" for i in reply.cancel_ids]
     report = destination_pb2.CompletionReport(

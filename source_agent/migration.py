@@ -39,12 +39,12 @@ class MigrationAborted(RuntimeError):
 
 class SourceMigration:
     def __init__(self, config: SourceConfig, request: source_pb2.MigrateRequest,
-                 inventory: Callable[[], source_pb2.Inventory], host_id: str) -> None:
+                 inventory: Callable[[], source_pb2.Inventory], host_id: str, migration_id: str = "") -> None:
         self.config = config
         self.request = request
         self.inventory_fn = inventory
         self.host_id = host_id
-        self.id = uuid.uuid4().hex[:16]
+        self.id = migration_id or uuid.uuid4().hex[:16]
         self.feed = StatusFeed(self.id)
         self.task: asyncio.Task | None = None
         self.started = time.monotonic()
@@ -196,9 +196,23 @@ class SourceMigration:
         stats.downtime_ms = int(max(0.0, downtime_s) * 1000)
         await self._phase("resume", "; ".join(figures.get("resume_steps", [])), point_of_no_return=True,
                           stats=stats)
+        # before any report: an agent started after this one died (or gave up) reports again from it
+        self._journal(resumed=True, figures=figures, started_wall=self.started_wall, cutover_started=t0)
+        await self._report(self.session.stub, remote_id, figures, stats, t0)
+
+    async def _report(self, stub: destination_pb2_grpc.DestinationStub, remote_id: str, figures: dict,
+                      stats: common_pb2.MigrationStats, t0: float) -> None:
+        """Inside the VM: tell V, cancel what it names, tell V it is done; then the agent unloads. When
+        V cannot be told, the migration ends failed and the journal keeps it for the next agent."""
         await self._phase("cancel", "reporting to V, cancelling the redundancy", point_of_no_return=True)
-        outcome = await cutover.after_resume(self.session.stub, remote_id, self.host_id, figures,
-                                             self.config.agent.state_dir)
+        try:
+            outcome = await cutover.after_resume(stub, remote_id, self.host_id, figures, self.config.agent.state_dir)
+        except RuntimeError as exc:
+            message = (f"{exc}. The OS runs in the VM; P's redundancy stays until V is told: start the agent "
+                       "again (systemctl restart p2v-source) to report again")
+            log.critical("reports to V failed", extra={"migration": self.id, "error": message})
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=message, point_of_no_return=True)
+            return
         final = outcome.completion
         if final is not None:
             stats.downtime_bytes = final.stats.downtime_bytes
@@ -214,6 +228,38 @@ class SourceMigration:
         self._journal(completed=True, figures=figures)
         if self.unload is not None:
             self.unload()
+
+    @classmethod
+    def reporting_again(cls, config: SourceConfig, journal: dict, host_id: str) -> SourceMigration:
+        """A migration whose OS resumed in the VM but whose reports never reached V (its agent died, or
+        gave up while V's agent was down): `report_again` tells V now, from the journal."""
+        request = source_pb2.MigrateRequest(destination=str(journal["destination"]))
+        migration = cls(config, request, lambda: source_pb2.Inventory(), host_id, str(journal["id"]))
+        migration.journal_extra = {k: v for k, v in journal.items()
+                                   if k not in ("id", "destination", "state", "error", "updated")}
+        migration.point_of_no_return = True
+        migration.started_wall = float(journal.get("started_wall") or time.time())
+        return migration
+
+    def start_reporting_again(self) -> None:
+        self.task = asyncio.create_task(self.report_again(), name=f"report-{self.id}")
+
+    async def report_again(self) -> None:
+        figures = dict(self.journal_extra.get("figures") or {})
+        stats = common_pb2.MigrationStats()
+        stats.downtime_ms = int(max(0.0, figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0)) * 1000)
+        await self.feed.publish(state=common_pb2.MIGRATION_STATE_CUTOVER, point_of_no_return=True, stats=stats)
+        log.warning("the OS resumed in the VM but V was never told: reporting again", extra={"migration": self.id})
+        channel = open_channel(self.request.destination, self.config.tls)
+        try:
+            await self._report(destination_pb2_grpc.DestinationStub(channel), str(self.journal_extra["remote_id"]),
+                               figures, stats, float(self.journal_extra.get("cutover_started") or time.time()))
+        except Exception as exc:  # a bug: say so, keep the journal for the next agent
+            log.exception("reporting again failed", extra={"migration": self.id})
+            await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=f"internal error: {exc!r}")
+        finally:
+            self._journal()
+            await channel.close()
 
     async def _resolve(self, destination: str, migration_id: str, committed: bool) -> destination_pb2.ResolveReply:
         return await resolve_on_destination(destination, migration_id, self.config.tls, committed)
@@ -315,6 +361,21 @@ async def resolve_on_destination(address: str, migration_id: str, tls: TlsConfig
 FINAL_STATES = frozenset(common_pb2.MigrationState.Name(s) for s in (
     common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED, common_pb2.MIGRATION_STATE_CANCELLED,
     common_pb2.MIGRATION_STATE_ROLLED_BACK))
+
+
+def unreported_resumes(state_dir: str) -> list[dict]:
+    """The journals of migrations that resumed in the VM and never had V's word that it was told
+    (the reports after resume): the agent started next reports them again."""
+    found = []
+    for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
+        try:
+            journal = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if (isinstance(journal, dict) and journal.get("resumed") and not journal.get("completed")
+                and journal.get("remote_id") and journal.get("destination") and journal.get("id")):
+            found.append(journal)
+    return found
 
 
 def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:

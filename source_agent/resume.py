@@ -288,15 +288,20 @@ def adopt_nic(name: str, mac: str, bond: str = "", addresses: list | None = None
     UNFREEZE) and with P's MAC too: it is never the one adopted, and without a bond it is taken
     down and its addresses off, else P's subnet would still route through it."""
     new = wait_netdev_by_mac(mac, exclude=name)
+    if bond:
+        # ioctls and sysfs only: this runs inside the downtime, and pyroute2's IPRoute (an asyncio
+        # core of its own) costs ~0.1 s under TCG before it sends anything (lift-block measured
+        # 85 -> 11 ms on the same change)
+        from source_agent.link_cycle import set_admin_up
+
+        set_admin_up(new, False)  # bonding enslaves only a link that is down, and then opens it
+        _write(SYS / "class/net" / bond / "bonding/slaves", f"+{new}")
+        set_admin_up(new, True)
+        return f"{new} enslaved in {bond}"
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=new)[0]
-        if bond:
-            ipr.link("set", index=idx, state="down")
-            _write(SYS / "class/net" / bond / "bonding/slaves", f"+{new}")
-            ipr.link("set", index=idx, state="up")
-            return f"{new} enslaved in {bond}"
         for old in ipr.link_lookup(ifname=name):
             ipr.link("set", index=old, state="down")
             _change_addresses(ipr, "del", old, name, addresses or [])

@@ -13,7 +13,13 @@ from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
 from .cutover import vm_runs_after_commit
-from .migration import SourceMigration, cancel_on_destination, mark_interrupted, resolve_on_destination
+from .migration import (
+    SourceMigration,
+    cancel_on_destination,
+    mark_interrupted,
+    resolve_on_destination,
+    unreported_resumes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,12 @@ class SourceService(source_pb2_grpc.SourceServicer):
         done = await recover_interrupted_cutover(self.config.agent.state_dir, after_repair, vm_runs=vm_runs)
         if done:
             log.warning("interrupted cutover recovered: %s", "; ".join(done))
+        for journal in await asyncio.to_thread(unreported_resumes, self.config.agent.state_dir):
+            migration = SourceMigration.reporting_again(self.config, journal, self.host_id)
+            migration.unload = self._unload_soon
+            self.migrations[migration.id] = migration
+            migration.start_reporting_again()
+            done.append(f"migration {migration.id}: reporting its resume to V again")
         return done
 
     async def _peer(self, context: grpc.aio.ServicerContext) -> None:
