@@ -105,7 +105,7 @@ class CutoverState:
     vm_start: asyncio.Task | None = None
     vm_start_error: str = ""
     receive: asyncio.Task | None = None
-    receiver: object | None = None  # the ImageReceiver of the last attempt: it starts the VM
+    receiver: ImageReceiver | HeldImage | None = None  # the last attempt's (or the adopted image): it starts the VM
     result: ReceiveResult | None = None
     dropped: bool = False  # P's word (abort, cancel, resolve): the held image is never started
     last_error: str = ""
@@ -279,7 +279,7 @@ class CutoverDesk:
             return destination_pb2.ResolveReply(vm_runs=False, detail="V dropped the image it held: P runs on")
         st.point_of_no_return = True  # from the GO on, whatever the VM answers: never drop it
         try:
-            await asyncio.to_thread(st.receiver.commit)  # type: ignore[attr-defined]
+            await asyncio.to_thread(st.receiver.commit)
         except Exception as exc:
             raise ResolveError(f"V told the waiting VM to restore P, and it did not confirm: {exc}") from None
         record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
@@ -293,7 +293,7 @@ class CutoverDesk:
         """P's word that it runs on: the image is never started; a VM holding it discards it."""
         st.dropped = True
         if st.receiver is not None:
-            st.receiver.feed.abort(reason)  # type: ignore[attr-defined]
+            st.receiver.feed.abort(reason)
 
     def abort(self, record: MigrationRecord) -> None:
         st = self.states.get(record.id)
@@ -333,10 +333,12 @@ class CutoverDesk:
         if st is None or st.receive is None or st.receive.done():
             return
         receiver = st.receiver
-        if getattr(receiver, "connected", False):
+        if receiver is None:
+            return
+        if receiver.connected:
             log.warning("stopping: the cutover under way may end first", extra={"migration": record.id})
             await asyncio.wait({st.receive}, timeout=STOP_WAIT_S)
-        if not st.receive.done() and isinstance(receiver, ImageReceiver):
+        if not st.receive.done():
             receiver.abandon("the destination agent is stopping")
             await asyncio.wait({st.receive}, timeout=10)
 

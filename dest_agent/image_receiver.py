@@ -220,6 +220,12 @@ class HeldImage:
             if key in ACK_FIGURES and isinstance(value, int):
                 setattr(self.result, key, value)
 
+    #: what V's stop asks of a receive (CutoverDesk.stop_receiving): this one ended in an earlier run
+    connected = False
+
+    def abandon(self, reason: str) -> None:
+        """Nothing left to abandon: the VM keeps the image, as it did across the restart."""
+
     def commit(self) -> None:
         commit_image(self.result, self.feed, self.go_mark)
 
