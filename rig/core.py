@@ -41,6 +41,18 @@ class Timings:
     start_total_s: float = 0.0
 
 
+def agent_restart_script(env: dict[str, str] | None = None) -> str:
+    """Shell, in P (or in the VM that P became): stop the source agent if it runs, start it again as
+    P's boot does (rig/guest/services.sh), with `env` added to its environment."""
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    return (f"pid=$(cat {C.P_AGENT_PIDFILE}); kill $pid 2>/dev/null; "
+            "for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.2; done; "
+            f"kill -9 $pid 2>/dev/null; rm -f {C.P_AGENT_READY_FILE}; "
+            f"cd {C.P_PROJECT_DIR} && {{ {assigns} setsid python3 -m source_agent.main "
+            f"--config {C.P_AGENT_CONFIG} --ready-file {C.P_AGENT_READY_FILE} < /dev/null "
+            f">> {C.P_AGENT_LOG} 2>&1 & echo $! > {C.P_AGENT_PIDFILE}; }}")
+
+
 class Rig:
     """Usage: `rig = Rig(); rig.start(); ...; rig.stop()` (or `with Rig() as rig:`)."""
 
@@ -188,14 +200,7 @@ class Rig:
     def restart_agent(self, env: dict[str, str] | None = None, timeout_s: float = 300) -> AgentState:
         """Stop P's source agent and start it again as P's boot does (rig/guest/services.sh), with
         `env` added to its environment (e.g. P2V_FAULT). Waits until it is ready."""
-        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-        script = (f"pid=$(cat {C.P_AGENT_PIDFILE}); kill $pid; "
-                  "for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.2; done; "
-                  f"kill -9 $pid 2>/dev/null; rm -f {C.P_AGENT_READY_FILE}; "
-                  f"cd {C.P_PROJECT_DIR} && {{ {assigns} setsid python3 -m source_agent.main "
-                  f"--config {C.P_AGENT_CONFIG} --ready-file {C.P_AGENT_READY_FILE} < /dev/null "
-                  f">> {C.P_AGENT_LOG} 2>&1 & echo $! > {C.P_AGENT_PIDFILE}; }}")
-        self.run(script, timeout=60, check=True)
+        self.run(agent_restart_script(env), timeout=60, check=True)
         state = self.wait_agent(timeout_s)
         if not state.ready:
             raise RuntimeError(f"the source agent did not come back: {state.state}\n{state.tail}")

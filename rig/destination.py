@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dest_agent import disk_export
 from rig import config as C
-from rig.core import Rig
+from rig.core import Rig, agent_restart_script
 from rig.machine import ControlChannel, ControlError
 
 DEST_PORT = 7470
@@ -181,6 +181,18 @@ def p2vctl_on_v(dest: Destination, *argv: str, timeout_s: float = 300) -> subpro
         capture_output=True, text=True, timeout=timeout_s, cwd=str(dest.rig.cfg.repo_root))
 
 
+def restart_source_agent_in_vm(dest: Destination, timeout_s: float = 300) -> None:
+    """The source agent inside the VM (P's, moved) started again, as systemd's Restart= would after
+    it died; returns once it is ready."""
+    dest.vm_run(agent_restart_script(), timeout=60)
+    deadline = time.monotonic() + timeout_s
+    while "ready" not in dest.vm_run(f"test -e {C.P_AGENT_READY_FILE} && echo ready || true", timeout=30):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the source agent in the VM is not ready:\n"
+                               + dest.vm_run(f"tail -n 30 {C.P_AGENT_LOG}", timeout=30))
+        time.sleep(1)
+
+
 def stop_destination(dest: Destination) -> None:
     dest.rig.stop_process("dest-agent")
     if dest.export is not None:
@@ -278,9 +290,11 @@ def vm_kernel_tail(dest: Destination, lines: int = 25) -> str:
     return "\n".join(keep[-lines:])
 
 
-def wait_migration_end_in_vm(dest: Destination, timeout_s: float) -> str:
-    """p2vctl migrate's output, read inside the VM once it names a final state. The control channel
-    answers only once the OS runs on in the VM: until the deadline, silence is waited out."""
+def wait_migration_end_in_vm(dest: Destination, timeout_s: float, ended=None) -> str:
+    """p2vctl migrate's output, read inside the VM once it names a final state (or `ended` says it
+    ended). The control channel answers only once the OS runs on in the VM: until the deadline,
+    silence is waited out."""
+    ended = ended or final_state
     deadline = time.monotonic() + timeout_s
     out, last = "", ""
     while time.monotonic() < deadline:
@@ -290,7 +304,7 @@ def wait_migration_end_in_vm(dest: Destination, timeout_s: float) -> str:
             last = str(exc)
             time.sleep(2)
             continue
-        if final_state(out):
+        if ended(out):
             return out
         time.sleep(2)
     raise TimeoutError(f"no final state inside the VM after {timeout_s:.0f}s (control channel: {last or 'ok'})\n"

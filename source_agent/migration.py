@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from common import faults
 from common.atomicfile import read_json, write_json_atomic
 from common.config import SourceConfig, TlsConfig
 from common.rpc import open_channel
@@ -198,6 +201,9 @@ class SourceMigration:
                           stats=stats)
         # before any report: an agent started after this one died (or gave up) reports again from it
         self._journal(resumed=True, figures=figures, started_wall=self.started_wall, cutover_started=t0)
+        if fault := faults.requested("agent-killed-after-resume"):  # the rig: the next agent reports
+            log.critical("%s=%s: killing myself", faults.FAULT_ENV, fault)
+            os.kill(os.getpid(), signal.SIGKILL)
         await self._report(self.session.stub, remote_id, figures, stats, t0)
 
     async def _report(self, stub: destination_pb2_grpc.DestinationStub, remote_id: str, figures: dict,
