@@ -255,7 +255,7 @@ def wait_p_off(rig: Rig, timeout_s: float, look_every_s: float = 15.0) -> float:
         if time.monotonic() > next_look:
             next_look = time.monotonic() + look_every_s
             try:  # short: P may be frozen for its cutover, and P's power-off is what is timed
-                out = rig.machine.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=2, transfer_s=1).out
+                out = rig.machine.ctl.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=2, transfer_s=1).out
             except ControlError:
                 out = ""
             if "p2vctl: migrate:" in out or final_state(out):
