@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -369,19 +369,23 @@ FINAL_STATES = frozenset(common_pb2.MigrationState.Name(s) for s in (
     common_pb2.MIGRATION_STATE_ROLLED_BACK))
 
 
-def unreported_resumes(state_dir: str) -> list[dict]:
-    """The journals of migrations that resumed in the VM and never had V's word that it was told
-    (the reports after resume): the agent started next reports them again."""
-    found = []
+def _journals(state_dir: str) -> Iterator[tuple[Path, dict]]:
+    """This agent's migration journals that can be read, oldest name first."""
     for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
         try:
             journal = read_json(path)
         except (OSError, ValueError):
             continue
-        if (isinstance(journal, dict) and journal.get("resumed") and not journal.get("completed")
-                and journal.get("remote_id") and journal.get("destination") and journal.get("id")):
-            found.append(journal)
-    return found
+        if isinstance(journal, dict):
+            yield path, journal
+
+
+def unreported_resumes(state_dir: str) -> list[dict]:
+    """The journals of migrations that resumed in the VM and never had V's word that it was told
+    (the reports after resume): the agent started next reports them again."""
+    return [journal for _, journal in _journals(state_dir)
+            if journal.get("resumed") and not journal.get("completed")
+            and journal.get("remote_id") and journal.get("destination") and journal.get("id")]
 
 
 def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
@@ -389,13 +393,8 @@ def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
     which died mid-cutover left unfinished (the operator's record says what happened). Returns the
     ids marked."""
     marked = []
-    for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
-        try:
-            journal = read_json(path)
-        except (OSError, ValueError):
-            continue
-        if (not isinstance(journal, dict) or journal.get("remote_id") != remote_id
-                or journal.get("state") in FINAL_STATES):
+    for path, journal in _journals(state_dir):
+        if journal.get("remote_id") != remote_id or journal.get("state") in FINAL_STATES:
             continue
         journal.update(state=common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED), error=detail,
                        updated=time.time())
