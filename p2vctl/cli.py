@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.config import TlsConfig
-from common.rpc import open_channel, wait_for_agent
+from common.rpc import open_channel, unreachable, wait_for_agent
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2, source_pb2_grpc
 
 from . import render
@@ -82,15 +83,52 @@ def _exit_for(status: common_pb2.MigrationStatus) -> int:
     return EXIT_FAILED
 
 
+FINAL_STATES = frozenset({common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED,
+                          common_pb2.MIGRATION_STATE_CANCELLED, common_pb2.MIGRATION_STATE_ROLLED_BACK})
+
+
+class MigrationLost(Exception):
+    """The agent came back without the migration being followed."""
+
+
+async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
+                    ) -> AsyncIterator[common_pb2.MigrationStatus]:
+    """The migration's statuses until a final one. When the agent goes away mid-way (a crash, a
+    restart: the next agent in the VM serves a move's last steps again under the same id), wait for
+    it up to --reattach-timeout and follow the same migration again."""
+    final = reattached = False
+    while True:
+        try:
+            async for status in client.stub.Watch(common_pb2.MigrationRef(migration_id=migration_id)):
+                migration_id = status.migration_id or migration_id
+                final = status.state in FINAL_STATES
+                yield status
+            return
+        except grpc.RpcError as exc:
+            if reattached and exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise MigrationLost(f"the agent came back without migration {migration_id}: it did not survive "
+                                    "the restart (the agent's log says what became of it)") from None
+            if final or not migration_id or not unreachable(exc) or args.reattach_timeout <= 0:
+                raise
+            print(f"p2vctl: lost the agent ({exc.details() if hasattr(exc, 'details') else exc}); waiting up to "
+                  f"{args.reattach_timeout:g} s to follow migration {migration_id} again", file=sys.stderr)
+        await wait_for_agent(client.channel, args.reattach_timeout)
+        reattached = True
+
+
 async def _follow(client: Client, migration_id: str, args: argparse.Namespace) -> int:
     last = None
-    stream = client.stub.Watch(common_pb2.MigrationRef(migration_id=migration_id))
-    if args.json:
-        async for status in stream:
-            last = status
-            emit_json(as_dict(status))
-    else:
-        last = await render.follow(stream)
+    stream = _statuses(client, migration_id, args)
+    try:
+        if args.json:
+            async for status in stream:
+                last = status
+                emit_json(as_dict(status))
+        else:
+            last = await render.follow(stream)
+    except MigrationLost as exc:
+        _error(args, str(exc), grpc.StatusCode.NOT_FOUND)
+        return EXIT_FAILED
     if last is None:
         return EXIT_FAILED
     return _exit_for(last)
@@ -178,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per call [%(default)s]")
     common.add_argument("--connect-timeout", type=float, default=20.0,
                         help="seconds to wait for a connection to the agent [%(default)s]")
+    common.add_argument("--reattach-timeout", type=float, default=120.0,
+                        help="migrate/watch: seconds to wait for an agent that went away mid-way "
+                             "(0: give up at once) [%(default)s]")
     common.add_argument("--ca", default="/etc/p2v/tls/ca.pem")
     common.add_argument("--cert", default="/etc/p2v/tls/p2vctl.pem")
     common.add_argument("--key", default="/etc/p2v/tls/p2vctl.key")

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from common import faults
 from common.atomicfile import read_json, write_json_atomic
@@ -200,7 +201,8 @@ class SourceMigration:
         await self._phase("resume", "; ".join(figures.get("resume_steps", [])), point_of_no_return=True,
                           stats=stats)
         # before any report: an agent started after this one died (or gave up) reports again from it
-        self._journal(resumed=True, figures=figures, started_wall=self.started_wall, cutover_started=t0)
+        self._journal(resumed=True, figures=figures, started_wall=self.started_wall, cutover_started=t0,
+                      stats=json_format.MessageToDict(stats, preserving_proto_field_name=True))
         if fault := faults.requested("agent-killed-after-resume"):  # the rig: the next agent reports
             log.critical("%s=%s: killing myself", faults.FAULT_ENV, fault)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -253,6 +255,10 @@ class SourceMigration:
     async def report_again(self) -> None:
         figures = dict(self.journal_extra.get("figures") or {})
         stats = common_pb2.MigrationStats()
+        try:  # the pre-copy's figures, as the agent that died had them
+            json_format.ParseDict(self.journal_extra.get("stats") or {}, stats, ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            log.warning("journal stats unreadable: %s", exc, extra={"migration": self.id})
         stats.downtime_ms = int(max(0.0, figures.get("unfrozen_at", 0.0) - figures.get("frozen_at", 0.0)) * 1000)
         await self.feed.publish(state=common_pb2.MIGRATION_STATE_CUTOVER, point_of_no_return=True, stats=stats)
         log.warning("the OS resumed in the VM but V was never told: reporting again", extra={"migration": self.id})

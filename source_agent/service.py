@@ -23,6 +23,9 @@ from .migration import (
 
 log = logging.getLogger(__name__)
 
+#: how long an agent that reported a resume again stays after it (watchers re-attaching see the end)
+REATTACH_GRACE_S = 10.0
+
 
 def _discover() -> source_pb2.Inventory:
     from source_agent.discovery import discover
@@ -63,7 +66,8 @@ class SourceService(source_pb2_grpc.SourceServicer):
             log.warning("interrupted cutover recovered: %s", "; ".join(done))
         for journal in await asyncio.to_thread(unreported_resumes, self.config.agent.state_dir):
             migration = SourceMigration.reporting_again(self.config, journal, self.host_id)
-            migration.unload = self._unload_soon
+            # watchers that lost the dead agent re-attach within seconds (p2vctl --reattach-timeout)
+            migration.unload = lambda: self._unload_soon(REATTACH_GRACE_S)
             self.migrations[migration.id] = migration
             migration.start_reporting_again()
             done.append(f"migration {migration.id}: reporting its resume to V again")

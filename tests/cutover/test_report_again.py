@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from common.atomicfile import write_json_atomic
 from common.config import SourceAgentSection, SourceConfig, TlsConfig
-from p2v.v1 import common_pb2, destination_pb2
+from common.rpc import AgentServer
+from dest_agent.service import DestinationService
+from p2v.v1 import common_pb2, destination_pb2, source_pb2, source_pb2_grpc
 from source_agent.cutover import split_cancel_ids
 from source_agent.migration import unreported_resumes
 from source_agent.redundancy.journal import Entry, Journal, default_path
 from source_agent.service import SourceService
+from tests.agents import REPO
 from tests.memory.harness import destination
 
 FIGURES = {"frozen_at": 100.0, "resumed_at": 103.5, "unfrozen_at": 104.25, "resume_steps": ["adopt-nic: ok"]}
@@ -47,13 +52,14 @@ def vm_state(state_dir: Path, destination_address: str, remote_id: str, **journa
     write_json_atomic(path, {"id": "m1local", "destination": destination_address, "state": "MIGRATION_STATE_FAILED",
                              "error": "reporting the resume to V: no answer", "updated": 1.0, "remote_id": remote_id,
                              "resumed": True, "figures": FIGURES, "started_wall": 50.0, "cutover_started": 90.0,
+                             "stats": {"dirty_sync_count": 5, "precopy_bytes": "113246208", "transferred": "113246208"},
                              **journal})
     return path
 
 
 def vm_agent(state_dir: Path, monkeypatch) -> tuple[SourceService, list[str]]:
     unloads: list[str] = []
-    monkeypatch.setattr(SourceService, "_unload_soon", staticmethod(lambda: unloads.append("unload")))
+    monkeypatch.setattr(SourceService, "_unload_soon", staticmethod(lambda *_: unloads.append("unload")))
     config = SourceConfig(agent=SourceAgentSection(state_dir=str(state_dir)), tls=TlsConfig(insecure=True))
     return SourceService(config, "test-source"), unloads
 
@@ -84,6 +90,7 @@ async def test_the_next_agent_in_the_vm_reports_the_resume_and_cancels_the_rest(
         status = migration.feed.status
         assert status.state == common_pb2.MIGRATION_STATE_COMPLETED, status.error
         assert status.point_of_no_return and status.stats.downtime_ms == 4250
+        assert status.stats.dirty_sync_count == 5 and status.stats.precopy_bytes == 113246208  # the dead agent's
         assert "cancelled 2, failed 0" in status.progress.detail
         assert unloads == ["unload"]
         journal = json.loads(path.read_text())
@@ -124,3 +131,89 @@ def test_unreadable_journals_are_skipped(tmp_path: Path, broken: str) -> None:
     (tmp_path / "migrations").mkdir()
     (tmp_path / "migrations" / "bad.json").write_text(broken)
     assert unreported_resumes(str(tmp_path)) == []
+
+
+class HeldV(DestinationService):
+    """V whose answer to Resumed waits until `gate` opens: the first agent in the VM is still asking
+    when it dies."""
+
+    gate: asyncio.Event
+
+    async def Resumed(self, request, context):
+        await self.gate.wait()
+        return await super().Resumed(request, context)
+
+
+async def serve_vm_agent(state_dir: Path, sock: Path, monkeypatch) -> tuple[AgentServer, SourceService]:
+    service, _ = vm_agent(state_dir, monkeypatch)
+    server = AgentServer("p2v-source")
+    source_pb2_grpc.add_SourceServicer_to_server(service, server.server)
+    server.listen_unix(str(sock))
+    await server.start([source_pb2.DESCRIPTOR.services_by_name["Source"].full_name])
+    service.start_recovery()
+    return server, service
+
+
+async def test_p2vctl_follows_the_move_across_a_restart_of_the_agent_in_the_vm(tmp_path: Path, monkeypatch) -> None:
+    """p2vctl (a real process, on the agent's unix socket) follows the migration; the agent dies; the
+    next one serves the same migration again; p2vctl follows it to the end and exits 0."""
+    HeldV.gate = asyncio.Event()
+    sock = Path(tempfile.mkdtemp(prefix="p2vt-")) / "source.sock"  # short: unix socket paths
+    async with destination(tmp_path / "v", service_cls=HeldV) as dest:
+        remote_id = (await dest.prepare(max_pfn=8192)).migration_id
+        await dest.stub.ReportRedundancy(destination_pb2.RedundancyReport(migration_id=remote_id, entries=[
+            destination_pb2.RedundancyEntry(id="p2v-m1-001-bond", kind="bond")]), timeout=10)
+        state_dir = tmp_path / "p"
+        vm_state(state_dir, dest.address, remote_id)
+        server, service = await serve_vm_agent(state_dir, sock, monkeypatch)
+        ctl = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "p2vctl.cli", "watch", "m1local", "--agent", str(sock), "--json",
+            "--reattach-timeout", "60", cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            first = json.loads(await asyncio.wait_for(ctl.stdout.readline(), 30))
+            assert first["migration_id"] == "m1local" and first["state"] == "MIGRATION_STATE_CUTOVER"
+            await service.shutdown()  # the agent in the VM goes, still asking V
+            await server.server.stop(None)
+            await asyncio.sleep(1)
+            HeldV.gate.set()
+            server, service = await serve_vm_agent(state_dir, sock, monkeypatch)  # the next one
+            out, err = await asyncio.wait_for(ctl.communicate(), 60)
+        finally:
+            if ctl.returncode is None:
+                ctl.kill()
+            await service.shutdown()
+            await server.server.stop(None)
+        assert ctl.returncode == 0, err.decode()
+        assert "lost the agent" in err.decode() and "follow migration m1local again" in err.decode()
+        last = json.loads(out.decode().strip().splitlines()[-1])
+        assert last["state"] == "MIGRATION_STATE_COMPLETED" and last["migration_id"] == "m1local"
+        on_v = await dest.stub.Status(common_pb2.MigrationRef(migration_id=remote_id), timeout=10)
+        assert on_v.state == common_pb2.MIGRATION_STATE_COMPLETED
+
+
+async def test_p2vctl_says_so_when_the_next_agent_does_not_know_the_migration(tmp_path: Path, monkeypatch) -> None:
+    HeldV.gate = asyncio.Event()
+    sock = Path(tempfile.mkdtemp(prefix="p2vt-")) / "source.sock"
+    async with destination(tmp_path / "v", service_cls=HeldV) as dest:
+        remote_id = (await dest.prepare(max_pfn=8192)).migration_id
+        state_dir = tmp_path / "p"
+        path = vm_state(state_dir, dest.address, remote_id)
+        server, service = await serve_vm_agent(state_dir, sock, monkeypatch)
+        ctl = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "p2vctl.cli", "watch", "m1local", "--agent", str(sock),
+            "--reattach-timeout", "60", cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.sleep(3)  # p2vctl follows
+            await service.shutdown()
+            await server.server.stop(None)
+            path.unlink()  # the next agent finds nothing to serve again
+            server, service = await serve_vm_agent(state_dir, sock, monkeypatch)
+            out, err = await asyncio.wait_for(ctl.communicate(), 60)
+        finally:
+            if ctl.returncode is None:
+                ctl.kill()
+            HeldV.gate.set()
+            await service.shutdown()
+            await server.server.stop(None)
+        assert ctl.returncode == 1, out.decode() + err.decode()
+        assert "came back without migration m1local" in err.decode(), err.decode()

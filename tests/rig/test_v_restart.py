@@ -7,7 +7,9 @@ Before the ACK and GO marks and the adoption, this fault lost the OS.
 
 In the same run, P's agent (in the VM by then) is killed right after the resume, before it tells V
 ($P2V_FAULT on P): the agent started next in the VM finds its journal and reports the resume again,
-and V records the move complete. Before, V never heard of it and P's redundancy was never cancelled.
+and V records the move complete; `p2vctl migrate`, which followed the move from P into the VM, waits
+for that agent and follows the migration to its end. Before, V never heard of it and P's redundancy
+was never cancelled.
 
 The same move through a graceful stop of V's agent instead (P2V_FAULT=dest-stopped-after-ack: the
 cutover ends before the agent does, and the next agent serves the VM's report) was run by hand; see
@@ -53,9 +55,8 @@ def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after:
         assert "started the VM from the image it had acknowledged" in said["detail"], said
         assert "still holds P's acknowledged image" in dest.agent_log.read_text()  # adopted, not rebuilt
 
-        # the OS resumed in the VM, and its agent died before its report (p2vctl's Watch broke with it)
-        out = cr.wait_migration_end_in_vm(dest, timeout_s=600, ended=lambda text: "p2vctl: migrate:" in text)
-        print("\nmigrate output in the VM:\n" + out[-1500:])
+        # the OS resumed in the VM, and its agent died before its report: p2vctl waits to re-attach
+        cr.wait_migration_end_in_vm(dest, timeout_s=600, ended=lambda text: "p2vctl: lost the agent" in text)
         log = dest.vm_run(f"grep -h 'agent-killed-after-resume' {C.P_AGENT_LOG} | tail -n 2", timeout=30)
         assert "killing myself" in log, log
         meta = record / "meta.json"
@@ -68,6 +69,9 @@ def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after:
             time.sleep(1)
         journal = json.loads(dest.vm_run("cat $(ls -t /var/lib/p2v-source/migrations/*.json | head -1)", timeout=30))
         assert journal["resumed"] and journal["completed"] and journal["state"] == "MIGRATION_STATE_COMPLETED", journal
+        out = cr.wait_migration_end_in_vm(dest, timeout_s=120)  # p2vctl followed the next agent to the end
+        print("\nmigrate output in the VM:\n" + out[-1500:])
+        assert cr.final_state(out) == "completed" and "follow migration" in out, out[-2000:]
         vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
                          "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
         for name, pid in pids_before.items():
