@@ -167,8 +167,8 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
     cr.start_migration(rig, dest, extra=options)
     if agent_killed:
         out = wait_migrate_output(rig, timeout_s=1200,
-                                  ended=lambda text: "p2vctl: migrate:" in text or cr.final_state(text))
-        assert "p2vctl: migrate:" in out, out  # the agent is gone
+                                  ended=lambda text: "p2vctl: lost the agent" in text or cr.final_state(text))
+        assert "p2vctl: lost the agent" in out, out  # the agent is gone; p2vctl waits for the next one
         rig.restart_agent()
         deadline = time.monotonic() + 120
         recovered = ""
@@ -178,6 +178,8 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
         print(f"\n{what}: the next agent: {recovered}")
         assert "cutover recovered" in recovered and "V told" in recovered, recovered
         before.pop("agent")
+        # p2vctl re-attached and heard that the next agent does not serve the migration again
+        out = wait_migrate_output(rig, timeout_s=180, ended=lambda text: "did not survive the restart" in text)
     else:
         out = wait_migrate_output(rig, timeout_s=1200)
     print(f"\n{what} output:\n" + out[-1200:])
