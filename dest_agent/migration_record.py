@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomicfile import read_json, write_json_atomic
+from common.migration_state import FINAL_STATES
 from p2v.v1 import common_pb2
 
 MIGRATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -153,6 +154,4 @@ class MigrationRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in (common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED,
-                              common_pb2.MIGRATION_STATE_CANCELLED,
-                              common_pb2.MIGRATION_STATE_ROLLED_BACK)
+        return self.state in FINAL_STATES

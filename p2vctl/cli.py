@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.config import TlsConfig
+from common.migration_state import FINAL_STATES
 from common.rpc import open_channel, unreachable, wait_for_agent
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2, source_pb2_grpc
 
@@ -81,10 +82,6 @@ def _exit_for(status: common_pb2.MigrationStatus) -> int:
     if status.state in (common_pb2.MIGRATION_STATE_CANCELLED, common_pb2.MIGRATION_STATE_ROLLED_BACK):
         return EXIT_CANCELLED
     return EXIT_FAILED
-
-
-FINAL_STATES = frozenset({common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED,
-                          common_pb2.MIGRATION_STATE_CANCELLED, common_pb2.MIGRATION_STATE_ROLLED_BACK})
 
 
 class MigrationLost(Exception):

@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from common import faults
 from common.atomicfile import read_json, write_json_atomic
 from common.config import SourceConfig, TlsConfig
+from common.migration_state import FINAL_STATE_NAMES
 from common.rpc import open_channel
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2
 
@@ -370,11 +371,6 @@ async def resolve_on_destination(address: str, migration_id: str, tls: TlsConfig
         final=(grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION))
 
 
-FINAL_STATES = frozenset(common_pb2.MigrationState.Name(s) for s in (
-    common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED, common_pb2.MIGRATION_STATE_CANCELLED,
-    common_pb2.MIGRATION_STATE_ROLLED_BACK))
-
-
 def _journals(state_dir: str) -> Iterator[tuple[Path, dict]]:
     """This agent's migration journals that can be read, oldest name first."""
     for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
@@ -400,7 +396,7 @@ def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
     ids marked."""
     marked = []
     for path, journal in _journals(state_dir):
-        if journal.get("remote_id") != remote_id or journal.get("state") in FINAL_STATES:
+        if journal.get("remote_id") != remote_id or journal.get("state") in FINAL_STATE_NAMES:
             continue
         journal.update(state=common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED), error=detail,
                        updated=time.time())

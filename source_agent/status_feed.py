@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from common.migration_state import FINAL_STATES
 from p2v.v1 import common_pb2
-
-FINAL_STATES = frozenset({
-    common_pb2.MIGRATION_STATE_COMPLETED, common_pb2.MIGRATION_STATE_FAILED,
-    common_pb2.MIGRATION_STATE_CANCELLED, common_pb2.MIGRATION_STATE_ROLLED_BACK,
-})
 
 
 class StatusFeed:
