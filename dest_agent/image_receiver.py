@@ -211,6 +211,9 @@ class HeldImage:
     """The acknowledged image a waiting VM kept loaded across a restart of V's agent, found again
     (restore_program HELD): what that run's receiver would still do with it, commit or drop."""
 
+    #: what V's stop asks of a receive (CutoverDesk.stop_receiving): this one ended in an earlier run
+    connected = False
+
     def __init__(self, migration_id: str, feed: VmFeed, pages: int, go_mark: Path,
                  figures: dict | None = None) -> None:
         self.feed = feed
@@ -219,9 +222,6 @@ class HeldImage:
         for key, value in (figures or {}).items():  # the ACK mark's (ACK_FIGURES): that run's receive
             if key in ACK_FIGURES and isinstance(value, int):
                 setattr(self.result, key, value)
-
-    #: what V's stop asks of a receive (CutoverDesk.stop_receiving): this one ended in an earlier run
-    connected = False
 
     def abandon(self, reason: str) -> None:
         """Nothing left to abandon: the VM keeps the image, as it did across the restart."""

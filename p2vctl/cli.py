@@ -29,8 +29,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CANCELLED = 0, 1, 2, 3,
 DEFAULT_AGENT = "unix:/run/p2v/source.sock"
 
 
-
-
 def as_dict(message: Any) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True)

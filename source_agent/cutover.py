@@ -500,10 +500,11 @@ async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float 
                     first_delay_s: float = 1.0, max_delay_s: float = 15.0):
     """`call()` until V answers, retried with a growing pause for up to `patience_s` while V is
     unreachable; then, or at once when V refuses, a RuntimeError naming `what`."""
-    attempts = [0]
+    retries = 0
 
     def retried(attempt: int, exc: BaseException) -> None:
-        attempts[0] = attempt
+        nonlocal retries
+        retries = attempt
         log.warning("%s (attempt %d): %s", what, attempt, exc)
 
     try:
@@ -513,7 +514,7 @@ async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float 
         if not unreachable(exc):
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
             raise RuntimeError(f"{what}: V refused: {why}") from None
-        raise RuntimeError(f"{what}: no answer from V after {attempts[0] + 1} attempts in "
+        raise RuntimeError(f"{what}: no answer from V after {retries + 1} attempts in "
                            f"{patience_s:.0f}s: {exc}") from None
 
 

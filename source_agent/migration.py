@@ -243,7 +243,7 @@ class SourceMigration:
         """A migration whose OS resumed in the VM but whose reports never reached V (its agent died, or
         gave up while V's agent was down): `report_again` tells V now, from the journal."""
         request = source_pb2.MigrateRequest(destination=str(journal["destination"]))
-        migration = cls(config, request, lambda: source_pb2.Inventory(), host_id, str(journal["id"]))
+        migration = cls(config, request, source_pb2.Inventory, host_id, str(journal["id"]))
         migration.journal_extra = {k: v for k, v in journal.items()
                                    if k not in ("id", "destination", "state", "error", "updated")}
         migration.point_of_no_return = True
