@@ -94,6 +94,24 @@ def resolve_verdict(result: ReceiveResult | None, point_of_no_return: bool, drop
     return NOTHING_HELD
 
 
+def operator_attention(migration_id: str, undecided_held: bool, silent_vm: str, cancel_failed: bool) -> str:
+    """What V's operator must do about a migration (empty: nothing). Pure.
+
+    An image held undecided waits for P's word: P's agent gives it when it can; only the operator
+    can when P is off and its agent is gone. A waiting VM that did not answer after a restart of this
+    agent may be P (a restored VM has no feed): only someone who can see it may destroy it."""
+    if undecided_held:
+        return (f"V holds P's acknowledged image undecided: P's agent resolves it when it can; if P is off, "
+                f"run `p2vctl resolve {migration_id} --p-is-off` here (V starts the VM), if P runs, "
+                f"`p2vctl resolve {migration_id} --p-runs-on`")
+    if silent_vm:
+        return (f"its waiting VM {silent_vm} did not answer after this agent restarted: it may be P; once you "
+                f"know it is not, destroy it (virsh destroy {silent_vm})")
+    if cancel_failed:
+        return "the OS runs in the VM, but part of P's redundancy was not cancelled there: see the VM's agent log"
+    return ""
+
+
 class ResolveError(RuntimeError):
     """V cannot answer yet (still receiving) or could not start the VM: P's agent falls back to its
     own note (power off once committed)."""
@@ -116,6 +134,7 @@ class CutoverState:
     completed_at: float = 0.0
     attempts: int = 0
     figures: dict = field(default_factory=dict)
+    silent_vm: str = ""  # the waiting VM an earlier run left, which did not answer on its feed
 
 
 def add_figures(path: Path, key: str, figures: dict) -> None:
@@ -380,6 +399,7 @@ class CutoverDesk:
             if answer == ADOPTED:
                 continue
             if answer == SILENT:
+                self.state(record.id).silent_vm = vm.name
                 log.error("the waiting VM an earlier run left does not answer on its feed: it may be P (a "
                           "restored VM has none) or broken; left running — destroy it by hand (virsh destroy) "
                           "once you know it is not P", extra={"migration": record.id, "vm": vm.name})
@@ -446,6 +466,16 @@ class CutoverDesk:
         record.set_state(common_pb2.MIGRATION_STATE_COMPLETED if not report.failed
                          else common_pb2.MIGRATION_STATE_FAILED,
                          "" if not report.failed else "cancellation incomplete: " + "; ".join(report.failed))
+
+    def attention(self, record: MigrationRecord) -> str:
+        """What the operator must do about this migration (`operator_attention`)."""
+        st = self.states.get(record.id)
+        if st is None:
+            return ""
+        held = (st.result is not None and undecided(st.result) and not st.dropped and not st.point_of_no_return
+                and st.receiver is not None)
+        cancel_failed = st.completion is not None and bool(st.completion.failed)
+        return operator_attention(record.id, held, st.silent_vm, cancel_failed)
 
     def fill_status(self, record: MigrationRecord, status: common_pb2.MigrationStatus) -> None:
         st = self.states.get(record.id)

@@ -66,6 +66,7 @@ class MigrationRecord:
         self.redundancy: list[dict[str, str]] = []
         self.counters = Counters()
         self.created = time.time()
+        self.updated = self.created  # when the journal last changed
         self.lock = threading.Lock()
         # Threads writing into the store right now; the store is closed only when none are.
         self.inflight = 0
@@ -105,9 +106,11 @@ class MigrationRecord:
         record.durable_round = int(meta.get("durable_round", 0))
         record.redundancy = list(meta.get("redundancy", []))
         record.created = float(meta.get("created", record.created))
+        record.updated = float(meta.get("updated", record.created))
         return record
 
     def journal(self) -> None:
+        self.updated = time.time()
         write_json_atomic(self.meta_path, {
             "id": self.id,
             "state": STATE_NAMES[self.state],
@@ -121,7 +124,7 @@ class MigrationRecord:
             "durable_round": self.durable_round,
             "redundancy": self.redundancy,
             "created": self.created,
-            "updated": time.time(),
+            "updated": self.updated,
         })
 
     @staticmethod

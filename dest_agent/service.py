@@ -448,6 +448,17 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         await self._peer(context)
         return self.status_of(await self._migration(request.migration_id, context))
 
+    async def List(self, request: common_pb2.ListRequest, context):
+        await self._peer(context)
+        listed = []
+        for record in sorted(self.migrations.values(), key=lambda r: (r.created, r.id)):
+            summary = common_pb2.MigrationSummary(
+                status=self.status_of(record), peer=record.source_host_id, started_ms=int(record.created * 1000),
+                updated_ms=int(record.updated * 1000), live=True, attention=self.cutover.attention(record))
+            if not request.unfinished_only or summary.attention or not record.finished:
+                listed.append(summary)
+        return common_pb2.MigrationList(migrations=listed)
+
     async def Cancel(self, request: common_pb2.CancelRequest, context):
         await self._peer(context)
         record = await self._migration(request.migration_id, context)

@@ -45,7 +45,7 @@ class Client:
         self.address = agent
         self.channel = open_channel(agent, tls)
         self.stub = source_pb2_grpc.SourceStub(self.channel)
-        self.destination = destination_pb2_grpc.DestinationStub(self.channel)  # `resolve` only
+        self.destination = destination_pb2_grpc.DestinationStub(self.channel)  # `resolve`, `list` on V
 
     async def close(self) -> None:
         await self.channel.close()
@@ -176,8 +176,28 @@ async def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         emit_json(as_dict(reply))
     else:
-        print(f"migration {reply.migration_id}: rolled back "
+        print(f"migration {reply.migration_id or '(none)'}: rolled back "
               f"{len(reply.undone)} configuration(s): {', '.join(reply.undone) or 'nothing to undo'}")
+        for failed in reply.failed:
+            print(f"p2vctl: rollback: left in place: {failed} (run the rollback again once the cause is gone)",
+                  file=sys.stderr)
+    return EXIT_FAILED if reply.failed else EXIT_OK
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    """The source agent's migrations, or V's when --agent names a destination agent (its server has
+    no Source service)."""
+    request = common_pb2.ListRequest(unfinished_only=args.unfinished)
+    try:
+        listed = await client.stub.List(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        listed = await client.destination.List(request, timeout=args.timeout)
+    if args.json:
+        emit_json(as_dict(listed))
+    else:
+        render.migrations(listed)
     return EXIT_OK
 
 
@@ -200,7 +220,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"discover": cmd_discover, "check": cmd_check, "migrate": cmd_migrate, "watch": cmd_watch,
-            "cancel": cmd_cancel, "rollback": cmd_rollback, "resolve": cmd_resolve}
+            "cancel": cmd_cancel, "rollback": cmd_rollback, "resolve": cmd_resolve, "list": cmd_list}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("migration_id", nargs="?", help="default: the current or last migration")
         if name == "cancel":
             p.add_argument("--reason", default="cancelled by the operator")
+    p = sub.add_parser("list", parents=[common],
+                       help="the migrations an agent runs or journaled, and what needs you (also V's: "
+                            "--agent V's agent --server-name p2v-dest)")
+    p.add_argument("--unfinished", action="store_true", help="only those not ended, or needing you")
     p = sub.add_parser("resolve", parents=[common],
                        help="on V: decide a cutover left undecided (--agent V's agent, --server-name p2v-dest)")
     p.add_argument("migration_id", help="V's id of the migration (its status says 'cutover undecided')")
@@ -270,7 +294,7 @@ def _error(args: argparse.Namespace, message: str, code: grpc.StatusCode) -> Non
 def _unreachable(args: argparse.Namespace, client: Client, message: str, code: grpc.StatusCode) -> int:
     _error(args, message, code)
     if not args.json:
-        which = "destination" if args.command == "resolve" else "source"
+        which = {"resolve": "destination", "list": "source (or destination)"}.get(args.command, "source")
         print(f"p2vctl: is the {which} agent running and listening on {client.address}?", file=sys.stderr)
     return EXIT_UNREACHABLE
 

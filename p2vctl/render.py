@@ -66,6 +66,33 @@ def verdict(v: source_pb2.CheckVerdict) -> None:
     console.print("[bold green]check passed[/]" if v.ok else "[bold red]check refused[/]")
 
 
+def _when(ms: int) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "?"
+
+
+def migrations(listed: common_pb2.MigrationList) -> None:
+    """`p2vctl list`: one row per migration, then what needs the operator."""
+    if not listed.migrations:
+        console.print("no migrations")
+        return
+    table = Table(title="Migrations")
+    for col in ("id", "state", "started", "updated", "peer", ""):
+        table.add_column(col)
+    for m in listed.migrations:
+        state = common_pb2.MigrationState.Name(m.status.state).removeprefix("MIGRATION_STATE_").lower()
+        table.add_row(m.status.migration_id, state, _when(m.started_ms), _when(m.updated_ms), escape(m.peer),
+                      "[bold red]needs you[/]" if m.attention else ("" if m.live else "[dim]journal[/]"))
+    console.print(table)
+    for m in listed.migrations:
+        if m.status.error:
+            console.print(f"  {m.status.migration_id}: {escape(m.status.error)}")
+    for m in listed.migrations:
+        if m.attention:
+            console.print(f"[bold red]![/] {m.status.migration_id}: {escape(m.attention)}")
+
+
 def _line(status: common_pb2.MigrationStatus) -> str:
     s = status.stats
     parts = [f"round {status.round}"]

@@ -34,6 +34,8 @@ from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
+#: how an agent that is not (or no longer) reporting a resume to V is made to
+RESTART_TO_REPORT = "restart the source agent (systemctl restart p2v-source) to report again"
 #: Tries to tell V that P runs on after a cutover that went as far as a snapshot (see _abort_remote).
 AFTER_SNAPSHOT_ATTEMPTS = 5
 
@@ -75,7 +77,17 @@ class SourceMigration:
         write_json_atomic(self.journal_path, {
             "id": self.id, "destination": self.request.destination,
             "state": common_pb2.MigrationState.Name(self.feed.status.state),
-            "error": self.feed.status.error, "updated": time.time(), **self.journal_extra})
+            "error": self.feed.status.error, "started_wall": self.started_wall, "updated": time.time(),
+            **self.journal_extra})
+
+    def summary(self) -> common_pb2.MigrationSummary:
+        """What `List` says of this migration, which this agent's process runs."""
+        status = common_pb2.MigrationStatus()
+        status.CopyFrom(self.feed.status)
+        journal = {**self.journal_extra, "state": common_pb2.MigrationState.Name(status.state)}
+        return common_pb2.MigrationSummary(
+            status=status, peer=self.request.destination, started_ms=int(self.started_wall * 1000),
+            updated_ms=status.timestamp_ms, live=True, attention=attention(journal))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,8 +229,7 @@ class SourceMigration:
         try:
             outcome = await cutover.after_resume(stub, remote_id, self.host_id, figures, self.config.agent.state_dir)
         except RuntimeError as exc:
-            message = (f"{exc}. The OS runs in the VM; P's redundancy stays until V is told: start the agent "
-                       "again (systemctl restart p2v-source) to report again")
+            message = f"{exc}. The OS runs in the VM; P's redundancy stays until V is told: {RESTART_TO_REPORT}"
             log.critical("reports to V failed", extra={"migration": self.id, "error": message})
             await self.feed.publish(state=common_pb2.MIGRATION_STATE_FAILED, error=message, point_of_no_return=True)
             return
@@ -371,7 +382,7 @@ async def resolve_on_destination(address: str, migration_id: str, tls: TlsConfig
         final=(grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION))
 
 
-def _journals(state_dir: str) -> Iterator[tuple[Path, dict]]:
+def read_journals(state_dir: str) -> Iterator[tuple[Path, dict]]:
     """This agent's migration journals that can be read, oldest name first."""
     for path in sorted((Path(state_dir) / "migrations").glob("*.json")):
         try:
@@ -382,12 +393,83 @@ def _journals(state_dir: str) -> Iterator[tuple[Path, dict]]:
             yield path, journal
 
 
+def resumed_unreported(journal: dict) -> bool:
+    """The OS resumed in the VM and V never said it was told (the reports after resume). Pure."""
+    return bool(journal.get("resumed")) and not journal.get("completed")
+
+
 def unreported_resumes(state_dir: str) -> list[dict]:
     """The journals of migrations that resumed in the VM and never had V's word that it was told
     (the reports after resume): the agent started next reports them again."""
-    return [journal for _, journal in _journals(state_dir)
-            if journal.get("resumed") and not journal.get("completed")
-            and journal.get("remote_id") and journal.get("destination") and journal.get("id")]
+    return [journal for _, journal in read_journals(state_dir)
+            if resumed_unreported(journal) and journal.get("remote_id") and journal.get("destination")
+            and journal.get("id")]
+
+
+#: what the operator is told when the OS runs in the VM and no agent is telling V any more
+REPORT_AGAIN_ADVICE = ("the OS runs in the VM but V was never told, and P's redundancy stays until it is: "
+                       f"{RESTART_TO_REPORT}")
+
+
+def attention(journal: dict) -> str:
+    """What the operator must do about a migration, from its journal (empty: nothing). Pure."""
+    if resumed_unreported(journal) and journal.get("state") in FINAL_STATE_NAMES:
+        return REPORT_AGAIN_ADVICE
+    return ""
+
+
+def _state_value(name: object) -> int:
+    try:
+        return common_pb2.MigrationState.Value(str(name))
+    except ValueError:
+        return common_pb2.MIGRATION_STATE_UNSPECIFIED
+
+
+def _ms(seconds: object) -> int:
+    try:
+        return max(0, int(float(seconds) * 1000))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def journaled_summary(journal: dict) -> common_pb2.MigrationSummary:
+    """What `List` says of a migration only journaled: no agent runs it now. One whose journal stops
+    before a final state was interrupted: it reads failed (before the point of no return P ran on,
+    after it the OS resumed in the VM and V is still to be told). Pure."""
+    state, error = _state_value(journal.get("state")), str(journal.get("error") or "")
+    if str(journal.get("state")) not in FINAL_STATE_NAMES:
+        was = common_pb2.MigrationState.Name(state).removeprefix("MIGRATION_STATE_").lower()
+        journal = {**journal, "state": common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED)}
+        state = common_pb2.MIGRATION_STATE_FAILED
+        error = (f"interrupted: the source agent stopped during the migration ({was})"
+                 + ("" if resumed_unreported(journal) else "; P ran on"))
+    updated_ms = _ms(journal.get("updated"))
+    status = common_pb2.MigrationStatus(migration_id=str(journal.get("id", "")), state=state, error=error,
+                                        timestamp_ms=updated_ms,
+                                        point_of_no_return=bool(journal.get("resumed")))
+    return common_pb2.MigrationSummary(status=status, peer=str(journal.get("destination", "")),
+                                       started_ms=_ms(journal.get("started_wall")), updated_ms=updated_ms,
+                                       live=False, attention=attention(journal))
+
+
+def journaled_summaries(state_dir: str, skip: set[str]) -> list[common_pb2.MigrationSummary]:
+    """The journaled migrations whose ids are not in `skip` (those the agent runs)."""
+    return [journaled_summary(journal) for _, journal in read_journals(state_dir)
+            if str(journal.get("id", "")) not in skip]
+
+
+def mark_journal(state_dir: str, migration_id: str, state: int) -> bool:
+    """Set the state of the journal of `migration_id` (never of a completed one: its OS moved).
+    Returns whether one was changed."""
+    for path, journal in read_journals(state_dir):
+        if str(journal.get("id", "")) != migration_id:
+            continue
+        if journal.get("state") == common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_COMPLETED):
+            return False
+        journal.update(state=common_pb2.MigrationState.Name(state), updated=time.time())
+        write_json_atomic(path, journal)
+        return True
+    return False
 
 
 def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
@@ -395,7 +477,7 @@ def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
     which died mid-cutover left unfinished (the operator's record says what happened). Returns the
     ids marked."""
     marked = []
-    for path, journal in _journals(state_dir):
+    for path, journal in read_journals(state_dir):
         if journal.get("remote_id") != remote_id or journal.get("state") in FINAL_STATE_NAMES:
             continue
         journal.update(state=common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED), error=detail,

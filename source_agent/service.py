@@ -8,16 +8,23 @@ import logging
 import grpc
 
 from common.config import SourceConfig
+from common.migration_state import FINAL_STATES
 from common.rpc import require_peer
 from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
 from .cutover import vm_runs_after_commit
 from .migration import (
+    RESTART_TO_REPORT,
     SourceMigration,
     cancel_on_destination,
+    journaled_summaries,
+    journaled_summary,
     mark_interrupted,
+    mark_journal,
+    read_journals,
     resolve_on_destination,
+    resumed_unreported,
     unreported_resumes,
 )
 
@@ -136,18 +143,48 @@ class SourceService(source_pb2_grpc.SourceServicer):
                                       detail=migration.feed.status.error)
 
     async def Rollback(self, request: common_pb2.MigrationRef, context):
+        """Undo P's redundancy from its journal: also after a restart of this agent (no migration in its
+        memory), never while a migration runs, never in the VM before V was told of the resume."""
         await self._peer(context)
-        migration = await self._migration(request.migration_id, context)
-        if not migration.feed.finished:
+        active = self._active()
+        if active is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"migration {migration.id} is still running: cancel it first")
+                                f"migration {active.id} is still running: cancel it first")
+        state_dir = self.config.agent.state_dir
+        journals = await asyncio.to_thread(lambda: list(read_journals(state_dir)))
+        if in_vm := next((j for _, j in journals if resumed_unreported(j)), None):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this OS resumed in the VM (migration {in_vm.get('id')}): its redundancy is "
+                                f"cancelled once V is told of it, never rolled back here; {RESTART_TO_REPORT}")
+        migration_id = request.migration_id
+        if not migration_id:  # the last migration this agent ran, else the last one journaled
+            started = sorted(journals, key=lambda pj: journaled_summary(pj[1]).started_ms)
+            latest = list(self.migrations) or [str(j.get("id", "")) for _, j in started]
+            migration_id = latest[-1] if latest else ""
+        elif migration_id not in self.migrations and not any(j.get("id") == migration_id for _, j in journals):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown migration {migration_id!r}")
         # Redundancy (bond, md leg, drivers) is undone from its journal in reverse order.
         from source_agent.redundancy.rollback import rollback_all
 
-        undone = await asyncio.to_thread(rollback_all, self.config.agent.state_dir)
-        await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
-        return source_pb2.RollbackReply(migration_id=migration.id, undone=undone,
+        result = await asyncio.to_thread(rollback_all, state_dir)
+        failed = [f"{entry}: {why}" for entry, why in result.failed + result.skipped]
+        migration = self.migrations.get(migration_id)
+        if migration is not None and migration.feed.status.state != common_pb2.MIGRATION_STATE_COMPLETED:
+            await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
+        elif migration is None and migration_id:
+            await asyncio.to_thread(mark_journal, state_dir, migration_id, common_pb2.MIGRATION_STATE_ROLLED_BACK)
+        log.info("rollback", extra={"migration": migration_id, "undone": result.undone, "failed": failed})
+        return source_pb2.RollbackReply(migration_id=migration_id, undone=result.undone, failed=failed,
                                         state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
+
+    async def List(self, request: common_pb2.ListRequest, context):
+        await self._peer(context)
+        live = [m.summary() for m in self.migrations.values()]
+        journaled = await asyncio.to_thread(journaled_summaries, self.config.agent.state_dir, set(self.migrations))
+        listed = sorted(journaled + live, key=lambda s: (s.started_ms, s.status.migration_id))
+        if request.unfinished_only:
+            listed = [s for s in listed if s.attention or s.status.state not in FINAL_STATES]
+        return common_pb2.MigrationList(migrations=listed)
 
     @staticmethod
     def _unload_soon(delay_s: float = 3.0) -> None:

@@ -74,6 +74,17 @@ def rollback(journal: Journal, undoers: Mapping[str, Undo], raise_on_failure: bo
     return result
 
 
+def rollback_all(state_dir: str) -> RollbackResult:
+    """Undo what P's redundancy journal (in the agent's state directory) still holds, with the real
+    undo actions. No journal: nothing to undo."""
+    from source_agent.redundancy.journal import default_path
+
+    path = default_path(state_dir)
+    if not path.exists():
+        return RollbackResult()
+    return rollback(Journal.load(path), real_undoers())
+
+
 def real_undoers() -> dict[str, Undo]:
     """The undo action of every configuration kind (they act on the running system)."""
     from source_agent.redundancy import bond, drivers, mdmirror

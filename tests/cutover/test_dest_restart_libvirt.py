@@ -88,6 +88,10 @@ async def test_restarted_agent_destroys_only_waiting_vms_that_answer_holding_not
         assert VM_PREFIX + empty_id not in alive and not disks[empty_id].exists()  # answered: holding nothing
         assert VM_PREFIX + silent_id in alive and disks[silent_id].exists()  # silent: may be P, left running
         assert VM_PREFIX + p_id in alive  # the VM is P: never destroyed
+        # only the silent one needs the operator, and `p2vctl list` on V says what to do
+        said = {i: service.cutover.attention(service.migrations[i]) for i in (empty_id, silent_id, p_id)}
+        assert said[empty_id] == said[p_id] == ""
+        assert f"virsh destroy {VM_PREFIX + silent_id}" in said[silent_id] and "may be P" in said[silent_id]
         await asyncio.to_thread(vm_thread.join, 10)
         assert holding == [0]
     finally:

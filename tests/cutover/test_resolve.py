@@ -353,9 +353,18 @@ async def test_operator_resolves_on_v_with_p2vctl(tmp_path: Path) -> None:
     """P's agent could not reach V: the operator, who sees P off, tells V (p2vctl resolve)."""
     async with destination(tmp_path / "v") as dest:
         migration_id, feed = await undecided_cutover(tmp_path, dest)
+        # `p2vctl list` on V (its server has no Source service: p2vctl asks V's) names what to do
+        code, listed = await asyncio.to_thread(p2vctl, "list", "--unfinished", "--agent", dest.address)
+        assert code == 0, listed
+        [held] = listed["migrations"]
+        assert held["status"]["migration_id"] == migration_id and "undecided" in held["status"]["error"]
+        assert f"p2vctl resolve {migration_id} --p-is-off" in held["attention"], held
         code, said = await asyncio.to_thread(p2vctl, "resolve", migration_id, "--p-is-off", "--agent", dest.address)
         assert code == 0 and said["vm_runs"] is True, said
         assert feed.events[-1] == "go"
+        code, listed = await asyncio.to_thread(p2vctl, "list", "--agent", dest.address)
+        [started] = listed["migrations"]
+        assert started["attention"] == "" and started["status"]["point_of_no_return"] is True, started
         code, said = await asyncio.to_thread(p2vctl, "resolve", "no-such-migration", "--p-runs-on",
                                              "--agent", dest.address)
         assert code == 2 and said["code"] == "NOT_FOUND", said

@@ -134,6 +134,34 @@ class MigrationRef(_message.Message):
     migration_id: str
     def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
 
+class ListRequest(_message.Message):
+    __slots__ = ("unfinished_only",)
+    UNFINISHED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    unfinished_only: bool
+    def __init__(self, unfinished_only: _Optional[bool] = ...) -> None: ...
+
+class MigrationSummary(_message.Message):
+    __slots__ = ("status", "peer", "started_ms", "updated_ms", "live", "attention")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STARTED_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    status: MigrationStatus
+    peer: str
+    started_ms: int
+    updated_ms: int
+    live: bool
+    attention: str
+    def __init__(self, status: _Optional[_Union[MigrationStatus, _Mapping]] = ..., peer: _Optional[str] = ..., started_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., live: _Optional[bool] = ..., attention: _Optional[str] = ...) -> None: ...
+
+class MigrationList(_message.Message):
+    __slots__ = ("migrations",)
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    migrations: _containers.RepeatedCompositeFieldContainer[MigrationSummary]
+    def __init__(self, migrations: _Optional[_Iterable[_Union[MigrationSummary, _Mapping]]] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("migration_id", "reason")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]

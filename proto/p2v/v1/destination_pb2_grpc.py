@@ -100,6 +100,11 @@ class DestinationStub:
                 request_serializer=p2v_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
                 response_deserializer=p2v_dot_v1_dot_common__pb2.CancelReply.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/p2v.v1.Destination/List',
+                request_serializer=p2v_dot_v1_dot_common__pb2.ListRequest.SerializeToString,
+                response_deserializer=p2v_dot_v1_dot_common__pb2.MigrationList.FromString,
+                _registered_method=True)
 
 
 class DestinationServicer:
@@ -197,6 +202,13 @@ class DestinationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """The migrations V holds, and what needs the operator (an undecided cutover, a silent VM).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DestinationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +276,11 @@ def add_DestinationServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=p2v_dot_v1_dot_common__pb2.CancelRequest.FromString,
                     response_serializer=p2v_dot_v1_dot_common__pb2.CancelReply.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=p2v_dot_v1_dot_common__pb2.ListRequest.FromString,
+                    response_serializer=p2v_dot_v1_dot_common__pb2.MigrationList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -617,6 +634,33 @@ class Destination:
             '/p2v.v1.Destination/Cancel',
             p2v_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
             p2v_dot_v1_dot_common__pb2.CancelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2v.v1.Destination/List',
+            p2v_dot_v1_dot_common__pb2.ListRequest.SerializeToString,
+            p2v_dot_v1_dot_common__pb2.MigrationList.FromString,
             options,
             channel_credentials,
             insecure,

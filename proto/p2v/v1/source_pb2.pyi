@@ -176,11 +176,13 @@ class MigrateRequest(_message.Message):
     def __init__(self, destination: _Optional[str] = ..., streams: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., max_bandwidth_bytes: _Optional[int] = ..., no_compression: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., memory_source: _Optional[str] = ..., dry_run: _Optional[bool] = ..., rehearse: _Optional[bool] = ...) -> None: ...
 
 class RollbackReply(_message.Message):
-    __slots__ = ("migration_id", "undone", "state")
+    __slots__ = ("migration_id", "undone", "state", "failed")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     UNDONE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     undone: _containers.RepeatedScalarFieldContainer[str]
     state: _common_pb2.MigrationState
-    def __init__(self, migration_id: _Optional[str] = ..., undone: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[_common_pb2.MigrationState, str]] = ...) -> None: ...
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, migration_id: _Optional[str] = ..., undone: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[_common_pb2.MigrationState, str]] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -65,6 +65,11 @@ class SourceStub:
                 request_serializer=p2v_dot_v1_dot_common__pb2.MigrationRef.SerializeToString,
                 response_deserializer=p2v_dot_v1_dot_source__pb2.RollbackReply.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/p2v.v1.Source/List',
+                request_serializer=p2v_dot_v1_dot_common__pb2.ListRequest.SerializeToString,
+                response_deserializer=p2v_dot_v1_dot_common__pb2.MigrationList.FromString,
+                _registered_method=True)
 
 
 class SourceServicer:
@@ -104,7 +109,15 @@ class SourceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Undo the redundancy P's journal holds (also after a restart of this agent, from the journal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """The migrations this agent runs or journaled, and what needs the operator.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -141,6 +154,11 @@ def add_SourceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=p2v_dot_v1_dot_common__pb2.MigrationRef.FromString,
                     response_serializer=p2v_dot_v1_dot_source__pb2.RollbackReply.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=p2v_dot_v1_dot_common__pb2.ListRequest.FromString,
+                    response_serializer=p2v_dot_v1_dot_common__pb2.MigrationList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +323,33 @@ class Source:
             '/p2v.v1.Source/Rollback',
             p2v_dot_v1_dot_common__pb2.MigrationRef.SerializeToString,
             p2v_dot_v1_dot_source__pb2.RollbackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2v.v1.Source/List',
+            p2v_dot_v1_dot_common__pb2.ListRequest.SerializeToString,
+            p2v_dot_v1_dot_common__pb2.MigrationList.FromString,
             options,
             channel_credentials,
             insecure,
