@@ -1,4 +1,4 @@
-"""p2vctl: the thin command line over the source agent's gRPC API (and, for `resolve`, the
+"""p2vctl: the thin command line over the source agent's gRPC API (and, for `resolve` and `list`, the
 destination agent's).
 
 Exit codes: 0 ok; 1 the operation failed or the check refused; 2 usage or configuration error;

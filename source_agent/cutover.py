@@ -491,13 +491,16 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
 
 
 #: how long the agent in the VM keeps asking V to take its reports (Resumed, Complete): V's agent may
-#: be restarting (its unit does so in seconds; an operator's stop can last longer), and without them
-#: P's redundancy is never cancelled in the VM
-REPORT_PATIENCE_S = 1800.0
+#: be restarting (its unit does so in seconds; an operator's stop, a repair of V's host, can last
+#: hours), and without them P's redundancy is never cancelled in the VM. After that the migration
+#: reads failed, `p2vctl list` says so, and a restart of the agent reports again.
+REPORT_PATIENCE_S = 24 * 3600.0
+#: the longest pause between two asks: V's agent back after a restart is heard within a minute
+REPORT_MAX_DELAY_S = 60.0
 
 
 async def patiently(call: Callable[[], Awaitable], what: str, patience_s: float = REPORT_PATIENCE_S,
-                    first_delay_s: float = 1.0, max_delay_s: float = 15.0):
+                    first_delay_s: float = 1.0, max_delay_s: float = REPORT_MAX_DELAY_S):
     """`call()` until V answers, retried with a growing pause for up to `patience_s` while V is
     unreachable; then, or at once when V refuses, a RuntimeError naming `what`."""
     retries = 0

@@ -18,6 +18,8 @@ from tests.redundancy import rigutil as u
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(2400)]
 
 EXPORT_PORT = 10809
+#: where P's source agent finds the redundancy journal (its state directory)
+AGENT_JOURNAL = "/var/lib/p2v-source/redundancy-journal.json"
 
 
 def catalog_toml(nic: bool, disk: bool, serial: str = "p2v-local") -> str:
@@ -85,6 +87,16 @@ def test_discovery_inside_p(rig: Rig, p: dict) -> None:
 
 
 def test_bond_keeps_tcp_session_and_rollback_restores(rig: Rig, p: dict) -> None:
+    """Built with the redundancy tool into the source agent's journal, rolled back by the agent
+    (`p2vctl rollback`: the agent knows no migration, it works from the journal)."""
+    p["journal"] = AGENT_JOURNAL  # the fixture rolls it back whatever happens; removed below
+    try:
+        bond_and_rollback(rig, p)
+    finally:
+        rig.run(f"rm -f {AGENT_JOURNAL}")
+
+
+def bond_and_rollback(rig: Rig, p: dict) -> None:
     u.wait_settled(rig, p["nic"])
     net_before, mods_before = u.net_dump(rig), u.modules(rig)
     u.put(rig, f"{u.WORK}/cat-nic.toml", catalog_toml(nic=True, disk=False))
@@ -109,8 +121,10 @@ def test_bond_keeps_tcp_session_and_rollback_restores(rig: Rig, p: dict) -> None
     assert f"{C.P_IP}/" not in u.sh(rig, f"ip -o addr show dev {p['nic']}")
     time.sleep(3)  # traffic over the bond
     t1 = time.time()
-    rb = u.red_json(rig, f"rollback --journal {p['journal']}")
-    assert rb["failed"] == [] and len(rb["undone"]) == 2
+    res = rig.run(f"cd {C.P_PROJECT_DIR} && python3 -m p2vctl.cli rollback --json", timeout=300)
+    assert res.rc == 0, f"p2vctl rollback: rc {res.rc}\n{res.err}\n{res.out}"
+    rb = json.loads(res.out)
+    assert rb["failed"] == [] and len(rb["undone"]) == 2, rb
     time.sleep(3)
     u.wait_settled(rig, p["nic"])
     tcp = rig.tcp_stats(since=t0 - 1)

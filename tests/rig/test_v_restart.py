@@ -49,6 +49,17 @@ def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after:
         assert (record / "ack.json").exists() and not (record / "go.json").exists()
 
         cr.start_agent(dest)  # the same state; no fault
+        # V's operator sees what waits for them (`p2vctl list` over mutual TLS), once V has asked its VM
+        deadline = time.monotonic() + 180
+        while True:
+            listed = cr.p2vctl_on_v(dest, "list", "--unfinished")
+            rows = json.loads(listed.stdout.strip().splitlines()[-1]).get("migrations", []) if listed.stdout else []
+            if rows and rows[0]["attention"]:
+                break
+            assert time.monotonic() < deadline, listed.stdout + listed.stderr
+            time.sleep(2)
+        assert rows[0]["status"]["migration_id"] == record.name, rows
+        assert f"p2vctl resolve {record.name} --p-is-off" in rows[0]["attention"], rows
         resolved = cr.p2vctl_on_v(dest, "resolve", record.name, "--p-is-off")  # answered once V has asked its VM
         said = json.loads(resolved.stdout.strip().splitlines()[-1])
         assert resolved.returncode == 0 and said["vm_runs"], resolved.stdout + resolved.stderr
