@@ -203,7 +203,7 @@ class Rig:
         self.run(agent_restart_script(env), timeout=60, check=True)
         state = self.wait_agent(timeout_s)
         if not state.ready:
-            raise RuntimeError(f"the source agent did not come back: {state.state}\n{state.tail}")
+            raise RuntimeError(f"the source agent did not come back: {state.state}\n{state.log_tail}")
         return state
 
     def wait_agent(self, timeout_s: float) -> AgentState:

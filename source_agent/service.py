@@ -171,7 +171,7 @@ class SourceService(source_pb2_grpc.SourceServicer):
         migration = self.migrations.get(migration_id)
         if migration is not None and migration.feed.status.state != common_pb2.MIGRATION_STATE_COMPLETED:
             await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ROLLED_BACK)
-        elif migration is None and migration_id:
+        if migration_id:  # the journal too: what the next agent lists (a completed one is left as it is)
             await asyncio.to_thread(mark_journal, state_dir, migration_id, common_pb2.MIGRATION_STATE_ROLLED_BACK)
         log.info("rollback", extra={"migration": migration_id, "undone": result.undone, "failed": failed})
         return source_pb2.RollbackReply(migration_id=migration_id, undone=result.undone, failed=failed,
