@@ -212,7 +212,7 @@ class HelperConfig:
 
 @dataclass
 class Figures:
-    blocked_at: float = 0.0  # P's peers hear nothing from here on
+    blocked_at: float = 0.0  # P's peers hear nothing from here on (the block closed, after FREEZE)
     frozen_at: float = 0.0
     freeze_s: float = 0.0  # SNAPSHOT_FREEZE itself (sync, then every task frozen)
     image_created_at: float = 0.0
@@ -684,8 +684,7 @@ class Helper:
             host, port = self.cfg.host_port
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
-                self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)
-                self.fig.blocked_at = time.time()
+                self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)  # open until tighten
             self.memory = memory_facts(self.cfg.meminfo_path)
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
@@ -698,6 +697,7 @@ class Helper:
             self.fig.freeze_s = time.monotonic() - t_freeze
             if self.blocked:
                 self.block.tighten(self.blocked)  # from now on P acknowledges nothing but the image stream
+                self.fig.blocked_at = time.time()
             if self.cycle is not None:
                 self.cycle.take_down()  # after FREEZE's sync: md's network leg needs the link for it
             self._collect_peer_heads()
@@ -903,7 +903,7 @@ class Helper:
         spent["warm"] = self.fig.warm_s
         spent["freeze"] = self.fig.freeze_s
         if self.fig.blocked_at:
-            spent["blocked_to_frozen"] = self.fig.frozen_at - self.fig.blocked_at
+            spent["frozen_to_blocked"] = self.fig.blocked_at - self.fig.frozen_at
         spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
         if self.outbox.link_seen_at:  # after CREATE_IMAGE, as P saw its egress link come back
             spent["link_back"] = self.outbox.link_seen_at - t_start

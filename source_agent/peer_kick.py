@@ -8,10 +8,10 @@ backoff step (Linux: tcp_ld_RTO_revert, RFC 6069); a few of them undo all of it,
 shortened timer has already run out resends at once.
 
 What it takes: the quoted segment, exactly (addresses, ports, sequence number = the peer's
-snd_una = the last acknowledgement P sent). The cutover helper captures from just before the
-block until CREATE_IMAGE (so what it learnt travels in the image): P's last acknowledgements, and
-the peers' segments the block drops; after the move the resume step `kick-peers` sends the ICMPs
-from the VM, once the network path is back.
+snd_una = the last acknowledgement P sent). The cutover helper captures from before the block
+closes (right after FREEZE) until just before CREATE_IMAGE (so what it learnt travels in the image):
+P's last acknowledgements, and the peers' segments; after the move the resume step `kick-peers`
+sends the ICMPs from the VM, once the network path is back (after an aborted cutover: from P).
 
 `parse_incoming`, `parse_outgoing_ack`, `PeerWaits`, `capture_filter` and `icmp_host_unreachable`
 are pure; the sockets are the edges.
@@ -102,13 +102,15 @@ class PeerWaits:
     """Which peers wait on P, and for what.
 
     A peer's oldest unacknowledged byte is the last acknowledgement P sent it (P acknowledges
-    nothing once the block is up); the capture starts before the block to see it. A flow waits when
-    the peer sent data at or beyond that point. Without an acknowledgement seen, the earliest data
-    segment seen stands in (right when the peer has resent its oldest segment meanwhile)."""
+    nothing once the block is closed); the capture starts before the block to see it. Every flow the
+    peer sent data on is taken to wait: the block closes right after FREEZE and the capture ends a
+    moment later, so a peer's next segment (which starts at P's last acknowledgement) often comes
+    only after it. A kick for a flow with nothing in flight changes nothing (the peer's TCP reverts
+    a backoff only for the segment its timer guards). Without an acknowledgement seen, the earliest
+    data segment seen stands in (right when the peer has resent its oldest segment meanwhile)."""
 
     last_ack: dict[Flow, int] = field(default_factory=dict)
     earliest: dict[Flow, tuple[int, bytes]] = field(default_factory=dict)
-    latest: dict[Flow, int] = field(default_factory=dict)
 
     def add_incoming(self, flow: Flow, seq: int, quote: bytes) -> None:
         known = self.earliest.get(flow)
@@ -116,8 +118,6 @@ class PeerWaits:
             return
         if known is None or _before(seq, known[0]):
             self.earliest[flow] = (seq, quote)
-        if flow not in self.latest or _before(self.latest[flow], seq):
-            self.latest[flow] = seq
 
     def add_outgoing_ack(self, flow: Flow, ack: int) -> None:
         if flow in self.last_ack:
@@ -133,7 +133,7 @@ class PeerWaits:
             ack = self.last_ack.get(flow)
             if ack is None:
                 out.append(quote)
-            elif not _before(self.latest[flow], ack):  # data at or beyond what P acknowledged
+            else:
                 ihl = (quote[0] & 0x0F) * 4
                 out.append(quote[:ihl + 4] + struct.pack("!I", ack) + quote[ihl + 8:])
         return out

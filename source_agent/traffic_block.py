@@ -3,15 +3,18 @@ know about (a peer's data acknowledged by P but not in the image would be lost; 
 acknowledge is sent again by the peer, and then reaches the VM).
 
 A clsact qdisc on every interface, per direction:
-    prio 1  the image stream with V (V's address and the image socket's port)      pass
-    prio 2  anything else with V (md's NBD leg: the sync inside FREEZE writes to it) pass
-    prio 3  ARP                                                                     pass
-    prio 4  everything else                                                         drop
-`apply` installs it before FREEZE; `tighten` removes prio 2 right after FREEZE (nothing runs any
-more; replies still in flight from V are then not acknowledged by P, V resends them to the VM);
-`lift` removes the whole block (in the VM, or when the cutover is aborted). The block is
-part of P's memory, so the OS wakes up in the VM with it still in place; resume lifts it once the
-virtual NIC is in service.
+    prio 1  everything (the gate)                                                   pass
+    prio 2  the image stream with V (V's address and the image socket's port)      pass
+    prio 3  anything else with V (md's NBD leg: the sync inside FREEZE writes to it) pass
+    prio 4  ARP                                                                     pass
+    prio 5  everything else                                                         drop
+`apply` installs it before FREEZE, open: the gate lets everything through, so P's services answer
+until FREEZE (its lead over FREEZE, ~0.1 s under TCG, was part of every peer's outage). `tighten`
+closes it right after FREEZE: it removes the gate and prio 3 (nothing runs any more; replies still in
+flight from V are then not acknowledged by P, V resends them to the VM). What P's kernel
+acknowledged before that is in the snapshot, taken later. `lift` removes the whole block (in the VM,
+or when the cutover is aborted). The block is part of P's memory, so the OS wakes up in the VM with
+it still in place; resume lifts it once the virtual NIC is in service.
 
 `block_commands` is pure (tc argv lists, run by one `tc -batch`); `apply` and `lift` are the I/O.
 `tighten` and `lift` speak plain netlink from this process: they run while every other task is
@@ -31,8 +34,8 @@ from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
-PRIO_V = 2
-ETH_P_IP = 0x0800
+PRIO_GATE, PRIO_IMAGE, PRIO_V, PRIO_ARP, PRIO_DROP = 1, 2, 3, 4, 5
+ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
 #: clsact's parents (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS))
 PARENT_INGRESS, PARENT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
 #: the clsact qdisc itself (TC_H_CLSACT as parent, TC_H_MAKE(TC_H_CLSACT, 0) as handle)
@@ -76,12 +79,13 @@ def block_commands(interfaces: Sequence[str], v_ip: str, v_port: int) -> list[li
     cmds: list[list[str]] = []
     for ifname in interfaces:
         cmds.append(["tc", "qdisc", "add", "dev", ifname, "clsact"])
-        for direction, (hook, _, _) in enumerate(DIRECTIONS):  # passes first: nothing is dropped meanwhile
+        for direction, (hook, _, _) in enumerate(DIRECTIONS):  # the gate first: nothing is dropped until tighten
             base = ["tc", "filter", "add", "dev", ifname, hook]
-            cmds.append(_pass_with(ifname, direction, 1, v_ip, v_port))
+            cmds.append([*base, "prio", str(PRIO_GATE), "protocol", "all", "matchall", "action", "ok"])
+            cmds.append(_pass_with(ifname, direction, PRIO_IMAGE, v_ip, v_port))
             cmds.append(_pass_with(ifname, direction, PRIO_V, v_ip))
-            cmds.append([*base, "prio", "3", "protocol", "arp", "matchall", "action", "ok"])
-            cmds.append([*base, "prio", "4", "protocol", "all", "matchall", "action", "drop"])
+            cmds.append([*base, "prio", str(PRIO_ARP), "protocol", "arp", "matchall", "action", "ok"])
+            cmds.append([*base, "prio", str(PRIO_DROP), "protocol", "all", "matchall", "action", "drop"])
     return cmds
 
 
@@ -152,24 +156,32 @@ def open_path(interfaces: Sequence[str], ip: str, port: int, timeout_s: float = 
         raise BlockError(f"opening the path to {ip}:{port}: {res.stderr.strip() or f'tc exited {res.returncode}'}")
 
 
+#: what `tighten` removes, in this order: the gate (P's peers are cut off), then V's wide pass rule
+TIGHTEN = ((PRIO_GATE, ETH_P_ALL, "the gate"), (PRIO_V, ETH_P_IP, "the V pass rule"))
+
+
 def tighten(interfaces: Sequence[str]) -> None:
-    """Drop the "anything with V" pass rule on every interface, both directions. Raises BlockError
-    unless the kernel acknowledged each deletion: a pass rule left in place lets P's kernel keep
-    talking to V after the snapshot (md's superblock writes over NBD did), and V's TCP state then
-    runs ahead of the image's. Plain netlink from this process: it runs while everything is frozen."""
-    info = (PRIO_V << 16) | socket.htons(ETH_P_IP)
+    """Close the block after FREEZE: remove the gate, then the "anything with V" pass rule, on every
+    interface, both directions. Raises BlockError unless the kernel acknowledged each deletion: a
+    gate left open lets P's kernel acknowledge its peers' data after the snapshot, a V rule lets it
+    keep talking to V (md's superblock writes over NBD did), and V's TCP state then runs ahead of the
+    image's. Plain netlink from this process: it runs while everything is frozen."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
         nl.settimeout(5.0)
-        for seq, (name, parent) in enumerate(
-                ((n, p) for n in interfaces for p in (PARENT_EGRESS, PARENT_INGRESS)), start=1):
-            try:
-                index = socket.if_nametoindex(name)
-            except OSError:
-                raise BlockError(f"interface {name} vanished") from None
-            error = _netlink_request(nl, RTM_DELTFILTER, seq, _TCMSG.pack(socket.AF_UNSPEC, 0, 0, index, 0, parent,
-                                                                           info))
-            if error:
-                raise BlockError(f"removing the V pass rule on {name} ({parent:#x}): {os.strerror(error)}")
+        seq = 0
+        for prio, protocol, what in TIGHTEN:
+            info = (prio << 16) | socket.htons(protocol)
+            for name in interfaces:
+                try:
+                    index = socket.if_nametoindex(name)
+                except OSError:
+                    raise BlockError(f"interface {name} vanished") from None
+                for parent in (PARENT_EGRESS, PARENT_INGRESS):
+                    seq += 1
+                    error = _netlink_request(nl, RTM_DELTFILTER, seq, _TCMSG.pack(
+                        socket.AF_UNSPEC, 0, 0, index, 0, parent, info))
+                    if error:
+                        raise BlockError(f"removing {what} on {name} ({parent:#x}): {os.strerror(error)}")
 
 
 def _netlink_request(nl: socket.socket, msg_type: int, seq: int, body: bytes) -> int:

@@ -65,16 +65,19 @@ def test_waiting_peer_is_quoted_at_the_last_acknowledgement() -> None:
         waits.add_incoming(flow, seq, segment("10.0.0.3", "10.0.0.10", 40000, 7000, seq)[:28])
     (quote,) = waits.quotes()
     assert struct.unpack_from("!I", quote, 24)[0] == 0x10 and quote[20:24] == struct.pack("!HH", 40000, 7000)
-    # a flow whose data P acknowledged already waits for nothing
-    done = Flow("10.0.0.4", 40001, "10.0.0.10", 7000)
-    waits.add_outgoing_ack(done, 500)
-    waits.add_incoming(done, 400, segment("10.0.0.4", "10.0.0.10", 40001, 7000, 400)[:28])
+    # a flow whose data P acknowledged, the peer's next segment not seen (the capture ends right
+    # after the block closes): quoted at P's last acknowledgement, where that segment will start
+    acked = Flow("10.0.0.4", 40001, "10.0.0.10", 7000)
+    waits.add_outgoing_ack(acked, 500)
+    waits.add_incoming(acked, 400, segment("10.0.0.4", "10.0.0.10", 40001, 7000, 400)[:28])
     # without an acknowledgement seen, the earliest dropped segment stands in
     unseen = Flow("10.0.0.5", 40002, "10.0.0.10", 7000)
     for seq in (90, 70):
         waits.add_incoming(unseen, seq, segment("10.0.0.5", "10.0.0.10", 40002, 7000, seq)[:28])
+    # a flow the peer sent nothing on in the capture is not one of them
+    waits.add_outgoing_ack(Flow("10.0.0.6", 40003, "10.0.0.10", 7000), 9)
     quotes = waits.quotes()
-    assert len(quotes) == 2 and struct.unpack_from("!I", quotes[1], 24)[0] == 70
+    assert [struct.unpack_from("!I", q, 24)[0] for q in quotes] == [0x10, 500, 70]
 
 
 def test_icmp_message_checksums_to_zero() -> None:
@@ -109,11 +112,15 @@ time.sleep(0.2)
 subprocess.run(["ip", "addr", "del", ip + "/24", "dev", ifname], check=True)  # P goes silent
 waits = peer_kick.PeerWaits()
 peer_kick.drain(capture, waits, frozenset([ip]))  # P's acknowledgement of "a" is in here
+seen = waits
+if not {see_resends}:  # as the cutover's capture: it ends right after the block closes, before the
+    capture.close()    # peer's "b"; a second one only times the resends below
+    capture, seen = peer_kick.open_capture(), peer_kick.PeerWaits()
 packets = 0  # from now on only the peer sends: "b", then its resends 0.2, 0.4, 0.8, 1.6, 3.2 s apart
 deadline = time.monotonic() + 30
 while packets < 5 and time.monotonic() < deadline:  # P comes back right after the 4th resend
     time.sleep(0.02)
-    packets += peer_kick.drain(capture, waits, frozenset([ip]))
+    packets += peer_kick.drain(capture, seen, frozenset([ip]))
 subprocess.run(["ip", "addr", "add", ip + "/24", "dev", ifname], check=True)  # P is back; next resend in ~6.4 s
 conn.settimeout(1.5)
 try:
@@ -136,13 +143,14 @@ print(json.dumps(out))
 
 @pytest.mark.netns
 @pytest.mark.timeout(120)
-def test_kick_makes_a_real_peer_resend_at_once() -> None:
+@pytest.mark.parametrize("see_resends", [True, False], ids=["resends-seen", "capture-ended-first"])
+def test_kick_makes_a_real_peer_resend_at_once(see_resends: bool) -> None:
     if not can_use_netns():
         pytest.skip("needs root and iproute2 for network namespaces")
     with netns_pair("kick", subnet="10.78.7") as pair:
         peer_code = PEER.format(server=pair.right_ip)
         code = SERVER.format(repo=str(REPO), server=pair.right_ip, ifname=pair.right_if, peer_ns=pair.left,
-                             peer_code=peer_code)
+                             peer_code=peer_code, see_resends=see_resends)
         res = subprocess.run([*pair.exec_prefix(pair.right), sys.executable, "-c", code],
                              capture_output=True, text=True, timeout=100)
     assert res.returncode == 0 and res.stdout.strip(), res.stderr[-3000:]

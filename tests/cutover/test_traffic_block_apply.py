@@ -11,7 +11,15 @@ import sys
 
 import pytest
 
-from source_agent.traffic_block import PRIO_V, applied_before, block_commands, open_path_commands
+from source_agent.traffic_block import (
+    PRIO_DROP,
+    PRIO_GATE,
+    PRIO_V,
+    TIGHTEN,
+    applied_before,
+    block_commands,
+    open_path_commands,
+)
 from tests.agents import REPO
 from tests.netns import can_use_netns, ip
 
@@ -26,6 +34,20 @@ def test_applied_before_counts_only_commands_that_ran() -> None:
     assert applied_before(cmds, 2) == ["eth0"]
     assert applied_before(cmds, per_interface + 1) == ["eth0"]
     assert applied_before(cmds, per_interface + 2) == ["eth0", "p2vbond0"]
+
+
+def test_the_block_goes_in_open_and_tighten_closes_it() -> None:
+    """apply installs every rule behind an open gate (P's peers are served until FREEZE); tighten
+    removes the gate first, then V's wide pass rule: after it only the image stream and ARP pass."""
+    cmds = block_commands(["eth0"], "10.0.0.2", 7000)
+    assert cmds[0] == ["tc", "qdisc", "add", "dev", "eth0", "clsact"]
+    for hook in ("egress", "ingress"):
+        rules = [c for c in cmds[1:] if c[5] == hook]
+        prios = [int(c[c.index("prio") + 1]) for c in rules]
+        assert prios == sorted(prios) and prios[0] == PRIO_GATE and prios[-1] == PRIO_DROP
+        assert rules[0][-4:] == ["all", "matchall", "action", "ok"]  # the gate: everything passes
+        assert rules[-1][-4:] == ["all", "matchall", "action", "drop"]
+    assert [prio for prio, _, _ in TIGHTEN] == [PRIO_GATE, PRIO_V]
 
 
 def test_open_path_lets_one_port_of_v_through_and_refuses_bad_input() -> None:
