@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.migration_state import FINAL_STATE_NAMES
 from p2vctl.render import size
 
 console = Console()
@@ -32,8 +33,7 @@ def _last_status(text: str) -> dict | None:
 
 
 def _final(status: dict | None) -> bool:
-    return bool(status) and status.get("state", "").removeprefix("MIGRATION_STATE_") in (
-        "COMPLETED", "FAILED", "CANCELLED", "ROLLED_BACK")
+    return status is not None and status.get("state") in FINAL_STATE_NAMES
 
 
 def migrate_on_rig(rig) -> int:  # rig: rig.core.Rig (kept untyped: p2vctl must import without the rig)

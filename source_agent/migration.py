@@ -453,9 +453,10 @@ def journaled_summary(journal: dict) -> common_pb2.MigrationSummary:
 
 
 def journaled_summaries(state_dir: str, skip: set[str]) -> list[common_pb2.MigrationSummary]:
-    """The journaled migrations whose ids are not in `skip` (those the agent runs)."""
-    return [journaled_summary(journal) for _, journal in read_journals(state_dir)
-            if str(journal.get("id", "")) not in skip]
+    """The journaled migrations whose ids are not in `skip` (those the agent runs), oldest first."""
+    listed = [journaled_summary(journal) for _, journal in read_journals(state_dir)
+              if str(journal.get("id", "")) not in skip]
+    return sorted(listed, key=lambda s: (s.started_ms, s.status.migration_id))
 
 
 def mark_journal(state_dir: str, migration_id: str, state: int) -> bool:

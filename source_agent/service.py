@@ -19,12 +19,9 @@ from .migration import (
     SourceMigration,
     cancel_on_destination,
     journaled_summaries,
-    journaled_summary,
     mark_interrupted,
     mark_journal,
-    read_journals,
     resolve_on_destination,
-    resumed_unreported,
     unreported_resumes,
 )
 
@@ -126,9 +123,25 @@ class SourceService(source_pb2_grpc.SourceServicer):
         migration.start()
         return migration.feed.status
 
+    async def _recovered(self) -> None:
+        """Before a migration is called unknown: what an earlier agent left is taken up first (a resume
+        to report again is served under its id once start_recovery has read the journals)."""
+        if self.recovery is not None and not self.recovery.done():
+            await asyncio.wait({self.recovery})  # its failures are its own (logged there)
+
     async def Watch(self, request: common_pb2.MigrationRef, context):
+        """A migration this agent runs, followed to its end; one only journaled (an earlier agent's, or
+        the last one when no id is given and none runs here): its journal's last word."""
         await self._peer(context)
-        migration = await self._migration(request.migration_id, context)
+        wanted = request.migration_id
+        if (wanted not in self.migrations) if wanted else not self.migrations:
+            await self._recovered()
+        if (wanted not in self.migrations) if wanted else not self.migrations:
+            journaled = await asyncio.to_thread(journaled_summaries, self.config.agent.state_dir, set(self.migrations))
+            if known := [s for s in journaled if s.status.migration_id == wanted] if wanted else journaled[-1:]:
+                yield known[0].status
+                return
+        migration = await self._migration(wanted, context)
         async for status in migration.feed.follow():
             yield status
 
@@ -151,17 +164,17 @@ class SourceService(source_pb2_grpc.SourceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {active.id} is still running: cancel it first")
         state_dir = self.config.agent.state_dir
-        journals = await asyncio.to_thread(lambda: list(read_journals(state_dir)))
-        if in_vm := next((j for _, j in journals if resumed_unreported(j)), None):
+        journaled = await asyncio.to_thread(journaled_summaries, state_dir, set())
+        if moved := next((s for s in journaled if s.status.point_of_no_return), None):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this OS resumed in the VM (migration {in_vm.get('id')}): its redundancy is "
-                                f"cancelled once V is told of it, never rolled back here; {RESTART_TO_REPORT}")
+                                f"this OS moved into the VM (migration {moved.status.migration_id}): its redundancy "
+                                "is cancelled on V's word, never rolled back here"
+                                + (f"; {RESTART_TO_REPORT}" if moved.attention else ""))
         migration_id = request.migration_id
         if not migration_id:  # the last migration this agent ran, else the last one journaled
-            started = sorted(journals, key=lambda pj: journaled_summary(pj[1]).started_ms)
-            latest = list(self.migrations) or [str(j.get("id", "")) for _, j in started]
+            latest = list(self.migrations) or [s.status.migration_id for s in journaled]
             migration_id = latest[-1] if latest else ""
-        elif migration_id not in self.migrations and not any(j.get("id") == migration_id for _, j in journals):
+        elif migration_id not in self.migrations and all(s.status.migration_id != migration_id for s in journaled):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown migration {migration_id!r}")
         # Redundancy (bond, md leg, drivers) is undone from its journal in reverse order.
         from source_agent.redundancy.rollback import rollback_all

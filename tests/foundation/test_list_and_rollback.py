@@ -1,4 +1,4 @@
-"""`p2vctl list` and `p2vctl rollback` against the real source agent, on its unix socket, after a
+"""`p2vctl list`, `rollback` and `watch` against the real source agent, on its unix socket, after a
 restart of the agent: what it knows then comes from the journals an earlier run left.
 
 Before, an agent started afresh knew no migration: `rollback` answered "no migration has been
@@ -93,6 +93,16 @@ async def test_a_fresh_agent_lists_and_rolls_back_from_the_journals(tmp_path: Pa
         assert rows[1]["started_ms"] == "2000000" and not any(r["attention"] for r in rows)
         code, unfinished, _ = await asyncio.to_thread(p2vctl, sock, "list", "--unfinished")
         assert code == 0 and unfinished["migrations"] == []
+        # watch: a migration only journaled ends at once with its journal's last word (p2vctl that
+        # re-attaches after the agent's restart hears why, not just that it is gone)
+        code, watched, err = await asyncio.to_thread(p2vctl, sock, "watch", "aa-second")
+        assert code == 1 and watched["state"] == FAILED and "interrupted" in watched["error"], (watched, err)
+        code, watched, _ = await asyncio.to_thread(p2vctl, sock, "watch", "zz-first")
+        assert code == 0 and watched["state"] == COMPLETED
+        code, watched, _ = await asyncio.to_thread(p2vctl, sock, "watch")  # no id: the last one started
+        assert code == 1 and watched["migration_id"] == "aa-second"
+        code, watched, _ = await asyncio.to_thread(p2vctl, sock, "watch", "never-was")
+        assert code == 2 and watched["code"] == "NOT_FOUND"
 
         # rollback with no migration in the agent's memory: from the journal; what fails stays, said
         code, said, err = await asyncio.to_thread(p2vctl, sock, "rollback")
@@ -127,7 +137,7 @@ async def test_in_the_vm_before_v_was_told_rollback_is_refused_and_list_says_wha
         assert moved["attention"] == REPORT_AGAIN_ADVICE and moved["status"]["point_of_no_return"] is True
         code, said, err = await asyncio.to_thread(p2vctl, sock, "rollback")
         assert code == 1 and said["code"] == "FAILED_PRECONDITION", said
-        assert "resumed in the VM" in said["error"]
+        assert "moved into the VM" in said["error"] and "restart the source agent" in said["error"]
         assert Journal.load(default_path(state_dir)).live()[0].state == "done"  # nothing undone
     finally:
         await service.shutdown()

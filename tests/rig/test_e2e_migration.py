@@ -178,8 +178,10 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
         print(f"\n{what}: the next agent: {recovered}")
         assert "cutover recovered" in recovered and "V told" in recovered, recovered
         before.pop("agent")
-        # p2vctl re-attached and heard that the next agent does not serve the migration again
-        out = wait_migrate_output(rig, timeout_s=180, ended=lambda text: "did not survive the restart" in text)
+        # p2vctl re-attached and heard from the next agent what became of the migration (its journal)
+        out = wait_migrate_output(rig, timeout_s=180)
+        said = " ".join(out.split())  # p2vctl's human output wraps at the terminal's width
+        assert cr.final_state(out) == "failed" and "the source agent stopped during the cutover" in said, out
     else:
         out = wait_migrate_output(rig, timeout_s=1200)
     print(f"\n{what} output:\n" + out[-1200:])
