@@ -14,14 +14,12 @@ from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
 
 from .check import run_check
 from .cutover import vm_runs_after_commit
-from .migration import (
+from .migration import SourceMigration, cancel_on_destination, resolve_on_destination
+from .migration_journal import (
     RESTART_TO_REPORT,
-    SourceMigration,
-    cancel_on_destination,
     journaled_summaries,
     mark_interrupted,
     mark_journal,
-    resolve_on_destination,
     unreported_resumes,
 )
 

@@ -23,7 +23,7 @@ from common.rpc import AgentServer
 from dest_agent.service import DestinationService
 from p2v.v1 import common_pb2, destination_pb2, source_pb2, source_pb2_grpc
 from source_agent.cutover import split_cancel_ids
-from source_agent.migration import unreported_resumes
+from source_agent.migration_journal import unreported_resumes
 from source_agent.redundancy.journal import Entry, Journal, default_path
 from source_agent.service import SourceService
 from tests.agents import REPO

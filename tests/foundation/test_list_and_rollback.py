@@ -18,7 +18,7 @@ from common.atomicfile import write_json_atomic
 from common.config import SourceAgentSection, SourceConfig, TlsConfig
 from common.rpc import AgentServer
 from p2v.v1 import common_pb2, source_pb2, source_pb2_grpc
-from source_agent.migration import REPORT_AGAIN_ADVICE, attention, journaled_summary
+from source_agent.migration_journal import REPORT_AGAIN_ADVICE, attention, journaled_summary
 from source_agent.redundancy.journal import Entry, Journal, default_path
 from source_agent.service import SourceService
 from tests.agents import REPO
