@@ -78,11 +78,13 @@ def migrations(listed: common_pb2.MigrationList) -> None:
         console.print("no migrations")
         return
     table = Table(title="Migrations")
-    for col in ("id", "state", "started", "updated", "peer", ""):
+    for col in ("id", "state", "started", "updated", "downtime", "peer", ""):
         table.add_column(col)
     for m in listed.migrations:
         state = common_pb2.MigrationState.Name(m.status.state).removeprefix("MIGRATION_STATE_").lower()
-        table.add_row(m.status.migration_id, state, _when(m.started_ms), _when(m.updated_ms), escape(m.peer),
+        downtime = f"{m.status.stats.downtime_ms / 1000:.2f} s" if m.status.stats.downtime_ms else ""
+        table.add_row(m.status.migration_id, state, _when(m.started_ms), _when(m.updated_ms), downtime,
+                      escape(m.peer),
                       "[bold red]needs you[/]" if m.attention else ("" if m.live else "[dim]journal[/]"))
     console.print(table)
     for m in listed.migrations:

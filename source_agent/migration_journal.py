@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from common.atomicfile import read_json, write_json_atomic
 from common.migration_state import FINAL_STATE_NAMES
 from p2v.v1 import common_pb2
@@ -87,6 +89,13 @@ def journaled_summary(journal: dict) -> common_pb2.MigrationSummary:
     status = common_pb2.MigrationStatus(migration_id=str(journal.get("id", "")), state=state, error=error,
                                         timestamp_ms=updated_ms,
                                         point_of_no_return=bool(journal.get("resumed")))
+    try:  # the figures journaled at resume: pre-copy's, and the downtime
+        json_format.ParseDict(journal.get("stats") or {}, status.stats, ignore_unknown_fields=True)
+    except (json_format.ParseError, TypeError):
+        pass  # figures only
+    figures = journal.get("figures")
+    if isinstance(figures, dict) and not status.stats.downtime_ms:
+        status.stats.downtime_ms = max(0, _ms(figures.get("unfrozen_at")) - _ms(figures.get("frozen_at")))
     return common_pb2.MigrationSummary(status=status, peer=str(journal.get("destination", "")),
                                        started_ms=_ms(journal.get("started_wall")), updated_ms=updated_ms,
                                        live=False, attention=attention(journal))

@@ -47,6 +47,11 @@ def test_a_resume_v_never_heard_of_needs_the_operator() -> None:
     assert attention(gave_up) == REPORT_AGAIN_ADVICE
     assert attention({**gave_up, "state": "MIGRATION_STATE_CUTOVER"}) == ""  # an agent is reporting now
     assert attention({**gave_up, "completed": True}) == ""
+    reported = journaled_summary({"id": "d", "state": COMPLETED, "resumed": True, "completed": True,
+                                  "figures": {"frozen_at": 100.0, "unfrozen_at": 104.25},
+                                  "stats": {"dirty_sync_count": 5, "precopy_bytes": "113246208", "junk": 1}})
+    assert reported.status.stats.downtime_ms == 4250 and reported.status.stats.dirty_sync_count == 5
+    assert reported.status.stats.precopy_bytes == 113246208 and reported.attention == ""
     died = journaled_summary({"id": "b", "state": "MIGRATION_STATE_CUTOVER", "resumed": True})
     assert died.attention == REPORT_AGAIN_ADVICE and died.status.point_of_no_return
     assert "P ran on" not in died.status.error
