@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-source", help='override the memory source, e.g. "file:/path"')
     p.add_argument("--detach", action="store_true", help="print the migration id and return")
     for name, text in (("watch", "follow a migration's progress"), ("cancel", "abort a migration"),
-                       ("rollback", "undo the redundancy a migration built")):
+                       ("rollback", "undo P's redundancy (bond, md leg, drivers) from the agent's journal")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("migration_id", nargs="?", help="default: the current or last migration")
         if name == "cancel":
