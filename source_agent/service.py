@@ -132,9 +132,13 @@ class SourceService(source_pb2_grpc.SourceServicer):
         the last one when no id is given and none runs here): its journal's last word."""
         await self._peer(context)
         wanted = request.migration_id
-        if (wanted not in self.migrations) if wanted else not self.migrations:
+
+        def not_served() -> bool:
+            return wanted not in self.migrations if wanted else not self.migrations
+
+        if not_served():
             await self._recovered()
-        if (wanted not in self.migrations) if wanted else not self.migrations:
+        if not_served():
             journaled = await asyncio.to_thread(journaled_summaries, self.config.agent.state_dir, set(self.migrations))
             if known := [s for s in journaled if s.status.migration_id == wanted] if wanted else journaled[-1:]:
                 yield known[0].status
@@ -155,7 +159,7 @@ class SourceService(source_pb2_grpc.SourceServicer):
 
     async def Rollback(self, request: common_pb2.MigrationRef, context):
         """Undo P's redundancy from its journal: also after a restart of this agent (no migration in its
-        memory), never while a migration runs, never in the VM before V was told of the resume."""
+        memory), never while a migration runs, never in a VM the OS moved into (V's word cancels it)."""
         await self._peer(context)
         active = self._active()
         if active is not None:
