@@ -452,10 +452,9 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         await self._peer(context)
         listed = []
         for record in sorted(self.migrations.values(), key=lambda r: (r.created, r.id)):
+            peer = f"{','.join(record.peer)} {record.source_host_id[:12]}".strip()  # TLS identity, host id
             summary = common_pb2.MigrationSummary(
-                status=self.status_of(record), peer=" ".join(filter(None, (",".join(record.peer),
-                                                                           record.source_host_id[:12]))),
-                started_ms=int(record.created * 1000),
+                status=self.status_of(record), peer=peer, started_ms=int(record.created * 1000),
                 updated_ms=int(record.updated * 1000), live=True, attention=self.cutover.attention(record))
             if not request.unfinished_only or summary.attention or not record.finished:
                 listed.append(summary)

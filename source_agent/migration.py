@@ -212,7 +212,7 @@ class SourceMigration:
         await self._phase("resume", "; ".join(figures.get("resume_steps", [])), point_of_no_return=True,
                           stats=stats)
         # before any report: an agent started after this one died (or gave up) reports again from it
-        self._journal(resumed=True, figures=figures, started_wall=self.started_wall, cutover_started=t0,
+        self._journal(resumed=True, figures=figures, cutover_started=t0,
                       stats=json_format.MessageToDict(stats, preserving_proto_field_name=True))
         if fault := faults.requested("agent-killed-after-resume"):  # the rig: the next agent reports
             log.critical("%s=%s: killing myself", faults.FAULT_ENV, fault)
@@ -254,7 +254,7 @@ class SourceMigration:
         request = source_pb2.MigrateRequest(destination=str(journal["destination"]))
         migration = cls(config, request, source_pb2.Inventory, host_id, str(journal["id"]))
         migration.journal_extra = {k: v for k, v in journal.items()
-                                   if k not in ("id", "destination", "state", "error", "updated")}
+                                   if k not in ("id", "destination", "state", "error", "started_wall", "updated")}
         migration.point_of_no_return = True
         migration.started_wall = float(journal.get("started_wall") or time.time())
         return migration

@@ -11,7 +11,7 @@ writing the files is the edge.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -108,30 +108,29 @@ def journaled_summaries(state_dir: str, skip: set[str]) -> list[common_pb2.Migra
     return sorted(listed, key=lambda s: (s.started_ms, s.status.migration_id))
 
 
+def _mark(state_dir: str, wanted: Callable[[dict], bool], state: int, **fields: object) -> list[str]:
+    """Set `state` (and `fields`) in the journals `wanted` picks; returns their ids."""
+    marked = []
+    for path, journal in read_journals(state_dir):
+        if not wanted(journal):
+            continue
+        journal.update(state=common_pb2.MigrationState.Name(state), updated=time.time(), **fields)
+        write_json_atomic(path, journal)
+        marked.append(str(journal.get("id", path.stem)))
+    return marked
+
+
 def mark_journal(state_dir: str, migration_id: str, state: int) -> bool:
     """Set the state of the journal of `migration_id` (never of a completed one: its OS moved).
     Returns whether one was changed."""
-    for path, journal in read_journals(state_dir):
-        if str(journal.get("id", "")) != migration_id:
-            continue
-        if journal.get("state") == common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_COMPLETED):
-            return False
-        journal.update(state=common_pb2.MigrationState.Name(state), updated=time.time())
-        write_json_atomic(path, journal)
-        return True
-    return False
+    completed = common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_COMPLETED)
+    return bool(_mark(state_dir, lambda j: str(j.get("id", "")) == migration_id and j.get("state") != completed,
+                      state))
 
 
 def mark_interrupted(state_dir: str, remote_id: str, detail: str) -> list[str]:
     """Mark failed, with `detail`, the journals of the migration V knows as `remote_id` that an agent
     which died mid-cutover left unfinished (the operator's record says what happened). Returns the
     ids marked."""
-    marked = []
-    for path, journal in read_journals(state_dir):
-        if journal.get("remote_id") != remote_id or journal.get("state") in FINAL_STATE_NAMES:
-            continue
-        journal.update(state=common_pb2.MigrationState.Name(common_pb2.MIGRATION_STATE_FAILED), error=detail,
-                       updated=time.time())
-        write_json_atomic(path, journal)
-        marked.append(str(journal.get("id", path.stem)))
-    return marked
+    return _mark(state_dir, lambda j: j.get("remote_id") == remote_id and j.get("state") not in FINAL_STATE_NAMES,
+                 common_pb2.MIGRATION_STATE_FAILED, error=detail)
