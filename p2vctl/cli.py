@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.config import TlsConfig
+from common.cutover_marker import marker_path, remove, socket_path, watcher_path
 from common.migration_state import FINAL_STATES
 from common.rpc import open_channel, unreachable, wait_for_agent
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc, source_pb2, source_pb2_grpc
@@ -86,6 +88,25 @@ class MigrationLost(Exception):
     """The agent came back without the migration being followed."""
 
 
+class SteppingOut(Exception):
+    """The agent's cutover began: p2vctl leaves P's memory image until it is over (p2vctl.step_out)."""
+
+    def __init__(self, marker: Path, migration_id: str) -> None:
+        super().__init__(str(marker))
+        self.marker = marker
+        self.migration_id = migration_id
+
+
+def _steps_out(client: Client, status: common_pb2.MigrationStatus, args: argparse.Namespace) -> Path | None:
+    """The agent's cutover marker when this p2vctl should step out of P's image now: it follows a
+    cutover of an agent on this host (unix socket) that keeps the marker."""
+    if args.no_step_out or status.state != common_pb2.MIGRATION_STATE_CUTOVER or not status.migration_id:
+        return None
+    socket = socket_path(client.address)
+    marker = marker_path(socket, status.migration_id) if socket else None
+    return marker if marker is not None and marker.exists() else None
+
+
 async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
                     ) -> AsyncIterator[common_pb2.MigrationStatus]:
     """The migration's statuses until a final one. When the agent goes away mid-way (a crash, a
@@ -97,7 +118,12 @@ async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
             async for status in client.stub.Watch(common_pb2.MigrationRef(migration_id=migration_id)):
                 migration_id = status.migration_id or migration_id
                 final = status.state in FINAL_STATES
+                if args.stepped_out:  # back after a cutover: the agent need not wait for this p2vctl now
+                    remove(watcher_path(Path(args.stepped_out)))
+                    args.stepped_out = ""
                 yield status
+                if not final and (marker := _steps_out(client, status, args)) is not None:
+                    raise SteppingOut(marker, migration_id)
             return
         except grpc.RpcError as exc:
             if reattached and exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -109,6 +135,28 @@ async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
                   f"{args.reattach_timeout:g} s to follow migration {migration_id} again", file=sys.stderr)
         await wait_for_agent(client.channel, args.reattach_timeout)
         reattached = True
+
+
+def follow_again_argv(args: argparse.Namespace, migration_id: str, marker: Path) -> list[str]:
+    """p2vctl's arguments for following `migration_id` again after the cutover, as this one does.
+    The connection may first wait for the agent as long as a re-attach would (the next agent's
+    start, should this one die in the cutover)."""
+    argv = ["watch", migration_id, "--agent", args.agent, "--timeout", f"{args.timeout:g}",
+            "--connect-timeout", f"{max(args.connect_timeout, args.reattach_timeout):g}",
+            "--reattach-timeout", f"{args.reattach_timeout:g}", "--ca", args.ca, "--cert", args.cert,
+            "--key", args.key, "--server-name", args.server_name, "--stepped-out", str(marker)]
+    return argv + ["--insecure"] * args.insecure + ["--json"] * args.json
+
+
+def step_out(args: argparse.Namespace, out: SteppingOut) -> NoReturn:
+    """Replace this process with the waiter (same pid, same output); it becomes `watch` again."""
+    if not args.json:
+        render.console.print(f"[dim]cutover:[/] p2vctl steps out of P's memory image (pid {os.getpid()}) "
+                             "and follows again when the cutover is over")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "p2vctl.step_out", str(out.marker), "--",
+                              *follow_again_argv(args, out.migration_id, out.marker)])
 
 
 async def _follow(client: Client, migration_id: str, args: argparse.Namespace) -> int:
@@ -124,6 +172,9 @@ async def _follow(client: Client, migration_id: str, args: argparse.Namespace) -
     except MigrationLost as exc:
         _error(args, str(exc), grpc.StatusCode.NOT_FOUND)
         return EXIT_FAILED
+    except SteppingOut as out:
+        await client.close()  # the agent sees this follower leave
+        step_out(args, out)
     if last is None:
         return EXIT_FAILED
     return _exit_for(last)
@@ -234,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--reattach-timeout", type=float, default=120.0,
                         help="migrate/watch: seconds to wait for an agent that went away mid-way "
                              "(0: give up at once) [%(default)s]")
+    common.add_argument("--no-step-out", action="store_true",
+                        help="migrate/watch with a local agent: stay in P's memory during the cutover "
+                             "(p2vctl is then ~20 MiB of P's image, each page of it copied inside the downtime)")
+    common.add_argument("--stepped-out", default="", help=argparse.SUPPRESS)  # set by p2vctl.step_out
     common.add_argument("--ca", default="/etc/p2v/tls/ca.pem")
     common.add_argument("--cert", default="/etc/p2v/tls/p2vctl.pem")
     common.add_argument("--key", default="/etc/p2v/tls/p2vctl.key")

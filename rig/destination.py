@@ -258,7 +258,7 @@ def wait_p_off(rig: Rig, timeout_s: float, look_every_s: float = 15.0) -> float:
                 out = rig.machine.ctl.run(f"cat {C.P_STATE_DIR}/migrate.out", timeout=2, transfer_s=1).out
             except ControlError:
                 out = ""
-            if "p2vctl: migrate:" in out or final_state(out):
+            if "p2vctl: migrate:" in out or "p2vctl: watch:" in out or final_state(out):  # watch: stepped out
                 raise AssertionError(f"p2vctl migrate ended while P runs:\n{out[-1500:]}")
         time.sleep(0.2)
     raise TimeoutError(f"P still running after {timeout_s:.0f}s")

@@ -27,7 +27,9 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
+from common.cutover_marker import HELPER_TIMEOUT_S
 from common.heap import trim_heap
+from common.procfs import process_started
 from common.rpc import unreachable, until_reachable
 from p2v.v1 import destination_pb2, source_pb2
 
@@ -38,7 +40,6 @@ from .host_settings import (
     current_boot_id,
     pending_path,
     power_off_past_commit,
-    process_started,
     read_host_settings,
     restore_host_settings,
     set_io_timeouts,
@@ -48,7 +49,6 @@ from .host_settings import (
 log = logging.getLogger(__name__)
 
 VIRTIO_DRIVERS = ("virtio_pci", "virtio_net", "virtio_blk")
-HELPER_TIMEOUT_S = 900.0
 
 
 class CutoverAborted(RuntimeError):

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from common.atomicfile import write_atomic
+from common.procfs import process_started
 
 log = logging.getLogger(__name__)
 
@@ -212,18 +213,6 @@ def clear_pending(path: Path | str) -> bool:
 
 def current_boot_id(path: str = BOOT_ID_PATH) -> str:
     return Path(path).read_text().strip()
-
-
-def process_started(pid: int, proc: str = "/proc") -> int | None:
-    """A process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None if
-    there is no such process, or only its exit status is left (a zombie)."""
-    try:
-        stat = Path(proc, str(pid), "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
-    fields = stat.rpartition(")")[2].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def recovery_verdict(pending: PendingCutover, boot_id: str, helper_started_now: int | None) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from common import faults
+from common import cutover_marker, faults
 from common.atomicfile import write_json_atomic
 from common.config import SourceConfig, TlsConfig
 from common.rpc import open_channel
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Tries to tell V that P runs on after a cutover that went as far as a snapshot (see _abort_remote).
 AFTER_SNAPSHOT_ATTEMPTS = 5
+#: how long the agent in the VM waits, before it unloads, for a p2vctl that stepped out of P's image
+REATTACH_WAIT_S = 30.0
 
 
 class MigrationAborted(RuntimeError):
@@ -61,6 +63,7 @@ class SourceMigration:
         self.helper = cutover.HelperProcess()
         #: called after a completed migration inside the VM: the agent unloads itself
         self.unload: Callable[[], None] | None = None
+        self.cutover_marker: Path | None = None
 
     # -- status ----------------------------------------------------------------------------
     async def _phase(self, phase: str, detail: str = "", fraction: float = -1.0, **fields) -> None:
@@ -195,13 +198,18 @@ class SourceMigration:
         """Steps 5-7. Returns in the VM after completion; raises CutoverAborted while P runs on."""
         assert self.session is not None
         stats = precopy_result.stats if hasattr(precopy_result, "stats") else self.feed.status.stats
+        marker = self._mark_cutover()  # before the phase: a p2vctl on this host steps out when it sees both
         await self._phase("cutover", "snapshot and final transfer", state=common_pb2.MIGRATION_STATE_CUTOVER,
                           stats=stats)
         t0 = time.time()
         stats.precopy_bytes = stats.transferred
-        figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
-                                        self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
-                                        destination=self.request.destination, resolve=self._resolve)
+        try:
+            figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
+                                            self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
+                                            destination=self.request.destination, resolve=self._resolve)
+        finally:
+            if marker is not None:  # over: in the VM, or P runs on; a stepped-out p2vctl follows again
+                cutover_marker.remove(marker)
         if figures.get("outcome") == "rehearsed":
             await self._rehearsed(figures, stats, t0)
             return
@@ -245,7 +253,34 @@ class SourceMigration:
                           **({"error": "; ".join(outcome.failed)} if outcome.failed else {}))
         self._journal(completed=True, figures=figures)
         if self.unload is not None:
+            await self._wait_for_stepped_out_watcher()
             self.unload()
+
+    def _mark_cutover(self) -> Path | None:
+        """The marker next to the agent's unix socket (common.cutover_marker); None without a socket."""
+        socket = self.config.agent.listen_unix
+        if not socket:
+            return None
+        marker = cutover_marker.marker_path(socket, self.id)
+        try:
+            cutover_marker.create_marker(marker)
+        except OSError as exc:  # a p2vctl on this host then stays in P's image: a larger image, no more
+            log.warning("no cutover marker: %s", exc, extra={"migration": self.id})
+            return None
+        self.cutover_marker = marker
+        return marker
+
+    async def _wait_for_stepped_out_watcher(self) -> None:
+        """A p2vctl that stepped out of P's image for the cutover follows again seconds after it (it
+        starts afresh, under TCG ~2-3 s): the agent stays until it has (at most REATTACH_WAIT_S)."""
+        marker = self.cutover_marker
+        if marker is None:
+            return
+        for _ in range(int(REATTACH_WAIT_S / 0.2)):  # a file another process removes: polled
+            if not cutover_marker.watcher_waiting(marker):
+                break
+            await asyncio.sleep(0.2)
+        cutover_marker.remove(cutover_marker.watcher_path(marker))
 
     @classmethod
     def reporting_again(cls, config: SourceConfig, journal: dict, host_id: str) -> SourceMigration:

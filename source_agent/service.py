@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from common import cutover_marker
 from common.config import SourceConfig
 from common.migration_state import FINAL_STATES
 from common.rpc import require_peer
@@ -45,6 +46,8 @@ class SourceService(source_pb2_grpc.SourceServicer):
     def start_recovery(self) -> None:
         """Finish what an agent that died mid-cutover left behind (host_settings), in the background:
         a helper that outlived it may still be at work."""
+        for leftover in cutover_marker.leftovers(self.config.agent.listen_unix):  # a dead agent's
+            cutover_marker.remove(leftover)
         self.recovery = asyncio.create_task(self._recover(), name="cutover-recovery")
 
     async def _recover(self) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common.procfs import process_started
 from source_agent import host_settings as hs
 from source_agent.host_settings import HostSettings, PendingCutover
 from tests.agents import REPO
@@ -116,7 +117,7 @@ def test_the_commit_note_names_the_helper_and_says_committed(tmp_path: Path) -> 
     hs.write_commit_note(path, note)
     after = hs.read_pending(path)
     assert after.committed and after.helper_pid == os.getpid()
-    assert after.helper_started == hs.process_started(os.getpid()) and after.settings == settings
+    assert after.helper_started == process_started(os.getpid()) and after.settings == settings
     with pytest.raises(hs.PendingError):
         hs.commit_note(tmp_path / "none.json")
 
@@ -161,7 +162,7 @@ def live_helper(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     settings, _ = stand_in(tmp_path / "net")
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        started = hs.process_started(helper.pid)
+        started = process_started(helper.pid)
         assert started is not None
         path = hs.pending_path(tmp_path / "state")
         hs.write_pending(path, PendingCutover(settings, BOOT, helper_pid=helper.pid, helper_started=started))
