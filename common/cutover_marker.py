@@ -7,9 +7,9 @@ migrate` following the move from inside P is ~20 MiB of it. So p2vctl steps out 
 waits for this marker to go, then follows the migration again. The agent creates the marker before
 it announces the cutover phase and removes it when the cutover is over: in the VM, or P running on.
 
-    <socket>.cutover-<migration id>            {"agent_pid": ..., "agent_started": ...}  (the agent's)
-    <socket>.cutover-<migration id>.watcher    the waiting p2vctl's pid  (the agent unloads only once
-                                               that p2vctl has followed the migration again)
+    <socket>.cutover-<migration id>                  {"agent_pid", "agent_started"}  (the agent's)
+    <socket>.cutover-<migration id>.watcher-<pid>    {"pid", "started"} of a p2vctl that stepped out:
+                                                     the agent unloads only once it follows again
 
 Standard library only: the waiter imports it.
 """
@@ -25,7 +25,7 @@ from common.procfs import process_started
 #: how long the source agent lets its cutover helper run (source_agent.cutover); the waiter's limit too
 HELPER_TIMEOUT_S = 900.0
 MARKER_INFIX = ".cutover-"
-WATCHER_SUFFIX = ".watcher"
+WATCHER_INFIX = ".watcher-"
 
 
 def socket_path(address: str) -> str:
@@ -40,8 +40,13 @@ def marker_path(socket: str, migration_id: str) -> Path:
     return Path(f"{socket}{MARKER_INFIX}{migration_id}")
 
 
-def watcher_path(marker: Path) -> Path:
-    return marker.with_name(marker.name + WATCHER_SUFFIX)
+def watcher_path(marker: Path, pid: int) -> Path:
+    """A stepped-out p2vctl's note (its pid stays through the exec into the waiter and back)."""
+    return marker.with_name(f"{marker.name}{WATCHER_INFIX}{pid}")
+
+
+def watcher_paths(marker: Path) -> list[Path]:
+    return sorted(marker.parent.glob(f"{marker.name}{WATCHER_INFIX}*"))
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -80,16 +85,19 @@ def cutover_running(marker: Path) -> bool:
 def announce_watcher(marker: Path) -> None:
     """By the stepped-out p2vctl: the agent keeps running until this process follows again."""
     pid = os.getpid()
-    _write(watcher_path(marker), {"pid": pid, "started": process_started(pid)})
+    _write(watcher_path(marker, pid), {"pid": pid, "started": process_started(pid)})
 
 
 def watcher_waiting(marker: Path) -> bool:
     """A p2vctl stepped out of this cutover and has not followed the migration again yet."""
-    try:
-        note = json.loads(watcher_path(marker).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(note, dict) and _live(note.get("pid"), note.get("started"))
+    for path in watcher_paths(marker):
+        try:
+            note = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(note, dict) and _live(note.get("pid"), note.get("started")):
+            return True
+    return False
 
 
 def leftovers(socket: str) -> list[Path]:

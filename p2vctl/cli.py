@@ -119,7 +119,7 @@ async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
                 migration_id = status.migration_id or migration_id
                 final = status.state in FINAL_STATES
                 if args.stepped_out:  # back after a cutover: the agent need not wait for this p2vctl now
-                    remove(watcher_path(Path(args.stepped_out)))
+                    remove(watcher_path(Path(args.stepped_out), os.getpid()))
                     args.stepped_out = ""
                 yield status
                 if not final and (marker := _steps_out(client, status, args)) is not None:

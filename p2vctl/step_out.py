@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         print(f"p2vctl: cannot leave a note for the agent ({exc}); following again after the cutover",
               file=sys.stderr)
     if not wait_while_cutover_runs(marker):
-        remove(watcher_path(marker))
+        remove(watcher_path(marker, os.getpid()))
         print(f"p2vctl: the cutover still runs after {MAX_WAIT_S:.0f} s; following the migration again",
               file=sys.stderr)
     sys.stdout.flush()

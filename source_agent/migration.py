@@ -280,7 +280,8 @@ class SourceMigration:
             if not cutover_marker.watcher_waiting(marker):
                 break
             await asyncio.sleep(0.2)
-        cutover_marker.remove(cutover_marker.watcher_path(marker))
+        for note in cutover_marker.watcher_paths(marker):
+            cutover_marker.remove(note)
 
     @classmethod
     def reporting_again(cls, config: SourceConfig, journal: dict, host_id: str) -> SourceMigration:

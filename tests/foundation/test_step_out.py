@@ -50,7 +50,7 @@ def test_a_marker_counts_only_while_its_agent_lives(tmp_path: Path) -> None:
     assert not cm.cutover_running(marker)
     cm.announce_watcher(marker)
     assert cm.watcher_waiting(marker)
-    assert cm.leftovers(str(tmp_path / "source.sock")) == [marker, cm.watcher_path(marker)]
+    assert cm.leftovers(str(tmp_path / "source.sock")) == [marker, cm.watcher_path(marker, os.getpid())]
     assert cm.leftovers("") == []
 
 
@@ -68,6 +68,13 @@ def cmdline(pid: int) -> str:
 
 def grpc_loaded(pid: int) -> bool:
     return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def watchers(sock: Path, migration_id: str, extra: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
+    return {name: subprocess.Popen([sys.executable, "-m", "p2vctl.cli", "watch", migration_id, "--agent", str(sock),
+                                    "--json", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+            for name, argv in extra.items()}
 
 
 async def until(predicate, what: str, timeout_s: float = 60.0) -> None:
@@ -91,10 +98,7 @@ async def test_p2vctl_steps_out_for_the_cutover_and_follows_again(tmp_path: Path
     service.migrations[migration.id] = migration
     await migration.feed.publish(state=common_pb2.MIGRATION_STATE_ACTIVE,
                                  progress=common_pb2.Progress(phase="precopy", fraction=0.5, detail="round 1"))
-    procs = {name: subprocess.Popen([sys.executable, "-m", "p2vctl.cli", "watch", migration.id, "--agent",
-                                     str(sock), "--json", *extra], cwd=REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, extra in (("stepping", []), ("staying", ["--no-step-out"]))}
+    procs = watchers(sock, migration.id, {"stepping": [], "stepping-too": [], "staying": ["--no-step-out"]})
     try:
         for proc in procs.values():
             await until(lambda p=proc: grpc_loaded(p.pid), "p2vctl to follow")
@@ -106,8 +110,9 @@ async def test_p2vctl_steps_out_for_the_cutover_and_follows_again(tmp_path: Path
         await migration.feed.publish(state=common_pb2.MIGRATION_STATE_CUTOVER,
                                      progress=common_pb2.Progress(phase="cutover", detail="snapshot"))
         stepping = procs["stepping"].pid
-        await until(lambda: "p2vctl.step_out" in cmdline(stepping) and cm.watcher_waiting(marker),
-                    "p2vctl to step out")
+        for proc in (procs["stepping"], procs["stepping-too"]):
+            await until(lambda p=proc: "p2vctl.step_out" in cmdline(p.pid), "p2vctl to step out")
+        await until(lambda: len(cm.watcher_paths(marker)) == 2 and cm.watcher_waiting(marker), "their notes")
         waiting_kib = anon_kib(stepping)
         assert not grpc_loaded(stepping), cmdline(stepping)  # only the bare interpreter is left in the image
         assert "p2vctl.cli" in cmdline(procs["staying"].pid)  # --no-step-out: stays as it was
@@ -118,8 +123,9 @@ async def test_p2vctl_steps_out_for_the_cutover_and_follows_again(tmp_path: Path
         await migration.feed.publish(progress=common_pb2.Progress(phase="resume", detail="resume steps"))
         cm.remove(marker)
         await asyncio.wait_for(migration._wait_for_stepped_out_watcher(), 60)
-        assert not cm.watcher_path(marker).exists()
-        assert "p2vctl.cli watch" in cmdline(stepping) and "--stepped-out" in cmdline(stepping)
+        assert not cm.watcher_paths(marker)
+        for proc in (procs["stepping"], procs["stepping-too"]):  # both follow again, same pids
+            assert "p2vctl.cli watch" in cmdline(proc.pid) and "--stepped-out" in cmdline(proc.pid)
         await migration.feed.publish(state=common_pb2.MIGRATION_STATE_COMPLETED,
                                      progress=common_pb2.Progress(phase="cancel", fraction=1.0, detail="done"))
         outputs = {}
@@ -128,9 +134,10 @@ async def test_p2vctl_steps_out_for_the_cutover_and_follows_again(tmp_path: Path
             assert proc.returncode == 0, (name, out, err)
             outputs[name] = [json.loads(line) for line in out.splitlines()]
             assert outputs[name][-1]["state"] == "MIGRATION_STATE_COMPLETED", (name, out)
-        phases = [s["progress"]["phase"] for s in outputs["stepping"]]
-        # one JSON status per line throughout (--json: nothing else on stdout), before and after
-        assert phases[:2] == ["precopy", "cutover"] and phases[-2:] == ["resume", "cancel"], phases
+        for name in ("stepping", "stepping-too"):
+            phases = [s["progress"]["phase"] for s in outputs[name]]
+            # one JSON status per line throughout (--json: nothing else on stdout), before and after
+            assert phases[:2] == ["precopy", "cutover"] and phases[-2:] == ["resume", "cancel"], phases
         print(f"p2vctl following: {following_kib} KiB anonymous; stepped out: {waiting_kib} KiB")
     finally:
         for proc in procs.values():
