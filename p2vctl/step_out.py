@@ -42,7 +42,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:  # the agent then does not wait for this process before it unloads
         print(f"p2vctl: cannot leave a note for the agent ({exc}); following again after the cutover",
               file=sys.stderr)
-    if not wait_while_cutover_runs(marker):
+    try:
+        over = wait_while_cutover_runs(marker)
+    except KeyboardInterrupt:  # the operator stops following; the migration goes on (p2vctl watch)
+        remove(watcher_path(marker, os.getpid()))
+        return 130
+    if not over:
         remove(watcher_path(marker, os.getpid()))
         print(f"p2vctl: the cutover still runs after {MAX_WAIT_S:.0f} s; following the migration again",
               file=sys.stderr)
