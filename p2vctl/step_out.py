@@ -22,14 +22,18 @@ MAX_WAIT_S = HELPER_TIMEOUT_S + 60.0
 POLL_S = 0.1
 
 
-def wait_while_cutover_runs(marker: Path, max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S) -> bool:
-    """True once the cutover is over (marker gone, or its agent dead); False after max_wait_s."""
+OVER, AGENT_GONE, STILL_RUNNING = "over", "agent gone", "still running"
+
+
+def wait_while_cutover_runs(marker: Path, max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S) -> str:
+    """OVER once the agent removed the marker, AGENT_GONE if the agent that made it died (it stays),
+    STILL_RUNNING after max_wait_s."""
     deadline = time.monotonic() + max_wait_s
     while cutover_running(marker):
         if time.monotonic() > deadline:
-            return False
+            return STILL_RUNNING
         time.sleep(poll_s)
-    return True
+    return AGENT_GONE if marker.exists() else OVER
 
 
 def main(argv: list[str]) -> int:
@@ -43,11 +47,14 @@ def main(argv: list[str]) -> int:
         print(f"p2vctl: cannot leave a note for the agent ({exc}); following again after the cutover",
               file=sys.stderr)
     try:
-        over = wait_while_cutover_runs(marker)
+        outcome = wait_while_cutover_runs(marker)
     except KeyboardInterrupt:  # the operator stops following; the migration goes on (p2vctl watch)
         remove(watcher_path(marker, os.getpid()))
         return 130
-    if not over:
+    if outcome == AGENT_GONE:  # as a p2vctl that kept its connection says when it loses the agent
+        print("p2vctl: lost the agent during the cutover; waiting for the next agent to follow the "
+              "migration again", file=sys.stderr, flush=True)
+    elif outcome == STILL_RUNNING:
         remove(watcher_path(marker, os.getpid()))
         print(f"p2vctl: the cutover still runs after {MAX_WAIT_S:.0f} s; following the migration again",
               file=sys.stderr)

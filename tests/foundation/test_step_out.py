@@ -160,6 +160,7 @@ def test_p2vctl_follows_at_once_when_the_agent_died_in_its_cutover(tmp_path: Pat
                           "--agent", str(sock), "--connect-timeout", "1", "--stepped-out", str(marker)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 3, res  # EXIT_UNREACHABLE, from `p2vctl watch`
+    assert "p2vctl: lost the agent during the cutover" in res.stderr, res.stderr  # first, from the waiter
     assert "p2vctl: watch:" in res.stderr and str(sock) in res.stderr, res.stderr
     assert time.monotonic() - t0 < 60  # not the waiter's 16 minutes
 
