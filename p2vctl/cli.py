@@ -138,11 +138,10 @@ async def _statuses(client: Client, migration_id: str, args: argparse.Namespace
 
 
 def follow_again_argv(args: argparse.Namespace, migration_id: str, marker: Path) -> list[str]:
-    """p2vctl's arguments for following `migration_id` again after the cutover, as this one does.
-    The connection may first wait for the agent as long as a re-attach would (the next agent's
-    start, should this one die in the cutover)."""
+    """p2vctl's arguments for following `migration_id` again after the cutover, as this one does
+    (--stepped-out: an agent gone by then is waited for as a re-attach would, reach_agent_after_cutover)."""
     argv = ["watch", migration_id, "--agent", args.agent, "--timeout", f"{args.timeout:g}",
-            "--connect-timeout", f"{max(args.connect_timeout, args.reattach_timeout):g}",
+            "--connect-timeout", f"{args.connect_timeout:g}",
             "--reattach-timeout", f"{args.reattach_timeout:g}", "--ca", args.ca, "--cert", args.cert,
             "--key", args.key, "--server-name", args.server_name, "--stepped-out", str(marker)]
     return argv + ["--insecure"] * args.insecure + ["--json"] * args.json
@@ -354,10 +353,32 @@ def _unreachable(args: argparse.Namespace, client: Client, message: str, code: g
     return EXIT_UNREACHABLE
 
 
+#: how long a p2vctl back from stepping out gives the agent to answer before it says it lost it
+AFTER_CUTOVER_GRACE_S = 10.0
+
+
+async def reach_agent_after_cutover(client: Client, args: argparse.Namespace) -> None:
+    """Back from stepping out (p2vctl.step_out): the agent that ran the cutover answers at once,
+    unless it died in the cutover or in the VM right after it. Then say so, as a p2vctl that kept its
+    connection does, and wait up to --reattach-timeout for the next agent."""
+    try:
+        await wait_for_agent(client.channel, min(args.connect_timeout, AFTER_CUTOVER_GRACE_S))
+        return
+    except grpc.RpcError as exc:
+        if not unreachable(exc) or args.reattach_timeout <= 0:
+            raise
+    print(f"p2vctl: lost the agent: it does not answer after the cutover; waiting up to "
+          f"{args.reattach_timeout:g} s to follow migration {args.migration_id} again", file=sys.stderr, flush=True)
+    await wait_for_agent(client.channel, args.reattach_timeout)
+
+
 async def run(args: argparse.Namespace) -> int:
     client = Client(args)
     try:
-        await wait_for_agent(client.channel, args.connect_timeout)
+        if args.stepped_out:
+            await reach_agent_after_cutover(client, args)
+        else:
+            await wait_for_agent(client.channel, args.connect_timeout)
         return await COMMANDS[args.command](client, args)
     except grpc.RpcError as exc:
         code = exc.code()

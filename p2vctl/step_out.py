@@ -51,10 +51,8 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:  # the operator stops following; the migration goes on (p2vctl watch)
         remove(watcher_path(marker, os.getpid()))
         return 130
-    if outcome == AGENT_GONE:  # as a p2vctl that kept its connection says when it loses the agent
-        print("p2vctl: lost the agent during the cutover; waiting for the next agent to follow the "
-              "migration again", file=sys.stderr, flush=True)
-    elif outcome == STILL_RUNNING:
+    # AGENT_GONE: the watch it becomes says so (p2vctl.cli.reach_agent_after_cutover), and waits
+    if outcome == STILL_RUNNING:
         remove(watcher_path(marker, os.getpid()))
         print(f"p2vctl: the cutover still runs after {MAX_WAIT_S:.0f} s; following the migration again",
               file=sys.stderr)

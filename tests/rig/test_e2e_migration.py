@@ -264,6 +264,8 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     if cr.final_state(out) != "completed":
         inside = dest.vm_run(f"grep -v '^\\s*$' {C.P_AGENT_LOG} | tail -n 30; dmesg | tail -n 30", timeout=60)
         pytest.fail(f"migration did not complete:\n{out[-2000:]}\nin the VM:\n{inside}")
+    # p2vctl was out of P's image for the snapshot, and followed the move to its end from the VM
+    assert "p2vctl steps out of P's memory image" in " ".join(out.split()), out
     time.sleep(5)  # the agent unloads itself a moment after completion
     done = time.time()
 
