@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from common.atomicfile import write_atomic
 from common.procfs import process_started
 
 #: how long the source agent lets its cutover helper run (source_agent.cutover); the waiter's limit too
@@ -50,9 +51,8 @@ def watcher_paths(marker: Path) -> list[Path]:
 
 
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)  # a reader sees all of it or nothing
+    # readable by a p2vctl that is not root; a rename, no fsync: these live only as long as the cutover
+    write_atomic(path, json.dumps(obj).encode(), mode=0o644, durable=False)
 
 
 def create_marker(marker: Path) -> None:

@@ -22,18 +22,16 @@ MAX_WAIT_S = HELPER_TIMEOUT_S + 60.0
 POLL_S = 0.1
 
 
-OVER, AGENT_GONE, STILL_RUNNING = "over", "agent gone", "still running"
-
-
-def wait_while_cutover_runs(marker: Path, max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S) -> str:
-    """OVER once the agent removed the marker, AGENT_GONE if the agent that made it died (it stays),
-    STILL_RUNNING after max_wait_s."""
+def wait_while_cutover_runs(marker: Path, max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S) -> bool:
+    """True once the cutover is over: the agent removed the marker, or the agent that made it died
+    (the watch this process becomes then says so and waits for the next agent); False after
+    max_wait_s."""
     deadline = time.monotonic() + max_wait_s
     while cutover_running(marker):
         if time.monotonic() > deadline:
-            return STILL_RUNNING
+            return False
         time.sleep(poll_s)
-    return AGENT_GONE if marker.exists() else OVER
+    return True
 
 
 def main(argv: list[str]) -> int:
@@ -47,12 +45,11 @@ def main(argv: list[str]) -> int:
         print(f"p2vctl: cannot leave a note for the agent ({exc}); following again after the cutover",
               file=sys.stderr)
     try:
-        outcome = wait_while_cutover_runs(marker)
+        over = wait_while_cutover_runs(marker)
     except KeyboardInterrupt:  # the operator stops following; the migration goes on (p2vctl watch)
         remove(watcher_path(marker, os.getpid()))
         return 130
-    # AGENT_GONE: the watch it becomes says so (p2vctl.cli.reach_agent_after_cutover), and waits
-    if outcome == STILL_RUNNING:
+    if not over:
         remove(watcher_path(marker, os.getpid()))
         print(f"p2vctl: the cutover still runs after {MAX_WAIT_S:.0f} s; following the migration again",
               file=sys.stderr)
