@@ -443,7 +443,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         write_pending(pending_file, pending)
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
-                  "pending_file": str(pending_file),
+                  "pending_file": str(pending_file), "agent_pid": os.getpid(),
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
         result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)

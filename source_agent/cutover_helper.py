@@ -24,6 +24,7 @@ import ctypes
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -55,6 +56,7 @@ from common.pagecodec import hash_page_views, new_checksum
 from source_agent import peer_kick, resume, traffic_block
 from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
+from source_agent.page_out import page_out
 
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
@@ -185,6 +187,9 @@ class HelperConfig:
     kick_peers: bool = True
     #: the agent's note of this cutover (host_settings): removed once the helper has ended it
     pending_file: str = ""
+    #: the agent's pid: its private file pages (gRPC, OpenSSL, ...) leave P's memory right before
+    #: FREEZE, so that the image does not carry them (page_out); 0 = none
+    agent_pid: int = 0
     #: take P's NIC down after FREEZE and up when its PHY has link after CREATE_IMAGE (link_cycle)
     cycle_links: bool = True
     #: WARM padding sent (and acknowledged) before the snapshot, so that V's receive window is
@@ -661,6 +666,7 @@ class Helper:
         self.frozen = False
         self.compressor = zstandard.ZstdCompressor(level=cfg.zstd_level) if cfg.zstd_level else None
         self.memory: dict[str, float] = {}
+        self.major_faults_at_freeze = 0
         self.saved_image_size = ""
         self.stream_route: StreamRoute | None = None
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
@@ -685,11 +691,13 @@ class Helper:
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)  # open until tighten
-            self.memory = memory_facts(self.cfg.meminfo_path)
+            self._page_out_agent()
+            self.memory.update(memory_facts(self.cfg.meminfo_path))
             self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             if self.cfg.cycle_links and self.egress:
                 self.cycle = LinkCycle(nics_to_cycle(path_nics(self.egress, self.cfg.sys_class_net)))
+            self.major_faults_at_freeze = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
             t_freeze = time.monotonic()
             self.snap.freeze()
             self.frozen = True
@@ -803,6 +811,16 @@ class Helper:
             print(f"cutover helper: cannot drop caches: {exc}", file=sys.stderr, flush=True)
         self.fig.drop_caches_s = time.monotonic() - t0
 
+    def _page_out_agent(self) -> None:
+        if not self.cfg.agent_pid:
+            return
+        t0 = time.monotonic()
+        res = page_out(self.cfg.agent_pid)
+        self.memory["page_out_s"] = time.monotonic() - t0
+        self.memory["agent_paged_out_mib"] = res.released_mib
+        if res.error:
+            print(f"cutover helper: the agent's file pages stay in the image: {res.error}", file=sys.stderr, flush=True)
+
     def _raise_image_size(self) -> None:
         total_kib = self.memory.get("mem_total_mib", 0.0) * 1024
         self.saved_image_size = swap_sysctl(self.cfg.image_size_path, str(int(total_kib) * 1024))
@@ -912,6 +930,8 @@ class Helper:
             if self.cycle.raised:
                 spent["nic_up"] = max(self.cycle.raised.values()) - t_start
         spent["compressed_chunks"] = compressed
+        # pages this process read from disk while P was frozen (what page_out took that it needed)
+        spent["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - self.major_faults_at_freeze
         spent.update(self.memory)
         trailer = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
         self._send(W.END, W.END_BODY.pack(header.size, whole.intdigest()) + trailer)
