@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from dest_agent.cutover import undecided
 from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError, ReceiveResult
 from dest_agent.page_store import PageStore
 from source_agent import host_settings as hs
+from source_agent import page_out as page_out_mod
 from source_agent.cutover_helper import Helper, HelperConfig
 from source_agent.host_settings import HostSettings, PendingCutover
 from tests.cutover.imagegen import make_image
@@ -157,7 +160,8 @@ def meminfo_file(tmp_path: Path) -> Path:
 def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: PageStore, *, token: bytes = TOKEN,
                 rehearse: bool = False, compression: str = "adaptive", claim_held: dict[int, int] | None = None,
                 resume_actions: list[dict] | None = None, resume_runner=None,
-                pending_file: str = "", migration_id: str = "mig1") -> tuple[Helper, RecordingBlock]:
+                pending_file: str = "", migration_id: str = "mig1",
+                agent_pid: int = 0) -> tuple[Helper, RecordingBlock]:
     """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
     snap.watch = image_size_file(tmp_path)
     block = RecordingBlock()
@@ -166,7 +170,7 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
-                       resume_actions=list(resume_actions or []), pending_file=pending_file)
+                       resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid)
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
@@ -179,7 +183,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
              claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
-             resume_runner=None, pending_file: str = ""):
+             resume_runner=None, pending_file: str = "", agent_pid: int = 0):
     feed.go_mark = tmp_path / "go.json"
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark,
@@ -198,7 +202,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     snap = snapshot or PlaybackSnapshot(image)
     helper, block = make_helper(tmp_path, f"{host}:{port}", snap, store, token=token, rehearse=rehearse,
                                 compression=compression, claim_held=claim_held, resume_actions=resume_actions,
-                                resume_runner=resume_runner, pending_file=pending_file)
+                                resume_runner=resume_runner, pending_file=pending_file, agent_pid=agent_pid)
     result = helper.run()
     if result == "aborted" and t.is_alive():
         receiver.close()
@@ -240,6 +244,38 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
         assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
+
+
+def test_the_agents_own_file_pages_leave_before_the_freeze(tmp_path: Path) -> None:
+    """A real process stands in for the agent: it maps a 16 MiB file and touches every page. The
+    helper pages them out before FREEZE (source_agent/page_out.py), and the image still arrives
+    exact."""
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(np.random.default_rng(7).bytes(16 << 20))
+    agent = subprocess.Popen([sys.executable, "-c", f"""
+import mmap, sys
+f = open({str(lib)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+print(sum(m[i] for i in range(0, len(m), 4096)), flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline()
+        before = page_out_mod.rss_file_kib(agent.pid)
+        pfns = np.arange(200, 700, dtype=np.uint64)
+        image, pfns, data = make_image(pfns, seed=3)
+        store = precopied_store(tmp_path, pfns, data, held_fraction=0.5)
+        feed = RecordingFeed()
+        result, *_, outcome = run_pair(tmp_path, image, store, feed, agent_pid=agent.pid)
+        assert result == "powered-off" and bytes(feed.data) == image
+        timings = outcome["result"].source_timings
+        if "agent_paged_out_mib" not in timings:
+            pytest.skip("this kernel cannot page out another process's memory")
+        assert timings["agent_paged_out_mib"] >= 12  # most of the 16 MiB the stand-in alone maps
+        assert page_out_mod.rss_file_kib(agent.pid) < before - 12 * 1024
+        assert timings["major_faults"] >= 0 and timings["page_out_s"] >= 0
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 class NoteAtPowerOff(PlaybackSnapshot):
