@@ -97,6 +97,19 @@ class Feed:
         self.conn.sendall(text.encode() + b"\n")
 
 
+def cpu_busy_s(stat: str = "/proc/stat") -> float:
+    """Seconds this machine's CPUs were not idle since boot (/proc/stat), 0.0 if unreadable: with the
+    program's own CPU time it tells how much of the VM's load was the network's receive path (the
+    kernel's work on packets is often accounted to other contexts)."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()[1:]
+        ticks = [int(x) for x in fields[:8]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def write_pages(fd: int, pages: list[memoryview], count: int) -> None:
     """Write pages[0:count] into /dev/snapshot. It takes at most one page per write(); writev with
     page-sized vectors makes the kernel call it once per vector: one system call for many pages.
@@ -116,9 +129,10 @@ def write_pages(fd: int, pages: list[memoryview], count: int) -> None:
 def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
                device: str = "/dev/snapshot") -> tuple[int, int]:
     """Stream `size` bytes from V into /dev/snapshot. Returns (fd, pages); `spent` gets the seconds
-    spent waiting for the network ("recv") and writing into the kernel ("write")."""
+    spent waiting for the network ("recv") and writing into the kernel ("write"), and this thread's
+    CPU time in each ("recv_cpu", "write_cpu")."""
     spent = spent if spent is not None else {}
-    spent["recv"] = spent["write"] = 0.0
+    spent["recv"] = spent["write"] = spent["recv_cpu"] = spent["write_cpu"] = 0.0
     fd = os.open(device, os.O_WRONLY)
     try:
         buf = bytearray(max(4 << 20, len(feed.buf) + PAGE))
@@ -132,21 +146,23 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
         while True:
             whole = (min(held, size - done) // PAGE) * PAGE
             if whole:
-                t0 = time.monotonic()
+                t0, c0 = time.monotonic(), time.thread_time()
                 try:
                     write_pages(fd, pages, whole // PAGE)
                 except OSError as exc:
                     raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
                                        "(see the kernel log: memory size or firmware map mismatch?)") from None
                 spent["write"] += time.monotonic() - t0
+                spent["write_cpu"] += time.thread_time() - c0
                 view[:held - whole] = view[whole:held]  # less than a page (or the tail after the image)
                 held -= whole
                 done += whole
             if done >= size:
                 break
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), time.thread_time()
             n = feed.conn.recv_into(view[held:])
             spent["recv"] += time.monotonic() - t0
+            spent["recv_cpu"] += time.thread_time() - c0
             if not n:
                 raise ConnectionError(f"V closed the feed after {received} of {size} bytes")
             held += n
@@ -197,7 +213,7 @@ def serve_one(conn: socket.socket, token: str, held: Held | None = None,
     if held is not None:
         log("a new image: the one held is discarded")
         held.discard()
-    t0 = time.monotonic()
+    t0, busy0 = time.monotonic(), cpu_busy_s()
     spent: dict[str, float] = {}
     try:
         fd, pages = load_image(feed, size, spent, device=device)
@@ -209,7 +225,8 @@ def serve_one(conn: socket.socket, token: str, held: Held | None = None,
             pass
         return None
     log(f"image loaded: {pages} pages in {time.monotonic() - t0:.3f}s "
-        f"(waiting for V {spent['recv']:.3f}s, writing {spent['write']:.3f}s)")
+        f"(waiting for V {spent['recv']:.3f}s, writing {spent['write']:.3f}s; CPU: receiving "
+        f"{spent['recv_cpu']:.3f}s, writing {spent['write_cpu']:.3f}s, the VM busy {cpu_busy_s() - busy0:.2f}s)")
     try:
         feed.send(f"LOADED {pages}")
     except OSError:

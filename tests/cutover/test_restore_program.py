@@ -39,6 +39,7 @@ def test_image_lands_whole_and_what_follows_stays_for_the_next_line(tmp_path: Pa
     assert written == image and pages == 300
     assert feed.line() == "GO"
     assert spent["write"] >= 0 and spent["recv"] >= 0
+    assert 0 <= spent["write_cpu"] <= spent["write"] + 0.01 and 0 <= spent["recv_cpu"] <= spent["recv"] + 0.01
 
 
 def test_feed_cut_short_is_an_error(tmp_path: Path) -> None:
@@ -134,3 +135,13 @@ def test_loaded_image_outlives_the_feed_until_v_decides(tmp_path: Path, monkeypa
     thread.join(10)
     assert ioctls.calls == [restore_program.SNAPSHOT_FREEZE, restore_program.SNAPSHOT_ATOMIC_RESTORE]
     assert holding == [40, 40, 0, 0, 0]  # after the lost feed, the wrong token, the GO, the ABORT, the last
+
+
+def test_cpu_busy_counts_all_but_idle_and_iowait(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal
+    stat.write_text(f"cpu  {hz} 0 {2 * hz} {50 * hz} {7 * hz} 0 {hz} 0 0 0\ncpu0 1 2 3\n")
+    assert restore_program.cpu_busy_s(str(stat)) == 4.0
+    assert restore_program.cpu_busy_s(str(tmp_path / "absent")) == 0.0
+    assert restore_program.cpu_busy_s() > 0  # this machine's
