@@ -53,6 +53,7 @@ from common.hibernate_image import (
     plan_dedup,
 )
 from common.pagecodec import hash_page_views, new_checksum
+from common.procfs import status_kib
 from source_agent import peer_kick, resume, traffic_block
 from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
@@ -271,14 +272,12 @@ def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[st
                 key, _, rest = line.partition(":")
                 if key in wanted:
                     out[wanted[key]] = int(rest.split()[0]) / 1024
-        for name, pid in (("helper", os.getpid()), ("agent", os.getppid())):
-            with open(f"{proc}/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        out[f"{name}_rss_mib"] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass  # figures only
     for name, pid in (("helper", os.getpid()), ("agent", os.getppid())):
+        rss = status_kib(pid, "VmRSS", proc)
+        if rss is not None:
+            out[f"{name}_rss_mib"] = rss / 1024
         try:  # what is the process's own: the forked helper shares the rest with the agent
             with open(f"{proc}/{pid}/smaps_rollup") as f:
                 own = sum(int(line.split()[1]) for line in f if line.startswith(("Private_Dirty:", "Private_Clean:")))

@@ -20,6 +20,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from common.procfs import status_kib
+
 MADV_PAGEOUT = 21  # include/uapi/asm-generic/mman-common.h
 SYS_PROCESS_MADVISE = 440  # the same number on every architecture (the unified syscall table)
 IOV_MAX = 1024  # vectors per call (UIO_MAXIOV)
@@ -78,14 +80,7 @@ class PageOut:
 
 def rss_file_kib(pid: int, proc: str = "/proc") -> int:
     """The process's resident file-backed memory (RssFile, /proc/PID/status); 0 if unreadable."""
-    try:
-        with open(f"{proc}/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return status_kib(pid, "RssFile", proc) or 0
 
 
 def page_out(pid: int, proc: str = "/proc") -> PageOut:

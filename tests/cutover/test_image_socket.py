@@ -582,7 +582,9 @@ def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:
     assert facts["mem_free_mib"] == 813748 / 1024 and facts["mem_anon_mib"] == 48376 / 1024
     assert facts["helper_rss_mib"] == 40.0 and facts["agent_rss_mib"] == 100.0
     assert "mem_cached_mib" not in facts  # absent lines stay absent
-    assert memory_facts(str(tmp_path / "nothing"), str(tmp_path)) == {}  # figures only: never raises
+    # figures only: never raises, and what can be read is kept
+    assert memory_facts(str(tmp_path / "nothing"), str(tmp_path)) == {"helper_rss_mib": 40.0, "agent_rss_mib": 100.0}
+    assert memory_facts(str(tmp_path / "nothing"), str(tmp_path / "nothing")) == {}
 
 
 def test_outbox_hands_nothing_to_tcp_before_the_link_is_back() -> None:

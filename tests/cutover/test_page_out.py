@@ -115,3 +115,14 @@ def test_pages_another_process_maps_stay(data_file) -> None:
 def test_released_is_never_negative() -> None:
     assert PageOut(rss_file_before_kib=100, rss_file_after_kib=300).released_mib == 0
     assert PageOut(rss_file_before_kib=3072, rss_file_after_kib=1024).released_mib == 2
+
+
+def test_status_fields_come_from_proc(tmp_path: Path) -> None:
+    from common.procfs import status_kib
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "status").write_text("Name:\tpython3\nVmRSS:\t   40960 kB\nRssFile:\t  1024 kB\n")
+    assert status_kib(7, "VmRSS", str(tmp_path)) == 40960 and status_kib(7, "RssFile", str(tmp_path)) == 1024
+    assert status_kib(7, "RssShmem", str(tmp_path)) is None and status_kib(8, "VmRSS", str(tmp_path)) is None
+    assert rss_file_kib(8, str(tmp_path)) == 0
+    assert (status_kib(os.getpid(), "VmRSS") or 0) > 0  # this process's
