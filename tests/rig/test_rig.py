@@ -113,7 +113,7 @@ def test_workloads_observed_from_outside(rig: Rig) -> None:
 
 def _spare_disk(rig: Rig) -> str:
     script = ("for d in /sys/block/sd*; do m=$(sed 's/ *$//' $d/device/model); "
-              f"[ \"$m\" = {C.DISK_MODEL_SPARE} ] && echo /dev/${{d##*/}}; done")
+              f"[ \"$m\" = {C.DISK_MODEL_SPARE} ] && echo /dev/${{d##*/}}; done; true")  # any disk order
     disk = rig.run(script, check=True).out.strip()
     assert disk.startswith("/dev/sd"), disk
     return disk
