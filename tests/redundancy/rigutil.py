@@ -106,6 +106,19 @@ def wait_settled(rig: Rig, nic: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.5)
 
 
+def wait_array_state(rig: Rig, md: str, states: tuple[str, ...], timeout_s: float = 30.0) -> str:
+    """The md array's state once it is one of `states`, or the last one read at the deadline.
+
+    md passes through transient states (write-pending while it records a failed leg in the
+    superblocks), so one read right after a leg fails can catch it mid-update."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = sh(rig, f"cat /sys/block/{md}/md/array_state").strip()
+        if state in states or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
 def data_offset_bytes(rig: Rig, dev: str) -> int:
     out = sh(rig, f"mdadm --examine /dev/{dev}")
     m = re.search(r"Data Offset\s*:\s*(\d+) sectors", out)

@@ -229,8 +229,9 @@ def test_export_gone_mid_sync_clear_error_p_runs_rollback_works(
         u.sh(rig, f"echo system > /sys/block/{md}/md/sync_speed_max")
     assert res.rc == 2, res
     assert "error:" in res.err and ("failed (faulty)" in res.err or "no longer a member" in res.err), res.err
-    # P runs on, on its own disk
-    assert u.sh(rig, f"cat /sys/block/{md}/md/array_state").strip() in ("clean", "active", "active-idle")
+    # P runs on, on its own disk: the array settles (write-pending, seen once, is md recording the failed leg)
+    settled = ("clean", "active", "active-idle")
+    assert u.wait_array_state(rig, md, settled) in settled
     pids_before = rig.workload_pids()
     time.sleep(2)
     assert rig.workload_pids() == pids_before and all(pids_before.values())
