@@ -87,6 +87,9 @@ class DestVmConfig:
     feed_vm_ip: str = ""  # the waiting VM's feed NIC, CIDR (reachable from V), required if enabled
     feed_vm_mac: str = "52:54:00:fe:ed:01"
     feed_port: int = 7480
+    #: the feed's shared memory (MiB, a power of two; 0 = the image goes over the feed NIC only):
+    #: an ivshmem-plain device over /dev/shm, the image's pages skip the VM's network stack
+    feed_ring_mib: int = 64
     name_prefix: str = "p2v-vm-"
     kernel_dir: str = "/boot"  # vmlinuz-<release> of P's kernel
     modules_base: str = "/"  # <base>/lib/modules/<release>

@@ -30,7 +30,7 @@ from common.atomicfile import write_json_atomic
 FEED_MODULES = ("virtio_pci", "virtio_net", "ata_piix", "sd_mod")
 RESTORE_PROGRAM = Path(__file__).resolve().parent / "restore_program.py"
 #: The restore program's imports (kept in sync with restore_program.py; a test checks it).
-RESTORE_IMPORTS = ("__future__", "fcntl", "json", "os", "socket", "sys", "time")
+RESTORE_IMPORTS = ("__future__", "fcntl", "json", "mmap", "os", "socket", "sys", "time")
 RECIPE_VERSION = 1
 
 INIT_SCRIPT = r"""#!/bin/busybox sh

@@ -70,6 +70,10 @@ class WaitingVmSpec:
     cmdline: str
     nics: tuple[VmNic, ...]  # P's NICs (P's MACs)
     feed_nic: VmNic  # the restore program receives the image on it
+    #: the feed's shared memory (an ivshmem-plain device over /dev/shm/<feed_ring>, `feed_ring_mib`
+    #: MiB): the image's pages reach the restore program without the VM's network stack; "" = none
+    feed_ring: str = ""
+    feed_ring_mib: int = 0
     disks: tuple[VmDisk, ...] = ()
     console_log: str = ""
     control_socket: str = ""  # ttyS1 as a unix socket (the rig's control channel), "" = none
@@ -95,6 +99,7 @@ class PciLayout:
     disks: tuple[int, ...]  # virtio disks, in spec order
     nics: tuple[int, ...]  # P's NICs, in spec order
     feed: int  # the feed NIC
+    ring: int | None = None  # the feed's shared memory (never probed by P's kernel, as the feed NIC)
 
     @staticmethod
     def address(slot: int) -> str:
@@ -102,11 +107,14 @@ class PciLayout:
 
 
 def pci_layout(spec: WaitingVmSpec) -> PciLayout:
-    """Virtio disks, then P's NICs, then the feed NIC, on the slots allocate_slots gives. P's resume
-    enables the NICs' slots only (the disks' after UNFREEZE, the feed NIC's never). Pure."""
+    """Virtio disks, then P's NICs, then the feed NIC and the feed's shared memory, on the slots
+    allocate_slots gives. P's resume enables the NICs' slots only (the disks' after UNFREEZE, the
+    feed's never). Pure."""
     n_disks = sum(1 for d in spec.disks if d.bus == "virtio")
-    slots = allocate_slots(n_disks + len(spec.nics) + 1, spec.reserved_slots)
-    return PciLayout(tuple(slots[:n_disks]), tuple(slots[n_disks:n_disks + len(spec.nics)]), slots[-1])
+    n_feed = n_disks + len(spec.nics)
+    slots = allocate_slots(n_feed + 1 + bool(spec.feed_ring), spec.reserved_slots)
+    return PciLayout(tuple(slots[:n_disks]), tuple(slots[n_disks:n_feed]), slots[n_feed],
+                     slots[n_feed + 1] if spec.feed_ring else None)
 
 
 def feed_nic_pci_address(spec: WaitingVmSpec) -> str:
@@ -167,6 +175,9 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             raise ValueError(f"disk {d.target}: bus {d.bus!r} unsupported")
         if d.bus == "ide" and d.ide_position is None:
             raise ValueError(f"IDE disk {d.target} needs its position (P's kernel knows it by position)")
+    mib = spec.feed_ring_mib
+    if spec.feed_ring and (mib <= 0 or mib & (mib - 1) or "/" in spec.feed_ring):
+        raise ValueError(f"feed ring {spec.feed_ring!r} of {mib} MiB: a PCI BAR needs a power of two, a name no '/'")
     layout = pci_layout(spec)
     slot_iter = iter((*layout.disks, *layout.nics, layout.feed))
     dev: list[str] = ["<emulator>/usr/bin/qemu-system-x86_64</emulator>"]
@@ -199,6 +210,10 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             f"<model type={_q(nic.model)}/><rom enabled='no'/>{boot}"
             f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
             "</interface>")
+    if spec.feed_ring and layout.ring is not None:
+        dev.append(
+            f"<shmem name={_q(spec.feed_ring)}><model type='ivshmem-plain'/><size unit='M'>{mib}</size>"
+            f"<address type='pci' domain='0x0000' bus='0x00' slot='{layout.ring:#04x}' function='0x0'/></shmem>")
     dev.append("<controller type='usb' model='none'/>")
     if spec.console_log:
         dev.append(f"<serial type='file'><source path={_q(spec.console_log)} append='on'/>"

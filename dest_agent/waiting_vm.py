@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import os
 import secrets
 import socket
 import subprocess
@@ -39,15 +41,60 @@ class FeedError(RuntimeError):
     pass
 
 
-class FeedClient:
-    """V's side of the feed to the restore program (dest_agent/restore_program.py)."""
+RING_DIR = Path("/dev/shm")  # where QEMU's memory-backend-file for a libvirt <shmem> lives
 
-    def __init__(self, host: str, port: int, token: str, timeout_s: float = 120.0) -> None:
+
+def ring_path_of(vm_name: str) -> Path:
+    """The feed's shared memory file of a waiting VM on V."""
+    return RING_DIR / f"{vm_name}-feed"
+
+
+class FeedRing:
+    """V's side of the feed's shared memory (restore_program's ring): the file in /dev/shm that QEMU
+    maps as the waiting VM's ivshmem-plain device."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size != size or size <= 0 or size % mmap.PAGESIZE:
+                raise FeedError(f"{path} has {os.fstat(fd).st_size} bytes, the VM maps {size}")
+            self.memory = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.path, self.size = path, size
+
+    def put(self, position: int, data: memoryview) -> None:
+        """Copy `data` (at most up to the ring's end) to the image's byte `position`."""
+        at = position % self.size
+        self.memory[at:at + len(data)] = data
+
+    def clear(self) -> None:
+        """Give the ring's memory back to the host (tmpfs frees the pages; QEMU's mapping reads
+        zeros): it held pages of P's memory."""
+        try:
+            self.memory.madvise(mmap.MADV_REMOVE)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def close(self) -> None:
+        self.clear()
+        self.memory.close()
+
+
+class FeedClient:
+    """V's side of the feed to the restore program (dest_agent/restore_program.py). With `ring_path`
+    (the feed's shared memory on V) the image goes through the ring when the VM has it too."""
+
+    def __init__(self, host: str, port: int, token: str, timeout_s: float = 120.0,
+                 ring_path: Path | None = None) -> None:
         self.host, self.port, self.token = host, port, token
         self.timeout_s = timeout_s
         self.sock: socket.socket | None = None
         self.buf = b""
         self.facts: dict = {}
+        self.ring_path = ring_path
+        self.ring: FeedRing | None = None
+        self.head = self.announced = self.freed = 0  # image bytes put in the ring, said (DATA), free again
 
     def connect(self, connect_timeout_s: float = 2.0) -> dict:
         sock = socket.create_connection((self.host, self.port), timeout=connect_timeout_s)
@@ -59,7 +106,17 @@ class FeedClient:
             self.close()
             raise FeedError(f"unexpected greeting from the waiting VM: {line[:200]!r}")
         self.facts = json.loads(line[len("P2VFEED1 "):])
+        self._open_ring()
         return self.facts
+
+    def _open_ring(self) -> None:
+        vm_ring = self.facts.get("ring")
+        if self.ring is not None or self.ring_path is None or not isinstance(vm_ring, dict):
+            return
+        try:
+            self.ring = FeedRing(self.ring_path, int(vm_ring.get("bytes", 0)))
+        except (OSError, ValueError, FeedError) as exc:
+            log.warning("the feed's shared memory is unusable, the image goes over the network: %s", exc)
 
     def _line(self) -> str:
         assert self.sock is not None
@@ -87,21 +144,59 @@ class FeedClient:
                 pass
             raise FeedError(f"the waiting VM stopped taking the image: {reason or exc}") from None
 
+    @property
+    def through_ring(self) -> bool:
+        return self.ring is not None
+
     # VmFeed
     def begin(self, size: int) -> None:
-        self._send(f"IMAGE {size} {self.token}\n".encode())
+        self.head = self.announced = self.freed = 0
+        self._send(f"IMAGE {size} {self.token}{' RING' if self.ring else ''}\n".encode())
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._send(data)
+        if self.ring is None:
+            self._send(data)
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            room = min(self.freed + self.ring.size - self.head, self.ring.size - self.head % self.ring.size)
+            if room <= 0:
+                self._announce()  # the VM writes what it has, then frees
+                self._await_free()
+                continue
+            n = min(room, len(view))
+            self.ring.put(self.head, view[:n])
+            self.head += n
+            view = view[n:]
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.head > self.announced:
+            self._send(f"DATA {self.head}\n".encode())
+            self.announced = self.head
+
+    def _await_free(self) -> None:
+        line = self._line()
+        words = line.split()
+        if len(words) != 2 or words[0] != "FREE" or not words[1].isdigit() or int(words[1]) > self.head:
+            raise FeedError(f"waiting VM: {line[:500]}")
+        self.freed = max(self.freed, int(words[1]))
 
     def finish(self) -> int:
-        line = self._line()
+        for _ in range(1 << 20):  # bounded: the FREE lines of the end of the image, then LOADED
+            line = self._line()
+            if not line.startswith("FREE "):
+                break
+        if self.ring is not None:
+            self.ring.clear()
         if not line.startswith("LOADED "):
             raise FeedError(f"waiting VM: {line[:500]}")
         return int(line.split()[1])
 
     def go(self) -> None:
         self._send(b"GO\n")
+        if self.ring_path is not None:  # read no more (QEMU keeps its mapping, the VM becomes P)
+            self.ring_path.unlink(missing_ok=True)
         line = self._line()
         if line != "RESTORING":
             raise FeedError(f"waiting VM did not restore: {line[:500]}")
@@ -129,6 +224,9 @@ class FeedClient:
             except OSError:
                 pass
             self.sock = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
 
 
 @dataclass
@@ -161,6 +259,7 @@ class AdoptedVm:
         except Exception as exc:  # libvirt down: the operator's teardown finds it by its name
             log.error("cannot destroy the waiting VM %s: %s", self.name, exc)
         self.disk.unlink(missing_ok=True)
+        ring_path_of(self.name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -223,7 +322,8 @@ class WaitingVm:
         self.work_dir = work_dir
         self.name = f"{config.name_prefix}{migration_id}"
         self.feed_token = secrets.token_hex(16)
-        self.feed = FeedClient(config.feed_vm_ip.split("/")[0], config.feed_port, self.feed_token)
+        self.feed = FeedClient(config.feed_vm_ip.split("/")[0], config.feed_port, self.feed_token,
+                               ring_path=self.ring_path)
         self.started = False
         self.error = ""
         self.booted_at = 0.0
@@ -237,6 +337,11 @@ class WaitingVm:
     def disk_path(self) -> Path:
         """The VM's local disk (md takes it in after the move)."""
         return self.work_dir / f"{self.name}-vda.img"
+
+    @property
+    def ring_path(self) -> Path | None:
+        """The feed's shared memory on V (None: the image goes over the feed NIC)."""
+        return ring_path_of(self.name) if self.config.feed_ring_mib else None
 
     @property
     def console_log(self) -> str:
@@ -258,7 +363,8 @@ class WaitingVm:
             name=self.name, uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"p2v:{self.migration_id}")),
             memory_bytes=self.source.memory_bytes, vcpus=c.vcpus, kernel=str(kernel), initrd=str(initrd),
             cmdline=cmdline, nics=tuple(vm_builder.VmNic(m, c.bridge) for m in self.source.nic_macs),
-            feed_nic=vm_builder.VmNic(c.feed_vm_mac, c.bridge), disks=tuple(disks), console_log=self.console_log,
+            feed_nic=vm_builder.VmNic(c.feed_vm_mac, c.bridge), feed_ring=self.ring_path.name if self.ring_path else "",
+            feed_ring_mib=c.feed_ring_mib, disks=tuple(disks), console_log=self.console_log,
             control_socket=c.control_socket, reserved_slots=self.source.reserved_slots,
             run_as_root=c.run_as_root, cpu_model=c.cpu_model, cpu_features=tuple(c.cpu_features))
 
@@ -346,6 +452,7 @@ class WaitingVm:
             vm_builder.destroy(self.name)
             self.started = False
         self.disk_path.unlink(missing_ok=True)
+        ring_path_of(self.name).unlink(missing_ok=True)
 
     def qemu_command_line(self) -> str:
         """For diagnostics: the QEMU command line libvirt used."""

@@ -160,6 +160,22 @@ def test_domain_xml_refuses_bad_specs() -> None:
     with pytest.raises(ValueError, match="free PCI slots"):
         vm_builder.domain_xml(spec(reserved_slots=frozenset(range(32))))
     assert vm_builder.slot_of("0000:00:05.0") == 5 and vm_builder.slot_of("0000:01:00.0") is None
+    for mib in (0, 48):
+        with pytest.raises(ValueError, match="power of two"):
+            vm_builder.domain_xml(spec(feed_ring="p2vrig-vm-abc-feed", feed_ring_mib=mib))
+
+
+def test_feed_ring_is_an_ivshmem_device_on_a_slot_of_its_own() -> None:
+    s = spec(feed_ring="p2vrig-vm-abc-feed", feed_ring_mib=64)
+    layout = vm_builder.pci_layout(s)
+    root = ET.fromstring(vm_builder.domain_xml(s))
+    shmem = root.find("devices/shmem")
+    assert shmem.get("name") == "p2vrig-vm-abc-feed" and shmem.find("model").get("type") == "ivshmem-plain"
+    assert shmem.find("size").text == "64" and shmem.find("size").get("unit") == "M"
+    assert int(shmem.find("address").get("slot"), 16) == layout.ring
+    assert layout.ring not in (*layout.disks, *layout.nics, layout.feed, *s.reserved_slots)
+    assert vm_builder.pci_layout(spec()).ring is None and ET.fromstring(vm_builder.domain_xml(spec())).find(
+        "devices/shmem") is None
 
 
 def test_booted_vm_facts_against_p() -> None:

@@ -145,3 +145,116 @@ def test_cpu_busy_counts_all_but_idle_and_iowait(tmp_path: Path) -> None:
     assert restore_program.cpu_busy_s(str(stat)) == 4.0
     assert restore_program.cpu_busy_s(str(tmp_path / "absent")) == 0.0
     assert restore_program.cpu_busy_s() > 0  # this machine's
+
+
+def ring_pair(tmp_path: Path, pages: int) -> tuple[Path, restore_program.Ring]:
+    """The feed's shared memory as both sides map it: a file V opens (QEMU's /dev/shm file) and the
+    same file mapped as the restore program maps the ivshmem device's BAR."""
+    import mmap
+
+    path = tmp_path / "ring"
+    path.write_bytes(b"\0" * pages * PAGE)
+    with path.open("rb") as f:
+        memory = mmap.mmap(f.fileno(), pages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+    return path, restore_program.Ring("0000:00:09.0", memory)
+
+
+def serve_with_ring(tmp_path: Path, ring: restore_program.Ring | None
+                    ) -> tuple[tuple[str, int], threading.Thread, list]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    (tmp_path / "snapshot").write_bytes(b"")
+    held: list = []
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    held.append(restore_program.serve_one(conn, "tok", None, device=str(tmp_path / "snapshot"),
+                                                          ring=ring))
+                except (ConnectionError, ValueError, OSError) as exc:
+                    held.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname(), thread, held
+
+
+def test_image_through_a_ring_smaller_than_it_arrives_whole(tmp_path: Path) -> None:
+    """V fills the ring, waits for the VM's FREE, wraps around: /dev/snapshot gets the exact image,
+    and the ring no longer holds P's pages once the image is loaded."""
+    path, ring = ring_pair(tmp_path, 16)
+    (host, port), thread, held = serve_with_ring(tmp_path, ring)
+    image = os.urandom(100 * PAGE)
+    feed = FeedClient(host, port, "tok", ring_path=path)
+    assert feed.connect()["ring"] == {"pci": "0000:00:09.0", "bytes": 16 * PAGE}
+    assert feed.through_ring
+    feed.begin(len(image))
+    for at in (0, 3 * PAGE, 10 * PAGE, 41 * PAGE, 60 * PAGE):  # writes of any size, the ring's at most
+        feed.write(image[at:{0: 3, 3: 10, 10: 41, 41: 60, 60: 100}[at // PAGE] * PAGE])
+    assert feed.finish() == 100
+    assert path.read_bytes() == b"\0" * 16 * PAGE  # cleared (MADV_REMOVE)
+    feed.abort("test")
+    thread.join(10)
+    assert (tmp_path / "snapshot").read_bytes() == image
+    assert held == [None]  # ABORT: discarded
+
+
+def test_ring_data_beyond_what_v_may_fill_is_refused(tmp_path: Path) -> None:
+    path, ring = ring_pair(tmp_path, 4)
+    (host, port), thread, held = serve_with_ring(tmp_path, ring)
+    feed = FeedClient(host, port, "tok", ring_path=path)
+    feed.connect()
+    feed.begin(10 * PAGE)
+    feed._send(f"DATA {5 * PAGE}\n".encode())  # more than the ring holds: V would have overwritten pages
+    with pytest.raises(FeedError, match="beyond the ring"):
+        feed.finish()
+    thread.join(10)
+    assert held == [None]
+
+
+def test_ring_on_one_side_only_means_the_network(tmp_path: Path) -> None:
+    """A VM without the device, or a ring file V cannot use: the image goes over TCP as before."""
+    path, ring = ring_pair(tmp_path, 4)
+    image = os.urandom(9 * PAGE)
+    for vm_ring, v_path in ((None, path), (ring, tmp_path / "absent"), (ring, None)):
+        (host, port), thread, held = serve_with_ring(tmp_path, vm_ring)
+        feed = FeedClient(host, port, "tok", ring_path=v_path)
+        feed.connect()
+        assert not feed.through_ring
+        feed.begin(len(image))
+        feed.write(image)
+        assert feed.finish() == 9
+        feed.abort("test")
+        thread.join(10)
+        assert (tmp_path / "snapshot").read_bytes() == image and held == [None]
+
+
+def test_find_ring_maps_the_ivshmem_device(tmp_path: Path) -> None:
+    root = tmp_path / "devices"
+    for name, ids in (("0000:00:03.0", ("0x1af4", "0x1041")), ("0000:00:07.0", restore_program.IVSHMEM)):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(ids[0] + "\n")
+        (d / "device").write_text(ids[1] + "\n")
+        (d / "enable").write_text("0\n")
+        (d / "resource2").write_bytes(b"\x01" * 8 * PAGE)
+    ring = restore_program.find_ring(str(root))
+    assert ring is not None and ring.facts() == {"pci": "0000:00:07.0", "bytes": 8 * PAGE}
+    assert len(ring.pages) == 8 and bytes(ring.pages[7]) == b"\x01" * PAGE
+    assert (root / "0000:00:07.0/enable").read_text() == "1" and (root / "0000:00:03.0/enable").read_text() == "0\n"
+    assert restore_program.find_ring(str(tmp_path / "nothing")) is None
+
+
+def test_the_restore_initramfs_carries_every_module_the_program_imports() -> None:
+    """The initramfs holds only RESTORE_IMPORTS of Python's standard library (and what they import):
+    a module the program imports beyond them stops the waiting VM at boot (seen on the rig)."""
+    import ast
+
+    from dest_agent import restore_initramfs
+
+    tree = ast.parse(Path(restore_program.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(restore_initramfs.RESTORE_IMPORTS), imported - set(restore_initramfs.RESTORE_IMPORTS)
