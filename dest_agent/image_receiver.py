@@ -48,6 +48,9 @@ class ReceiveError(RuntimeError):
 class VmFeed(Protocol):
     """Where the assembled image goes (the waiting VM's restore program, or a test double)."""
 
+    #: the image goes through the feed's shared memory (else over the VM's network)
+    through_ring: bool
+
     def begin(self, size: int) -> None: ...
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
@@ -98,6 +101,10 @@ class BackgroundFeed:
             except BaseException as exc:  # handed to the receiving thread
                 self.error = exc
 
+    @property
+    def through_ring(self) -> bool:
+        return self.inner.through_ring
+
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
@@ -139,6 +146,7 @@ class ReceiveResult:
     pages_sent: int = 0  # data pages that came over the wire
     pages_from_store: int = 0  # by PFN or by content
     pages_by_hash: int = 0  # of those, by content (held at another PFN)
+    vm_feed: str = ""  # how the image reached the waiting VM: "ring" (shared memory) or "network"
     wire_bytes: int = 0  # bytes received on the image socket for the image (WARM padding not counted)
     warm_bytes: int = 0  # WARM padding received before the snapshot
     checksum: int = 0
@@ -373,6 +381,7 @@ class ImageReceiver:
                 res.image_bytes, res.image_pages = header.size, header.image_pages
                 res.steps["header"] = time.time()  # P's first bytes after CREATE_IMAGE (its NIC is back)
                 self.feed = BackgroundFeed(self.feed)
+                res.vm_feed = "ring" if self.feed.through_ring else "network"
                 self.feed.begin(header.size)
                 began = True
                 hasher.update(payload)

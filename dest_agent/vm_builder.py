@@ -18,7 +18,9 @@ What makes the hibernation carrier accept the VM (shared/research/hibernate-carr
 from __future__ import annotations
 
 import logging
+import os
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -156,6 +158,37 @@ def predict_memmap(memory_bytes: int) -> list[MemmapEntry]:
     return entries
 
 
+#: where QEMU's memory-backend-file for a libvirt <shmem name=N> lives: RING_DIR/N
+RING_DIR = Path("/dev/shm")
+
+
+def qemu_dac_owner(capabilities_xml: str, run_as_root: bool) -> tuple[int, int]:
+    """The uid and gid libvirt runs a QEMU domain as (its DAC security model's base label in the host
+    capabilities, e.g. +64055:+108), root's when the domain runs as root or no label is given. Pure."""
+    if run_as_root:
+        return 0, 0
+    for secmodel in ET.fromstring(capabilities_xml).iterfind("host/secmodel"):
+        if secmodel.findtext("model") != "dac":
+            continue
+        for base in secmodel.iterfind("baselabel"):
+            if base.get("type") == "qemu" and base.text:
+                uid, _, gid = base.text.strip().partition(":")
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return 0, 0
+
+
+def create_ring_file(path: Path, size: int, owner: tuple[int, int]) -> None:
+    """The feed's shared memory file, made before QEMU opens it: QEMU would create it world-readable
+    (0644), and it is going to hold P's memory. Only its owner (QEMU's user) may open it."""
+    path.unlink(missing_ok=True)  # a leftover of an earlier attempt with the same name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
 def _q(value: object) -> str:
     return quoteattr(str(value))
 
@@ -272,6 +305,12 @@ def start(spec: WaitingVmSpec) -> str:
         Path(spec.console_log).parent.mkdir(parents=True, exist_ok=True)
     conn = _connect()
     try:
+        if spec.feed_ring:
+            try:
+                owner = qemu_dac_owner(conn.getCapabilities(), spec.run_as_root)
+                create_ring_file(RING_DIR / spec.feed_ring, spec.feed_ring_mib << 20, owner)
+            except (OSError, ValueError, ET.ParseError, libvirt.libvirtError) as exc:
+                raise VmError(f"cannot make the feed's shared memory {RING_DIR / spec.feed_ring}: {exc}") from None
         try:
             conn.createXML(domain_xml(spec), 0)
         except libvirt.libvirtError as exc:

@@ -41,12 +41,9 @@ class FeedError(RuntimeError):
     pass
 
 
-RING_DIR = Path("/dev/shm")  # where QEMU's memory-backend-file for a libvirt <shmem> lives
-
-
 def ring_path_of(vm_name: str) -> Path:
     """The feed's shared memory file of a waiting VM on V."""
-    return RING_DIR / f"{vm_name}-feed"
+    return vm_builder.RING_DIR / f"{vm_name}-feed"
 
 
 class FeedRing:
@@ -56,8 +53,11 @@ class FeedRing:
     def __init__(self, path: Path, size: int) -> None:
         fd = os.open(path, os.O_RDWR)
         try:
-            if os.fstat(fd).st_size != size or size <= 0 or size % mmap.PAGESIZE:
-                raise FeedError(f"{path} has {os.fstat(fd).st_size} bytes, the VM maps {size}")
+            st = os.fstat(fd)
+            if st.st_size != size or size <= 0 or size % mmap.PAGESIZE:
+                raise FeedError(f"{path} has {st.st_size} bytes, the VM maps {size}")
+            if st.st_mode & 0o077:  # it is going to hold P's memory (vm_builder.create_ring_file)
+                raise FeedError(f"{path} is open to other users (mode {st.st_mode & 0o777:o})")
             self.memory = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

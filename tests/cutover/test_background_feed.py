@@ -15,6 +15,8 @@ class SlowFeed:
         self.fail_at = fail_at
         self.gate = gate
 
+    through_ring = False
+
     def begin(self, size: int) -> None:
         self.events.append(("begin", size))
 

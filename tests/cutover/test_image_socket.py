@@ -99,6 +99,8 @@ class RecordingFeed:
         self.refuse_at_finish = refuse_at_finish
         self.go_mark: Path | None = None  # V's GO mark: it must be durable before the VM hears GO
 
+    through_ring = False
+
     def begin(self, size: int) -> None:
         self.size = size
         self.events.append("begin")

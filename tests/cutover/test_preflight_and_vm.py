@@ -367,3 +367,35 @@ def test_pci_layout_is_what_the_domain_xml_uses() -> None:
     nics = [int(e.find("address").get("slot"), 16) for e in root.findall("devices/interface")]
     assert tuple(disks) == layout.disks and (*layout.nics, layout.feed) == tuple(nics)
     assert vm_builder.feed_nic_pci_address(s) == vm_builder.PciLayout.address(layout.feed)
+
+
+CAPABILITIES = """<capabilities><host><uuid>x</uuid>
+  <secmodel><model>apparmor</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+108</baselabel>
+    <baselabel type='qemu'>+64055:+994</baselabel></secmodel>
+</host></capabilities>"""
+
+
+def test_qemu_dac_owner_from_the_host_capabilities() -> None:
+    assert vm_builder.qemu_dac_owner(CAPABILITIES, run_as_root=False) == (64055, 994)
+    assert vm_builder.qemu_dac_owner(CAPABILITIES, run_as_root=True) == (0, 0)
+    assert vm_builder.qemu_dac_owner("<capabilities><host/></capabilities>", run_as_root=False) == (0, 0)
+
+
+def test_ring_file_is_made_for_qemu_alone(tmp_path) -> None:
+    import os
+    import stat
+
+    from dest_agent.waiting_vm import FeedError, FeedRing
+
+    path = tmp_path / "vm-feed"
+    path.write_bytes(b"old")  # a leftover goes
+    vm_builder.create_ring_file(path, 1 << 20, (os.getuid(), os.getgid()))
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 1 << 20 and st.st_uid == os.getuid()
+    FeedRing(path, 1 << 20).close()
+    path.chmod(0o644)  # as QEMU would have made it
+    with pytest.raises(FeedError, match="open to other users"):
+        FeedRing(path, 1 << 20)
+    with pytest.raises(FeedError, match="bytes"):
+        FeedRing(path, 2 << 20)

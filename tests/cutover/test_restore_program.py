@@ -154,6 +154,7 @@ def ring_pair(tmp_path: Path, pages: int) -> tuple[Path, restore_program.Ring]:
 
     path = tmp_path / "ring"
     path.write_bytes(b"\0" * pages * PAGE)
+    path.chmod(0o600)  # as V makes it (vm_builder.create_ring_file): V refuses one others may read
     with path.open("rb") as f:
         memory = mmap.mmap(f.fileno(), pages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
     return path, restore_program.Ring("0000:00:09.0", memory)

@@ -258,6 +258,8 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     receipts = (dest.dir / "state" / "migrations").glob("*/cutover.json")  # the rehearsal's, then this one's
     receipt = json.loads(max(receipts, key=lambda p: p.stat().st_mtime).read_text())
     assert receipt["committed"] and off_at - receipt["committed_at"] < 60, (off_at, receipt["committed_at"])
+    # the image reached the waiting VM through the feed's shared memory (ivshmem), not its network
+    assert receipt["vm_feed"] == "ring", receipt
     # the OS now lives in the VM: the rig's command server answers on the VM's ttyS1
     out = cr.wait_migration_end_in_vm(dest, timeout_s=600)
     print("\nmigrate output in the VM:\n" + out[-3000:])
