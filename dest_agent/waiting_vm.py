@@ -245,7 +245,8 @@ class AdoptedVm:
     @classmethod
     def load(cls, path: Path) -> AdoptedVm:
         d = read_json(path)
-        return cls(d["name"], FeedClient(d["feed_host"], int(d["feed_port"]), d["feed_token"]), Path(d["disk"]))
+        return cls(d["name"], FeedClient(d["feed_host"], int(d["feed_port"]), d["feed_token"],
+                                         ring_path=ring_path_of(d["name"])), Path(d["disk"]))
 
     def rearm(self) -> None:
         """No further attempt goes to an adopted VM (its migration failed): it goes."""

@@ -259,3 +259,25 @@ def test_the_restore_initramfs_carries_every_module_the_program_imports() -> Non
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= set(restore_initramfs.RESTORE_IMPORTS), imported - set(restore_initramfs.RESTORE_IMPORTS)
+
+
+def test_go_removes_the_ring_file(tmp_path: Path, monkeypatch) -> None:
+    """Once the VM restores P's image nothing reads the ring again: its file on V goes (QEMU keeps
+    its mapping); an adopted VM's feed knows the file by the VM's name."""
+    from dest_agent.waiting_vm import AdoptedVm, ring_path_of
+
+    monkeypatch.setattr(restore_program.fcntl, "ioctl", FakeRestoreIoctls())
+    path, ring = ring_pair(tmp_path, 8)
+    (host, port), thread, _ = serve_with_ring(tmp_path, ring)
+    feed = FeedClient(host, port, "tok", ring_path=path)
+    feed.connect()
+    feed.begin(3 * PAGE)
+    feed.write(os.urandom(3 * PAGE))
+    assert feed.finish() == 3
+    feed.go()  # RESTORING (the stand-in kernel's ATOMIC_RESTORE then fails: the VM says ERR)
+    feed.close()
+    thread.join(10)
+    assert not path.exists()
+    vm = AdoptedVm("p2v-vm-x", feed, tmp_path / "disk")
+    vm.save(tmp_path / "vm.json")
+    assert AdoptedVm.load(tmp_path / "vm.json").feed.ring_path == ring_path_of("p2v-vm-x")
