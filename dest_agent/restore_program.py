@@ -182,6 +182,20 @@ def write_pages(fd: int, pages: list[memoryview], count: int, start: int = 0) ->
     raise OSError("/dev/snapshot writes made no progress")
 
 
+def write_timed(fd: int, pages: list[memoryview], count: int, start: int, image_page: int,
+                spent: dict[str, float]) -> None:
+    """write_pages, its seconds and CPU time added to spent["write"] and spent["write_cpu"]; a
+    refusal names the image's page (`image_page` is the first one written here)."""
+    t0, c0 = time.monotonic(), time.thread_time()
+    try:
+        write_pages(fd, pages, count, start)
+    except OSError as exc:
+        raise RuntimeError(f"/dev/snapshot refused page {image_page}: {exc} "
+                           "(see the kernel log: memory size or firmware map mismatch?)") from None
+    spent["write"] += time.monotonic() - t0
+    spent["write_cpu"] += time.thread_time() - c0
+
+
 def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
                device: str = "/dev/snapshot", ring: Ring | None = None) -> tuple[int, int]:
     """Stream `size` bytes from V into /dev/snapshot, through `ring` when given. Returns (fd, pages);
@@ -190,13 +204,9 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
     spent = spent if spent is not None else {}
     spent["recv"] = spent["write"] = spent["recv_cpu"] = spent["write_cpu"] = 0.0
     fd = os.open(device, os.O_WRONLY)
-    if ring is not None:
-        try:
-            return fd, load_from_ring(feed, size, ring, fd, spent)
-        except BaseException:
-            os.close(fd)
-            raise
     try:
+        if ring is not None:
+            return fd, load_from_ring(feed, size, ring, fd, spent)
         buf = bytearray(max(4 << 20, len(feed.buf) + PAGE))
         view = memoryview(buf)
         pages = [view[i:i + PAGE] for i in range(0, len(buf) - PAGE + 1, PAGE)]
@@ -208,14 +218,7 @@ def load_image(feed: Feed, size: int, spent: dict[str, float] | None = None,
         while True:
             whole = (min(held, size - done) // PAGE) * PAGE
             if whole:
-                t0, c0 = time.monotonic(), time.thread_time()
-                try:
-                    write_pages(fd, pages, whole // PAGE)
-                except OSError as exc:
-                    raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
-                                       "(see the kernel log: memory size or firmware map mismatch?)") from None
-                spent["write"] += time.monotonic() - t0
-                spent["write_cpu"] += time.thread_time() - c0
+                write_timed(fd, pages, whole // PAGE, 0, done // PAGE, spent)
                 view[:held - whole] = view[whole:held]  # less than a page (or the tail after the image)
                 held -= whole
                 done += whole
@@ -258,14 +261,7 @@ def load_from_ring(feed: Feed, size: int, ring: Ring, fd: int, spent: dict[str, 
             continue
         start = (done % ring.size) // PAGE
         count = min(whole, ring_pages - start, RING_FREE_EVERY)
-        t0, c0 = time.monotonic(), time.thread_time()
-        try:
-            write_pages(fd, ring.pages, count, start)
-        except OSError as exc:
-            raise RuntimeError(f"/dev/snapshot refused page {done // PAGE}: {exc} "
-                               "(see the kernel log: memory size or firmware map mismatch?)") from None
-        spent["write"] += time.monotonic() - t0
-        spent["write_cpu"] += time.thread_time() - c0
+        write_timed(fd, ring.pages, count, start, done // PAGE, spent)
         done += count * PAGE
         feed.send(f"FREE {done}")
     return done // PAGE
