@@ -75,6 +75,9 @@ class DestLimits:
     window: int = 8  # unacknowledged batches per stream
     max_streams: int = 8
     max_memory_bytes: int = 64 << 30
+    #: a migration whose source says nothing this long is failed before the point of no return and
+    #: its waiting VM destroyed (dest_agent.source_lease); 0 = never
+    source_silence_s: int = 900
 
 
 @dataclasses.dataclass

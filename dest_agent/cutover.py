@@ -328,6 +328,11 @@ class CutoverDesk:
         st = self.states.get(record_id)
         return st is not None and st.point_of_no_return
 
+    def receiving(self, record_id: str) -> bool:
+        """An image socket is open for P's helper (P may be frozen at the other end)."""
+        st = self.states.get(record_id)
+        return st is not None and st.receive is not None and not st.receive.done()
+
     def close(self, record_id: str) -> None:
         """The migration was cancelled or failed before the point of no return: drop the VM."""
         st = self.states.get(record_id)
@@ -338,8 +343,8 @@ class CutoverDesk:
             return
         vm = st.vm
         st.vm = None
-        if st.vm_start is not None and not st.vm_start.done():
-            st.vm_start.cancel()
+        if st.vm_start is not None and not st.vm_start.done():  # close() may run in a worker thread
+            st.vm_start.get_loop().call_soon_threadsafe(st.vm_start.cancel)
         vm.destroy()
 
     async def stop_receiving(self, record: MigrationRecord) -> None:

@@ -67,6 +67,7 @@ class MigrationRecord:
         self.counters = Counters()
         self.created = time.time()
         self.updated = self.created  # when the journal last changed
+        self.heard_at = time.monotonic()  # when the source last spoke about it (dest_agent.source_lease)
         self.lock = threading.Lock()
         # Threads writing into the store right now; the store is closed only when none are.
         self.inflight = 0
@@ -136,6 +137,13 @@ class MigrationRecord:
         if error:
             self.error = error
         self.journal()
+
+    def heard(self) -> None:
+        """The source spoke about this migration: its lease on V runs again."""
+        self.heard_at = time.monotonic()
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self.heard_at
 
     def enter_io(self) -> bool:
         """Register a writer; False when the migration no longer takes pages."""

@@ -18,6 +18,7 @@ from common.config import DestConfig
 from common.rpc import require_peer
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
+from . import source_lease
 from .migration_record import STATE_NAMES, MigrationRecord
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
         self.cutover = CutoverDesk(config, Path(config.agent.state_dir))
         self._settling: asyncio.Task | None = None
+        self._lease_watch: asyncio.Task | None = None
         self._orphans = self._reload()
         # Bulk data plane beside gRPC (dest_agent.bulk_receiver), started on the first Prepare.
         self._bulk = None
@@ -79,6 +81,24 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if self._orphans:
             orphans, self._orphans = self._orphans, []
             self._settling = asyncio.create_task(asyncio.to_thread(self.cutover.settle_orphans, orphans))
+        if self.config.limits.source_silence_s > 0:
+            self._lease_watch = asyncio.create_task(self._watch_leases(), name="source-lease")
+
+    async def _watch_leases(self) -> None:
+        """Fail the migrations whose source fell silent before the point of no return, and destroy
+        their waiting VMs (dest_agent.source_lease)."""
+        lease_s = self.config.limits.source_silence_s
+        while True:
+            await asyncio.sleep(source_lease.watch_period_s(lease_s))
+            await self._settled()
+            for record in list(self.migrations.values()):
+                reason = source_lease.abandon_reason(
+                    record.silent_s(), lease_s, finished=record.finished,
+                    past_point_of_no_return=self.cutover.past_point_of_no_return(record.id),
+                    receiving=self.cutover.receiving(record.id))
+                if reason:
+                    log.error("source silent: migration given up", extra={"migration": record.id, "error": reason})
+                    await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_FAILED, reason)
 
     async def _settled(self) -> None:
         """Before anything decides on a cutover: what an earlier run left is known (adopted or gone)."""
@@ -95,10 +115,15 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
     async def _peer(self, context: grpc.aio.ServicerContext) -> list[str]:
         return await require_peer(context, self.config.tls)
 
-    async def _migration(self, migration_id: str, context: grpc.aio.ServicerContext) -> MigrationRecord:
+    async def _migration(self, migration_id: str, context: grpc.aio.ServicerContext, *,
+                         from_source: bool = True) -> MigrationRecord:
+        """The migration a call names. A call from its source (every one but Status and List) renews
+        the source's lease on it (dest_agent.source_lease)."""
         record = self.migrations.get(migration_id)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown migration {migration_id!r}")
+        if from_source:
+            record.heard()
         return record
 
     async def _open_migration(self, migration_id: str, context: grpc.aio.ServicerContext) -> MigrationRecord:
@@ -173,6 +198,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                     f"migration {migration_id} is {STATE_NAMES[existing.state]}; start a new one")
             record = existing  # idempotent retry of Prepare
+            record.heard()
         else:
             try:
                 record = MigrationRecord(self.root, migration_id, source_host_id=request.source_host_id,
@@ -283,10 +309,12 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                 ack.status, ack.error = destination_pb2.ACK_STATUS_REJECTED, \
                     f"unknown migration {batch.migration_id!r}"
                 continue
+            record.heard()
             if record not in entered:
                 if not record.enter_io():
                     ack.status, ack.error = destination_pb2.ACK_STATUS_REJECTED, \
-                        f"migration {record.id} is {common_pb2.MigrationState.Name(record.state)}"
+                        f"migration {record.id} is {STATE_NAMES[record.state]}" + \
+                        (f": {record.error}" if record.error else "")
                     continue
                 entered.append(record)
             with record.lock:
@@ -446,7 +474,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def Status(self, request: common_pb2.MigrationRef, context):
         await self._peer(context)
-        return self.status_of(await self._migration(request.migration_id, context))
+        return self.status_of(await self._migration(request.migration_id, context, from_source=False))
 
     async def List(self, request: common_pb2.ListRequest, context):
         await self._peer(context)
@@ -495,6 +523,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def shutdown(self) -> None:
         """SIGTERM: stop taking pages; journal every unfinished migration as interrupted."""
+        if self._lease_watch is not None:
+            self._lease_watch.cancel()
         if self._bulk is not None:
             await self._bulk.close()
         # a cutover under way ends (or is abandoned) first: an acknowledged image is never dropped

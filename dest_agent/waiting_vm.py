@@ -387,6 +387,9 @@ class WaitingVm:
         self.feed_pci_address = vm_builder.PciLayout.address(self.pci_layout.feed)
         vm_builder.start(spec)
         self.started = True
+        if self._stop.is_set():  # destroy() came while this was building: it did not see a domain
+            self.destroy()
+            return
         self.booted_at = time.time()
         self.connect_feed_in_background()
 
