@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -29,3 +30,18 @@ def status_kib(pid: int, field: str, proc: str = "/proc") -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+#: the columns of /proc/stat's "cpu" line, in order
+CPU_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(stat: str = "/proc/stat") -> dict[str, float]:
+    """Seconds all CPUs spent in each state since boot (/proc/stat's "cpu" line); empty if unreadable."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return {name: int(v) / ticks for name, v in zip(CPU_COLUMNS, fields[1:], strict=False)}
+    except (OSError, ValueError):
+        return {}
