@@ -47,6 +47,28 @@ def test_write_read_hashes(tmp_path) -> None:
     store.close()
 
 
+def test_gather_returns_pages_in_the_asked_order_and_sees_later_writes(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    store = PageStore(tmp_path / "img", MAX_PFN)
+    pages = random_pages(rng, 4)
+    store.write(batch([9, 4095, 10, 0], pages.tobytes()))
+    got = store.gather(np.array([10, 9, 0, 4095, 10], dtype=np.uint64))
+    assert got.shape == (5, PAGE_SIZE)
+    assert [bytes(p) for p in got] == [pages[2].tobytes(), pages[0].tobytes(), pages[3].tobytes(),
+                                        pages[1].tobytes(), pages[2].tobytes()]
+    newer = random_pages(rng, 1)
+    store.write(batch([9], newer.tobytes()))  # through the fd, after the mapping was made
+    assert bytes(store.gather(np.array([9]))[0]) == newer.tobytes()
+    assert store.gather(np.array([], dtype=np.uint64)).shape == (0, PAGE_SIZE)
+    with pytest.raises(PageStoreError, match="outside"):
+        store.gather(np.array([1, MAX_PFN]))
+    kept = store.gather(np.array([0]))  # a copy: it outlives the store
+    store.close()
+    assert bytes(kept[0]) == pages[3].tobytes()
+    with pytest.raises(PageStoreError, match="closed"):
+        store.gather(np.array([0]))
+
+
 def test_zero_page_over_data_becomes_zero_and_sparse(tmp_path) -> None:
     rng = np.random.default_rng(1)
     with PageStore(tmp_path / "img", MAX_PFN) as store:
