@@ -34,14 +34,23 @@ def status_kib(pid: int, field: str, proc: str = "/proc") -> int | None:
 
 #: the columns of /proc/stat's "cpu" line, in order
 CPU_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+#: the network's columns of /proc/stat's "softirq" line (after its total: HI, TIMER, NET_TX, NET_RX)
+SOFTIRQ_COLUMNS = {"net_tx": 3, "net_rx": 4}
 
 
-def cpu_times(stat: str = "/proc/stat") -> dict[str, float]:
-    """Seconds all CPUs spent in each state since boot (/proc/stat's "cpu" line); empty if unreadable."""
+def stat_counters(stat: str = "/proc/stat") -> dict[str, float]:
+    """The machine's counters since boot from /proc/stat: seconds all CPUs spent in each state
+    (CPU_COLUMNS), interrupts taken ("interrupts") and the network's softirqs run ("net_tx",
+    "net_rx"). Empty if unreadable."""
     try:
         with open(stat) as f:
-            fields = f.readline().split()
+            lines = {line.split(" ", 1)[0]: line.split() for line in f}
         ticks = os.sysconf("SC_CLK_TCK")
-        return {name: int(v) / ticks for name, v in zip(CPU_COLUMNS, fields[1:], strict=False)}
-    except (OSError, ValueError):
+        out = {name: int(v) / ticks for name, v in zip(CPU_COLUMNS, lines["cpu"][1:], strict=False)}
+        if "intr" in lines:
+            out["interrupts"] = float(lines["intr"][1])
+        if "softirq" in lines:
+            out.update({name: float(lines["softirq"][1 + i]) for name, i in SOFTIRQ_COLUMNS.items()})
+        return out
+    except (OSError, ValueError, KeyError, IndexError):
         return {}

@@ -53,7 +53,7 @@ from common.hibernate_image import (
     plan_dedup,
 )
 from common.pagecodec import hash_page_views, new_checksum
-from common.procfs import cpu_times, status_kib
+from common.procfs import stat_counters, status_kib
 from source_agent import peer_kick, resume, traffic_block
 from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
@@ -127,10 +127,12 @@ def power_off() -> NoReturn:
 
 def stream_cpu(before: dict[str, float], after: dict[str, float], self_before: resource.struct_rusage,
                self_after: resource.struct_rusage) -> dict[str, float]:
-    """Where P's CPU went while it streamed the image: the whole machine's states (cpu_*) and this
-    process's own user and system time (helper_*). What the machine spent beyond the helper is the
-    kernel's work for others: interrupts, the network's softirqs, the thaw's deferred work. Pure."""
+    """Where P's CPU went while it streamed the image: the whole machine's states (cpu_*), its
+    interrupts and network softirqs (counts), and this process's own user and system time
+    (helper_*). What the machine spent beyond the helper is the kernel's work for others. The
+    tick cannot land in a hard interrupt handler, so their time shows in whatever ran. Pure."""
     out = {f"cpu_{k}": after[k] - before[k] for k in ("user", "system", "irq", "softirq", "idle") if k in before}
+    out.update({k: after[k] - before[k] for k in ("interrupts", "net_rx", "net_tx") if k in before and k in after})
     out["helper_user"] = self_after.ru_utime - self_before.ru_utime
     out["helper_system"] = self_after.ru_stime - self_before.ru_stime
     return out
@@ -927,7 +929,7 @@ class Helper:
         spent = {"read": 0.0, "hash": 0.0, "compress": 0.0, "send": 0.0}
         compressed = 0
         t_start = time.monotonic()
-        cpu_at_start, self_at_start = cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
+        cpu_at_start, self_at_start = stat_counters(), resource.getrusage(resource.RUSAGE_SELF)
         head = bytes(self._read_pages(1))  # copies: the reader reuses its buffer, the outbox keeps these
         header = parse_header(head)
         meta = bytes(self._read_pages(meta_pages_for(header.image_pages)))
@@ -971,7 +973,7 @@ class Helper:
             if self.cycle.raised:
                 spent["nic_up"] = max(self.cycle.raised.values()) - t_start
         spent["compressed_chunks"] = compressed
-        spent.update(stream_cpu(cpu_at_start, cpu_times(), self_at_start, resource.getrusage(resource.RUSAGE_SELF)))
+        spent.update(stream_cpu(cpu_at_start, stat_counters(), self_at_start, resource.getrusage(resource.RUSAGE_SELF)))
         # pages this process read from disk while P was frozen (what page_out took that it needed)
         spent["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - self.major_faults_at_freeze
         spent.update(self.memory)

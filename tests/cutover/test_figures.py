@@ -29,20 +29,23 @@ def test_stream_cpu_splits_the_machine_from_the_helper(tmp_path: Path) -> None:
     import os
     import resource
 
-    from common.procfs import cpu_times
+    from common.procfs import stat_counters
     from source_agent.cutover_helper import stream_cpu
 
     hz = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
-    stat.write_text(f"cpu  {hz} 0 {2 * hz} {5 * hz} 0 0 {hz // 2} 0 0 0\ncpu0 1 2 3\n")
-    before = cpu_times(str(stat))
+    stat.write_text(f"cpu  {hz} 0 {2 * hz} {5 * hz} 0 0 {hz // 2} 0 0 0\ncpu0 1 2 3\nintr 1000 0 5\n"
+                    "softirq 50 0 10 3 4 0 0 0 0 0 0\n")
+    before = stat_counters(str(stat))
     assert before == {"user": 1.0, "nice": 0.0, "system": 2.0, "idle": 5.0, "iowait": 0.0, "irq": 0.0,
-                      "softirq": 0.5, "steal": 0.0}
-    stat.write_text(f"cpu  {3 * hz} 0 {3 * hz} {5 * hz} 0 0 {2 * hz} 0 0 0\n")
+                      "softirq": 0.5, "steal": 0.0, "interrupts": 1000, "net_tx": 3, "net_rx": 4}
+    stat.write_text(f"cpu  {3 * hz} 0 {3 * hz} {5 * hz} 0 0 {2 * hz} 0 0 0\nintr 1800 0 9\n"
+                    "softirq 90 0 20 5 34 0 0 0 0 0 0\n")
     ru = resource.getrusage(resource.RUSAGE_SELF)
     sum(range(200_000))  # some user time of this process between the two samples
-    out = stream_cpu(before, cpu_times(str(stat)), ru, resource.getrusage(resource.RUSAGE_SELF))
+    out = stream_cpu(before, stat_counters(str(stat)), ru, resource.getrusage(resource.RUSAGE_SELF))
     assert (out["cpu_user"], out["cpu_system"], out["cpu_softirq"], out["cpu_idle"]) == (2.0, 1.0, 1.5, 0.0)
+    assert (out["interrupts"], out["net_tx"], out["net_rx"]) == (800, 2, 30)
     assert out["helper_user"] >= 0 and out["helper_system"] >= 0
-    assert cpu_times(str(tmp_path / "absent")) == {}
+    assert stat_counters(str(tmp_path / "absent")) == {}
     assert stream_cpu({}, {}, ru, ru)["helper_user"] == 0
