@@ -244,9 +244,7 @@ def domain_xml(spec: WaitingVmSpec) -> str:
             f"<address type='pci' domain='0x0000' bus='0x00' slot='{next(slot_iter):#04x}' function='0x0'/>"
             "</interface>")
     if spec.feed_ring and layout.ring is not None:
-        dev.append(
-            f"<shmem name={_q(spec.feed_ring)}><model type='ivshmem-plain'/><size unit='M'>{mib}</size>"
-            f"<address type='pci' domain='0x0000' bus='0x00' slot='{layout.ring:#04x}' function='0x0'/></shmem>")
+        dev.append(shmem_xml(spec.feed_ring, mib, layout.ring))
     dev.append("<controller type='usb' model='none'/>")
     if spec.console_log:
         dev.append(f"<serial type='file'><source path={_q(spec.console_log)} append='on'/>"
@@ -278,6 +276,12 @@ def domain_xml(spec: WaitingVmSpec) -> str:
         "<clock offset='utc'/>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
         f"<devices>{''.join(dev)}</devices>{seclabel}{override_xml}</domain>")
+
+
+def shmem_xml(name: str, mib: int, slot: int) -> str:
+    """The feed's shared memory as a libvirt device: QEMU maps RING_DIR/name into an ivshmem-plain BAR."""
+    return (f"<shmem name={_q(name)}><model type='ivshmem-plain'/><size unit='M'>{mib}</size>"
+            f"<address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' function='0x0'/></shmem>")
 
 
 # --- I/O: libvirt ----------------------------------------------------------------------------------
