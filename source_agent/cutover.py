@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -403,7 +404,7 @@ def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held:
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
                   helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "",
-                  resolve: ResolveCall | None = None) -> dict:
+                  resolve: ResolveCall | None = None, precopy_ended_at: float = 0.0) -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
     P runs on otherwise. `destination` (V's agent) is written down for an agent that would have to
@@ -411,18 +412,31 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     cutover the helper left past its commit mark (vm_runs_after_commit)."""
     from source_agent import traffic_block
 
+    setup: dict[str, float] = {}  # seconds of each step from pre-copy's end to the hand-over (P runs meanwhile)
+    mark = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        setup[step], mark = round(now - mark, 3), now
+
     journal, entries = load_journal_entries(state_dir)
     healed = await asyncio.to_thread(heal_mirrors, entries)  # again: a leg can fail during pre-copy
     await check_mirrors(entries, tried=healed)
+    lap("mirrors")
     if journal is not None:
         # the ids V will name for cancellation after the move (only these are ever cancelled)
         report = journal.report()  # type: ignore[attr-defined]
         report.migration_id = remote_id
         await stub.ReportRedundancy(report, timeout=30)
+    lap("report_redundancy")
     held = await held_hashes(stub, remote_id, max_pfn)
+    lap("held_hashes")
     await load_drivers()
+    lap("load_drivers")
     reply = await stub.Cutover(destination_pb2.CutoverRequest(
         migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ANNOUNCE), timeout=600)
+    lap("announce")
     if not reply.ready:
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
@@ -432,6 +446,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
     settings = replace(settings, io_timeouts=set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS))
+    lap("host_settings")
     pending = PendingCutover(settings, current_boot_id(), remote_id, destination)
     pending_file = pending_path(state_dir)
 
@@ -443,9 +458,11 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         write_pending(pending_file, pending)
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
-                  "pending_file": str(pending_file), "agent_pid": os.getpid(),
+                  "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
+        lap("return_free_memory")
+        config["agent_setup"] = setup
         result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)
         committed = helper_verdict(result, rehearse) == "power-off"
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)

@@ -218,6 +218,11 @@ class HelperConfig:
     #: megabytes of the image go to TCP before V's first acknowledgement gets through (64 MiB
     #: measured no better in the rig: sending then costs P CPU while it still reads and hashes)
     stream_sndbuf: int = 16 << 20
+    #: when the agent's pre-copy ended (time.time(); 0 = unknown): pages changed since then travel
+    #: in the downtime, so the figures say how long P ran on after it
+    precopy_ended_at: float = 0.0
+    #: the agent's steps from pre-copy's end to the hand-over (seconds), for the figures
+    agent_setup: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -963,6 +968,9 @@ class Helper:
         spent["drop_caches"] = self.fig.drop_caches_s
         spent["warm"] = self.fig.warm_s
         spent["freeze"] = self.fig.freeze_s
+        if self.cfg.precopy_ended_at:
+            spent["precopy_to_freeze"] = self.fig.frozen_at - self.cfg.precopy_ended_at
+        spent.update({f"agent_{step}": s for step, s in self.cfg.agent_setup.items()})
         if self.fig.blocked_at:
             spent["frozen_to_blocked"] = self.fig.blocked_at - self.fig.frozen_at
         spent["waited_for_network"] = self.outbox.waited_s  # so far: the flush below is not counted
