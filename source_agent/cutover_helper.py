@@ -703,17 +703,19 @@ class Helper:
             self._connect()
             if self.cfg.drop_caches:
                 self._drop_caches()
-            trim_heap()  # what this process freed since the fork (its setup's temporaries) leaves the image
             host, port = self.cfg.host_port
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)  # open until tighten
             self._page_out_agent()
-            self.memory.update(memory_facts(self.cfg.meminfo_path))
-            self._raise_image_size()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             if self.cfg.cycle_links and self.egress:
                 self.cycle = LinkCycle(nics_to_cycle(path_nics(self.egress, self.cfg.sys_class_net)))
+            # last: what this process freed since the fork (its setup's temporaries, the netlink
+            # sockets' buffers of the block and the link cycle) leaves the image
+            trim_heap()
+            self.memory.update(memory_facts(self.cfg.meminfo_path))
+            self._raise_image_size()  # from memory_facts' MemTotal
             self.major_faults_at_freeze = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
             t_freeze = time.monotonic()
             self.snap.freeze()
@@ -842,6 +844,8 @@ class Helper:
 
     def _raise_image_size(self) -> None:
         total_kib = self.memory.get("mem_total_mib", 0.0) * 1024
+        if total_kib <= 0:  # unknown: 0 would make the kernel squeeze memory inside the downtime
+            return
         self.saved_image_size = swap_sysctl(self.cfg.image_size_path, str(int(total_kib) * 1024))
 
     def _undo_settings(self) -> None:
