@@ -96,9 +96,13 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                     record.silent_s(), lease_s, finished=record.finished,
                     past_point_of_no_return=self.cutover.past_point_of_no_return(record.id),
                     receiving=self.cutover.receiving(record.id))
-                if reason:
-                    log.error("source silent: migration given up", extra={"migration": record.id, "error": reason})
+                if not reason:
+                    continue
+                log.error("source silent: migration given up", extra={"migration": record.id, "error": reason})
+                try:
                     await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_FAILED, reason)
+                except Exception:  # the watch goes on for the others
+                    log.exception("giving up a silent source's migration failed", extra={"migration": record.id})
 
     async def _settled(self) -> None:
         """Before anything decides on a cutover: what an earlier run left is known (adopted or gone)."""
