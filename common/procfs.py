@@ -43,8 +43,8 @@ def stat_counters(stat: str = "/proc/stat") -> dict[str, float]:
     (CPU_COLUMNS), interrupts taken ("interrupts") and the network's softirqs run ("net_tx",
     "net_rx"). Empty if unreadable."""
     try:
-        with open(stat) as f:
-            lines = {line.split(" ", 1)[0]: line.split() for line in f}
+        with open(stat) as f:  # split only the three lines read: "intr" has hundreds of fields
+            lines = {key: line.split() for line in f if (key := line.split(" ", 1)[0]) in ("cpu", "intr", "softirq")}
         ticks = os.sysconf("SC_CLK_TCK")
         out = {name: int(v) / ticks for name, v in zip(CPU_COLUMNS, lines["cpu"][1:], strict=False)}
         if "intr" in lines:

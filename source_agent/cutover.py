@@ -459,10 +459,10 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
+                  "agent_setup": setup,  # its last lap is added below, before the fork
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
         lap("return_free_memory")
-        config["agent_setup"] = setup
         result = await (helper or HelperProcess()).run(config, held, on_forked=helper_forked)
         committed = helper_verdict(result, rehearse) == "power-off"
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
