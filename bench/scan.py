@@ -22,7 +22,7 @@ import numpy as np
 
 from common.pagecodec import PAGE_SIZE, page_hashes
 from source_agent.memory import FileSource, HashTracker, fill_region
-from source_agent.precopy import PrecopyConfig, _Scanner
+from source_agent.precopy import ChunkScanner, PrecopyConfig
 
 CHUNK_PAGES = 4096
 
@@ -34,7 +34,7 @@ def read_pass(src: FileSource, buf: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def scan_pass(scanner: _Scanner, src: FileSource) -> float:
+def scan_pass(scanner: ChunkScanner, src: FileSource) -> float:
     start = time.perf_counter()
     for pfn, count in src.chunks(CHUNK_PAGES):
         result = scanner.scan(pfn, count, 1)
@@ -64,7 +64,7 @@ def main() -> None:
         fill_region(src.array, "text", seed=1, zero_fraction=0.3)
         tracker = HashTracker(src.max_pfn)
         tracker.seed(0, page_hashes(src.array))
-        scanner = _Scanner(src, tracker, PrecopyConfig(chunk_pages=CHUNK_PAGES), "bench")
+        scanner = ChunkScanner(src, tracker, PrecopyConfig(chunk_pages=CHUNK_PAGES), "bench")
         buf = np.empty(CHUNK_PAGES * PAGE_SIZE, dtype=np.uint8)
         buf[:] = 0  # touch the buffer before timing
         reads, scans, read_hashes = [], [], []

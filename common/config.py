@@ -41,6 +41,9 @@ class MigrationDefaults:
     zstd_level: int = 1
     compression: bool = True
     max_rounds: int = 30
+    #: right before FREEZE the cutover helper sends the pages changed since pre-copy's last round
+    #: (while P still runs), so that the image carries fewer of them inside the downtime
+    final_pass: bool = True
 
 
 @dataclasses.dataclass

@@ -9,6 +9,11 @@ Every frame: 1 byte type, 4 bytes little-endian payload length, payload. Frames 
                     window) so that right after CREATE_IMAGE P can send megabytes without waiting
                     for acknowledgements (the rig's e1000 receives nothing for 1 s after it is
                     brought up: see source_agent/link_cycle.py)
+    P -> V  PASS    a page batch (p2v.v1.PageBatch wire bytes, common.page_wire), any number of them,
+                    before the snapshot: the pages that changed since pre-copy's last round, read by
+                    the helper right before FREEZE (source_agent/final_pass.py). V writes them into
+                    its page store as a round's batch, so the image finds them held.
+    P -> V  PASSED  empty: the pass is over (V indexes its store's content again now, while P runs)
     P -> V  HEADER  the image's header page + its PFN metadata pages (raw)
     P -> V  CHUNK   u32 first data page index, u32 count, count flag bytes (1 = page follows,
                     0 = V takes the page from its store by PFN, 2 = V takes the page from its store
@@ -34,10 +39,10 @@ import struct
 
 import numpy as np
 
-HELLO, OK, NACK, WARM, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
-    b"h", b"o", b"n", b"W", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
-NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", WARM: "WARM", HEADER: "HEADER", CHUNK: "CHUNK", ZCHUNK: "ZCHUNK",
-         END: "END", ACK: "ACK", COMMIT: "COMMIT", ABORT: "ABORT"}
+HELLO, OK, NACK, WARM, PASS, PASSED, HEADER, CHUNK, ZCHUNK, END, ACK, COMMIT, ABORT = (
+    b"h", b"o", b"n", b"W", b"P", b"p", b"H", b"C", b"Z", b"E", b"A", b"M", b"X")
+NAMES = {HELLO: "HELLO", OK: "OK", NACK: "NACK", WARM: "WARM", PASS: "PASS", PASSED: "PASSED", HEADER: "HEADER",
+         CHUNK: "CHUNK", ZCHUNK: "ZCHUNK", END: "END", ACK: "ACK", COMMIT: "COMMIT", ABORT: "ABORT"}
 _FRAME = struct.Struct("<cI")
 CHUNK_HEAD = struct.Struct("<II")
 END_BODY = struct.Struct("<QQ")
@@ -64,14 +69,16 @@ def frame(kind: bytes, *parts: bytes | bytearray | memoryview) -> list[bytes | m
     return [_FRAME.pack(kind, sum(v.nbytes for v in views)), *views]
 
 
-def send_frame(sock: socket.socket, kind: bytes, payload: bytes | bytearray | memoryview = b"") -> int:
-    head = _FRAME.pack(kind, len(payload))
-    if len(payload) < 65536:
-        sock.sendall(head + bytes(payload))
-    else:
-        sock.sendall(head)
-        sock.sendall(payload)
-    return len(head) + len(payload)
+def send_frame(sock: socket.socket, kind: bytes, *parts: bytes | bytearray | memoryview) -> int:
+    """Send one frame whose payload is `parts` joined (blocking until all of it is with the kernel)."""
+    views = frame(kind, *parts)
+    size = sum(v.nbytes if isinstance(v, memoryview) else len(v) for v in views)
+    if size < 65536:
+        sock.sendall(b"".join(views))
+        return size
+    for view in views:
+        sock.sendall(view)
+    return size
 
 
 def recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray:

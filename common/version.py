@@ -7,7 +7,9 @@ MIN_PROTOCOL_VERSION = 3
 AGENT_VERSION = "0.1.0"
 
 # What this build can do on the wire; negotiation keeps the intersection.
-CAPABILITIES = ("zstd", "multistream", "resume", "dedup-hash", "round-sync", "bulk-socket")
+CAPABILITIES = ("zstd", "multistream", "resume", "dedup-hash", "round-sync", "bulk-socket", "image-pass")
+#: V takes PASS frames on its image socket (the cutover helper's pass right before FREEZE)
+IMAGE_PASS_CAPABILITY = "image-pass"
 
 # gRPC metadata key every agent-to-agent call carries, so a server refuses a peer
 # speaking another protocol before it touches any state.

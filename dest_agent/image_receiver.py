@@ -33,7 +33,9 @@ from common import faults
 from common import image_wire as W
 from common.atomicfile import write_json_atomic
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
-from common.pagecodec import new_checksum, page_hashes
+from common.page_wire import WireError as BatchWireError
+from common.page_wire import read_batch
+from common.pagecodec import BatchError, DecodedBatch, decode_batch, new_checksum, page_hashes
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class PageSource(Protocol):
     def gather(self, pfns: np.ndarray) -> np.ndarray: ...  # (n, PAGE_SIZE) pages at these PFNs
 
     def hashes(self, start_pfn: int = 0, end_pfn: int | None = None) -> np.ndarray: ...  # 0 = not held
+
+    def write(self, batch: DecodedBatch) -> int: ...  # the pass before FREEZE (PASS frames)
 
 
 class BackgroundFeed:
@@ -149,6 +153,8 @@ class ReceiveResult:
     vm_feed: str = ""  # how the image reached the waiting VM: "ring" (shared memory) or "network"
     wire_bytes: int = 0  # bytes received on the image socket for the image (WARM padding not counted)
     warm_bytes: int = 0  # WARM padding received before the snapshot
+    pass_pages: int = 0  # pages of P's pass before the snapshot (PASS frames), written to the store
+    pass_bytes: int = 0  # their bytes on the image socket (not in wire_bytes: P still ran)
     checksum: int = 0
     acked: bool = False
     committed: bool = False
@@ -365,11 +371,17 @@ class ImageReceiver:
         try:
             try:
                 kind, payload = self._next(conn)
-                while kind == W.WARM:  # padding that opened TCP's windows before P's snapshot
-                    res.warm_bytes += 5 + len(payload)
+                while kind in (W.WARM, W.PASS, W.PASSED):  # before P's snapshot
                     res.wire_bytes -= 5 + len(payload)
-                    if res.warm_bytes > W.MAX_WARM:
-                        raise ReceiveError(f"more than {W.MAX_WARM} bytes of WARM padding")
+                    if kind == W.WARM:  # padding that opened TCP's windows
+                        res.warm_bytes += 5 + len(payload)
+                        if res.warm_bytes > W.MAX_WARM:
+                            raise ReceiveError(f"more than {W.MAX_WARM} bytes of WARM padding")
+                    elif kind == W.PASS:
+                        self._pass(payload)
+                    else:  # the pass is over: P still runs, so the content index is rebuilt now
+                        self._content = None
+                        self._index_content()
                     kind, payload = self._next(conn)
                 if kind != W.HEADER:
                     raise ReceiveError(f"expected HEADER, got {W.NAMES[kind]}")
@@ -465,6 +477,25 @@ class ImageReceiver:
         if kind == W.ABORT:
             raise ReceiveError(f"P aborted the cutover: {bytes(payload).decode(errors='replace')}")
         return kind, payload
+
+    def _pass(self, payload: bytearray) -> None:
+        """One batch of P's pass before FREEZE (final_pass): checked as a pre-copy batch is, then into
+        the store. Refused: the receive ends, P runs on; what earlier batches wrote stays (valid pages)."""
+        res = self.result
+        try:
+            batch = read_batch(payload)
+            if batch.migration_id != self.migration_id:
+                raise ReceiveError(f"PASS batch refused: it is migration {batch.migration_id!r}'s, "
+                                   f"not {self.migration_id!r}'s")
+            decoded = decode_batch(batch, max_pfn=self.store.max_pfn, max_raw_bytes=W.MAX_FRAME)
+        except (BatchWireError, BatchError) as exc:
+            raise ReceiveError(f"PASS batch refused: {exc}") from None
+        res.pass_pages += int(decoded.pfns.size)
+        res.pass_bytes += 5 + len(payload)
+        if res.pass_pages > 2 * self.store.max_pfn:  # a pass sends each page at most once
+            raise ReceiveError(f"more PASS pages ({res.pass_pages}) than twice P's memory")
+        self.store.write(decoded)
+        self._content = None  # stale: rebuilt at PASSED, or at the first lookup by content
 
     def _index_content(self) -> None:
         """The store's hashes sorted, with their PFNs: CHUNK flag 2 names a page by its hash (a sort

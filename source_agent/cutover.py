@@ -404,7 +404,8 @@ def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held:
 
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
                   helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "",
-                  resolve: ResolveCall | None = None, precopy_ended_at: float = 0.0) -> dict:
+                  resolve: ResolveCall | None = None, precopy_ended_at: float = 0.0,
+                  final_pass_source: str = "") -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
     P runs on otherwise. `destination` (V's agent) is written down for an agent that would have to
@@ -460,6 +461,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
                   "agent_setup": setup,  # its last lap is added below, before the fork
+                  "final_pass_source": final_pass_source,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
         return_free_memory()
         lap("return_free_memory")

@@ -55,8 +55,10 @@ from common.hibernate_image import (
 from common.pagecodec import hash_page_views, new_checksum
 from common.procfs import stat_counters, status_kib
 from source_agent import peer_kick, resume, traffic_block
+from source_agent.final_pass import final_pass
 from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
+from source_agent.memory import MemorySourceError, open_memory_source
 from source_agent.page_out import page_out
 
 CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
@@ -223,6 +225,9 @@ class HelperConfig:
     precopy_ended_at: float = 0.0
     #: the agent's steps from pre-copy's end to the hand-over (seconds), for the figures
     agent_setup: dict[str, float] = field(default_factory=dict)
+    #: the memory source pre-copy read ("kcore", ...) for the pass right before FREEZE (final_pass);
+    #: "" = no pass (V does not take PASS frames, or the operator turned it off)
+    final_pass_source: str = ""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -707,6 +712,7 @@ class Helper:
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)  # open until tighten
+            self._final_pass()
             self._page_out_agent()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             if self.cfg.cycle_links and self.egress:
@@ -829,6 +835,31 @@ class Helper:
         except OSError as exc:  # an optimisation only: the image is just larger
             print(f"cutover helper: cannot drop caches: {exc}", file=sys.stderr, flush=True)
         self.fig.drop_caches_s = time.monotonic() - t0
+
+    def _final_pass(self) -> None:
+        """The pages changed since pre-copy's last round go to V now, while P runs (final_pass):
+        after the helper's own set-up, whose pages are among them."""
+        if not self.cfg.final_pass_source:
+            return
+        assert self.sock is not None
+        sock = self.sock
+        try:
+            memory = open_memory_source(self.cfg.final_pass_source)
+        except (OSError, ValueError) as exc:  # an optimisation only: the image carries these pages then
+            print(f"cutover helper: no pass before FREEZE: {exc}", file=sys.stderr, flush=True)
+            return
+        try:
+            figures = final_pass(memory, self.held, lambda batch: W.send_frame(sock, W.PASS, *batch.parts()),
+                                 self.cfg.migration_id)
+        except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
+            print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
+            figures = None
+        finally:
+            memory.close()
+        W.send_frame(sock, W.PASSED)
+        self.held_content = held_content(self.held)
+        if figures is not None:
+            self.memory.update(figures.as_dict())
 
     def _page_out_agent(self) -> None:
         if not self.cfg.agent_pid:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from common import cutover_marker, faults
+from common import cutover_marker, faults, version
 from common.atomicfile import write_json_atomic
 from common.config import SourceConfig, TlsConfig
 from common.rpc import open_channel
@@ -159,11 +159,22 @@ class SourceMigration:
             if channel is not None:
                 await channel.close()
 
+    def _memory_spec(self) -> str:
+        return self.request.memory_source or self.config.agent.memory_source
+
     def _open_memory(self):
         from source_agent.memory import open_memory_source
 
-        spec = self.request.memory_source or self.config.agent.memory_source
-        return open_memory_source(spec)
+        return open_memory_source(self._memory_spec())
+
+    def _final_pass_source(self) -> str:
+        """The memory source of the helper's pass before FREEZE, "" when V cannot take it or it is off."""
+        assert self.session is not None
+        if not self.config.migration.final_pass:
+            return ""
+        if version.IMAGE_PASS_CAPABILITY not in set(self.session.hello.capabilities):
+            return ""
+        return self._memory_spec()
 
     async def _precopy(self, memory, reply: destination_pb2.PrepareReply):
         from source_agent.precopy import PrecopyConfig, run_precopy
@@ -207,7 +218,7 @@ class SourceMigration:
             figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
                                             self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
                                             destination=self.request.destination, resolve=self._resolve,
-                                            precopy_ended_at=t0)
+                                            precopy_ended_at=t0, final_pass_source=self._final_pass_source())
         finally:
             if marker is not None:  # over: in the VM, or P runs on; a stepped-out p2vctl follows again
                 cutover_marker.remove(marker)

@@ -119,8 +119,9 @@ class _ChunkResult:
     free_skipped: int
 
 
-class _Scanner:
-    """Scan + encode of one chunk; runs in a worker thread."""
+class ChunkScanner:
+    """Scan + encode of one chunk: in a worker thread during pre-copy, in the cutover helper for its
+    pass before FREEZE (final_pass)."""
 
     def __init__(self, memory: MemorySource, tracker: DirtyTracker, config: PrecopyConfig,
                  migration_id: str) -> None:
@@ -229,7 +230,7 @@ async def run_precopy(
         stub=stub,
         bulk=bulk,
     )
-    scanner = _Scanner(memory, tracker, config, migration_id)
+    scanner = ChunkScanner(memory, tracker, config, migration_id)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2v-scan")
     await transport.start()
     stats.mark_setup_done()
@@ -302,7 +303,7 @@ async def _status(on_status: StatusCallback | None, stats: MigrationStatsAccumul
         log.exception("status callback failed")
 
 
-async def _run_round(round_no: int, final: bool, memory: MemorySource, scanner: _Scanner,
+async def _run_round(round_no: int, final: bool, memory: MemorySource, scanner: ChunkScanner,
                      transport: PageTransport, stub: Any, stats: MigrationStatsAccumulator,
                      executor: ThreadPoolExecutor, config: PrecopyConfig, on_status: StatusCallback | None,
                      migration_id: str) -> RoundReport:

@@ -19,9 +19,13 @@ from common.pagecodec import page_hashes
 
 
 class DirtyTracker(abc.ABC):
-    def __init__(self, max_pfn: int) -> None:
+    def __init__(self, max_pfn: int, sent: np.ndarray | None = None) -> None:
+        """`sent`: an array of max_pfn hashes to track in place (the cutover helper's copy of V's
+        held hashes), else a new one of zeros."""
+        if sent is not None and (sent.dtype != np.uint64 or sent.shape != (max_pfn,)):
+            raise ValueError(f"sent must be {max_pfn} uint64 hashes, not {sent.dtype} {sent.shape}")
         self.max_pfn = max_pfn
-        self.sent = np.zeros(max_pfn, dtype=np.uint64)  # hash of the content sent, 0 = none
+        self.sent = np.zeros(max_pfn, dtype=np.uint64) if sent is None else sent  # hash of the content sent, 0 = none
 
     def begin_round(self, round_no: int) -> None:  # noqa: B027 - optional hook
         """Called before each round's scan (a soft-dirty tracker reads and clears its bits here)."""

@@ -163,7 +163,7 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                 rehearse: bool = False, compression: str = "adaptive", claim_held: dict[int, int] | None = None,
                 resume_actions: list[dict] | None = None, resume_runner=None,
                 pending_file: str = "", migration_id: str = "mig1",
-                agent_pid: int = 0) -> tuple[Helper, RecordingBlock]:
+                agent_pid: int = 0, final_pass_source: str = "") -> tuple[Helper, RecordingBlock]:
     """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
     snap.watch = image_size_file(tmp_path)
     block = RecordingBlock()
@@ -172,7 +172,8 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
-                       resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid)
+                       resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid,
+                       final_pass_source=final_pass_source)
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
@@ -185,7 +186,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
              claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
-             resume_runner=None, pending_file: str = "", agent_pid: int = 0):
+             resume_runner=None, pending_file: str = "", agent_pid: int = 0, final_pass_source: str = ""):
     feed.go_mark = tmp_path / "go.json"
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark,
@@ -204,7 +205,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     snap = snapshot or PlaybackSnapshot(image)
     helper, block = make_helper(tmp_path, f"{host}:{port}", snap, store, token=token, rehearse=rehearse,
                                 compression=compression, claim_held=claim_held, resume_actions=resume_actions,
-                                resume_runner=resume_runner, pending_file=pending_file, agent_pid=agent_pid)
+                                resume_runner=resume_runner, pending_file=pending_file, agent_pid=agent_pid,
+                                final_pass_source=final_pass_source)
     result = helper.run()
     if result == "aborted" and t.is_alive():
         receiver.close()
@@ -341,6 +343,90 @@ def test_reference_to_content_v_lacks_is_refused(tmp_path: Path) -> None:
     assert "does not hold" in outcome["error"]
     assert snap.calls[-2:] == ["free", "unfreeze"] and "power_off" not in snap.calls
     assert feed.events[-1] == "abort"
+
+
+def memory_file(tmp_path: Path, pfns: np.ndarray, data: np.ndarray, changed_after_pass: int = 0) -> Path:
+    """P's memory as the pass before FREEZE reads it (a `file:` memory source): the image's data pages
+    at their PFNs, zeros elsewhere; the first `changed_after_pass` image pages hold other bytes (they
+    change again between the pass and the snapshot)."""
+    memory = np.zeros((MAX_PFN, 4096), dtype=np.uint8)
+    memory[pfns.astype(np.intp)] = data
+    memory[pfns[:changed_after_pass].astype(np.intp), 7] ^= 0x5A
+    path = tmp_path / "p-memory.raw"
+    path.write_bytes(memory.tobytes())
+    return path
+
+
+def test_the_pass_before_freeze_leaves_the_image_only_what_changed_after_it(tmp_path: Path) -> None:
+    """The helper's pass (final_pass) over a file standing in for P's memory, for real over the image
+    socket into V's page store: the image then sends literally only the pages that changed after the
+    pass, and V still assembles P's exact image (some of it from pages the pass wrote)."""
+    from common.pagecodec import page_hashes
+
+    image, pfns, data = make_image(sorted(set(range(100, 900)) | set(range(5000, 5300))), seed=11)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.4)
+    memory = memory_file(tmp_path, pfns, data, changed_after_pass=7)
+    feed = RecordingFeed()
+    result, helper, _, _, outcome = run_pair(tmp_path, image, store, feed, final_pass_source=f"file:{memory}")
+    assert result == "powered-off"
+    assert bytes(feed.data) == image
+    res = outcome["result"]
+    n_held = int(pfns.size * 0.4)
+    # the pass: every image page V lacked or held stale, the zero pages V had not been told of, and
+    # the 7 (held) pages as they were at the pass
+    assert res.pass_pages == helper.memory["pass_pages"] == (pfns.size - n_held) + (MAX_PFN - pfns.size) + 7
+    assert helper.memory["pass_zero_pages"] == MAX_PFN - pfns.size
+    assert helper.memory["pass_scanned"] == MAX_PFN and not helper.memory["pass_cut_short"]
+    assert res.pages_sent == helper.fig.pages_sent == 7  # the image: only what changed after the pass
+    assert res.pages_from_store == pfns.size - 7
+    assert res.pass_bytes > (pfns.size - n_held) * 4096  # before the snapshot: not the image's bytes
+    assert res.wire_bytes == helper.fig.wire_bytes < 8 * 4096 + len(image) - pfns.size * 4096
+    # V's store holds what the pass sent: P's memory at the pass, changed pages included
+    later = np.concatenate([pfns[:7], pfns[n_held:]]).astype(np.intp)
+    expected = page_hashes(np.fromfile(memory, dtype=np.uint8).reshape(MAX_PFN, 4096)[later])
+    assert np.array_equal(store.hashes(0, MAX_PFN)[later], expected)
+
+
+@pytest.mark.parametrize("fault", ["another migration", "checksum", "pfn beyond V's memory", "not a batch"])
+def test_a_bad_pass_batch_is_refused_and_nothing_is_written(tmp_path: Path, fault: str) -> None:
+    import socket as socket_mod
+
+    from common import image_wire as W
+    from common.pagecodec import encode_wire_batch
+
+    _, pfns, data = make_image(range(100, 200), seed=12)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.5)
+    before = store.hashes(0, MAX_PFN)
+    receiver = ImageReceiver("mig1", TOKEN, store, RecordingFeed(), tmp_path / "image.bin", accept_timeout_s=30,
+                             io_timeout_s=30)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["result"] = receiver.serve()
+        except ReceiveError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    target = np.array([150, 151], dtype=np.uint64) if fault != "pfn beyond V's memory" else \
+        np.array([150, MAX_PFN], dtype=np.uint64)
+    batch = encode_wire_batch(target, np.full((2, 4096), 9, dtype=np.uint8),
+                              migration_id="mig2" if fault == "another migration" else "mig1",
+                              stream_id=0, seq=0, round=0, batch_id=1, zstd_level=None)
+    body = bytearray(b"".join(bytes(p) for p in batch.parts()))
+    if fault == "checksum":
+        body[-200] ^= 1  # a byte of the second page
+    elif fault == "not a batch":
+        body = bytearray(b"\xff" * 64)
+    with socket_mod.create_connection(receiver.endpoint, timeout=10) as sock:
+        W.send_frame(sock, W.HELLO, json.dumps({"migration_id": "mig1", "token": TOKEN.hex()}).encode())
+        assert W.recv_frame(sock)[0] == W.OK
+        W.send_frame(sock, W.PASS, body)
+        kind, reason = W.recv_frame(sock)
+    t.join(30)
+    assert kind == W.NACK and "PASS batch refused" in reason.decode() and "PASS" in outcome["error"]
+    assert np.array_equal(store.hashes(0, MAX_PFN), before)
 
 
 def test_compression_policy() -> None:

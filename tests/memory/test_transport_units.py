@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from p2v.v1 import destination_pb2
-from source_agent.precopy import MAX_PAGES_PER_BATCH, PrecopyConfig, _effective_config, _Scanner
+from source_agent.precopy import MAX_PAGES_PER_BATCH, ChunkScanner, PrecopyConfig, _effective_config
 from source_agent.transport import PageTransport, TokenBucket, TransportConfig
 
 
@@ -58,7 +58,7 @@ def test_destination_limits_win() -> None:
 
 
 def test_batch_split_bounds() -> None:
-    scanner = _Scanner.__new__(_Scanner)
+    scanner = ChunkScanner.__new__(ChunkScanner)
     scanner.data_pages_per_batch = 4
     is_data = np.array([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=bool)
     bounds = scanner._split(is_data)
