@@ -100,6 +100,16 @@ def hash_page_views(views: Sequence[Any]) -> np.ndarray:
     return np.fromiter(map(_hash_page, views), dtype=np.uint64, count=len(views))
 
 
+def runs(sorted_pfns: np.ndarray) -> list[tuple[int, int]]:
+    """Split PFNs (in batch order) into (start index, length) runs of consecutive PFNs."""
+    if sorted_pfns.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_pfns.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [sorted_pfns.size]))
+    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
 def zero_mask(pages: np.ndarray) -> np.ndarray:
     """Exact zero-page detection over a (n, 4096) uint8 array."""
     if pages.shape[0] == 0:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, DecodedBatch, page_hashes
+from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, DecodedBatch, page_hashes, runs
 
 INDEX_MAGIC = b"P2VHIDX1"
 HEADER_SIZE = 4096
@@ -54,16 +54,6 @@ class PageStoreError(RuntimeError):
 
 def index_path(path: Path) -> Path:
     return path.with_name(path.name + ".hashes")
-
-
-def runs(sorted_pfns: np.ndarray) -> list[tuple[int, int]]:
-    """Split PFNs (in batch order) into (start index, length) runs of consecutive PFNs."""
-    if sorted_pfns.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_pfns.astype(np.int64)) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [sorted_pfns.size]))
-    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
 
 
 class PageStore:

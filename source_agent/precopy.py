@@ -30,7 +30,7 @@ import numpy as np
 
 from common.convergence import Action, ConvergencePolicy, Decision, RoundReport, Schedule, decide
 from common.migration_stats import MigrationStatsAccumulator
-from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, as_pages, encode_wire_batch, page_hashes
+from common.pagecodec import PAGE_SIZE, ZERO_PAGE_HASH, as_pages, encode_wire_batch, page_hashes, runs
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 from source_agent.memory.base import MemorySource
 from source_agent.memory.tracker import DirtyTracker, HashTracker
@@ -119,6 +119,20 @@ class _ChunkResult:
     free_skipped: int
 
 
+#: a chunk with more runs of pages in use than this is read and hashed whole (per-run calls would cost more)
+MAX_SPANS_PER_CHUNK = 64
+
+
+def in_use_spans(skip: np.ndarray, max_spans: int = MAX_SPANS_PER_CHUNK) -> list[tuple[int, int]] | None:
+    """(first index, count) of each run of pages in use (False in `skip`); None when there are more
+    than `max_spans` runs (the caller then takes the whole chunk). Pure."""
+    in_use = np.flatnonzero(~skip)
+    spans = runs(in_use)
+    if len(spans) > max_spans:
+        return None
+    return [(int(in_use[start]), n) for start, n in spans]
+
+
 class ChunkScanner:
     """Scan + encode of one chunk: in a worker thread during pre-copy, in the cutover helper for its
     pass before FREEZE (final_pass)."""
@@ -135,22 +149,27 @@ class ChunkScanner:
         self.next_batch_id = secrets.randbits(38) << 24
 
     def scan(self, pfn: int, count: int, round_no: int) -> _ChunkResult:
+        # Free pages first (kpageflags): only the pages in use are read and hashed. Free memory
+        # comes in long runs (rig: ~1 run of pages in use per 1024-page chunk, 22 % of the pages),
+        # so a read per run costs few system calls and saves most of the copying and hashing.
+        skip = self.memory.skip_mask(pfn, pfn + count) if self.config.skip_free_pages else None
+        spans = None if skip is None else in_use_spans(skip)
+        free = 0 if skip is None else int(np.count_nonzero(skip))
+        if spans == []:
+            return _ChunkResult([], count, 0, free)
         live = self.memory.view(pfn, count)
         if live is not None:
             pages = as_pages(live)
         else:
-            buf = memoryview(self.buffer)[: count * PAGE_SIZE]
-            self.memory.read_into(pfn, buf)
+            buf = memoryview(self.buffer)
+            for first, n in spans or [(0, count)]:
+                self.memory.read_into(pfn + first, buf[first * PAGE_SIZE:(first + n) * PAGE_SIZE])
             pages = as_pages(self.buffer[: count * PAGE_SIZE])
-        changed, hashes = self.tracker.dirty(pfn, pages)
-        free_skipped = 0
-        if self.config.skip_free_pages and changed.size:
-            skip = self.memory.skip_mask(pfn, pfn + count)
-            if skip is not None:
-                keep = ~skip[changed]
-                free_skipped = int(changed.size - np.count_nonzero(keep))
-                changed, hashes = changed[keep], hashes[keep]
-        result = _ChunkResult([], count, count - int(changed.size) - free_skipped, free_skipped)
+        changed, hashes = self.tracker.dirty(pfn, pages, spans)
+        if skip is not None and spans is None:  # read and hashed whole: the free pages stay out
+            keep = ~skip[changed]
+            changed, hashes = changed[keep], hashes[keep]
+        result = _ChunkResult([], count, count - free - int(changed.size), free)
         if changed.size == 0:
             return result
         chosen = pages[changed]  # a copy: what is sent, whatever the live memory does next

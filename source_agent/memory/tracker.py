@@ -35,8 +35,10 @@ class DirtyTracker(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def dirty(self, pfn: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the (n, 4096) pages starting at pfn: (indices of changed pages, their hashes)."""
+    def dirty(self, pfn: int, pages: np.ndarray, spans: list[tuple[int, int]] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """For the (n, 4096) pages starting at pfn: (indices of changed pages, their hashes).
+        `spans`: look only at these (first index, count) spans of `pages` (the others are free)."""
 
     def mark_sent(self, pfns: np.ndarray, hashes: np.ndarray) -> None:
         self.sent[pfns] = hashes
@@ -50,7 +52,15 @@ class DirtyTracker(abc.ABC):
 
 
 class HashTracker(DirtyTracker):
-    def dirty(self, pfn: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        hashes = page_hashes(pages)
-        changed = np.flatnonzero(hashes != self.sent[pfn : pfn + hashes.size])
-        return changed, hashes[changed]
+    def dirty(self, pfn: int, pages: np.ndarray, spans: list[tuple[int, int]] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        if spans is None:
+            hashes = page_hashes(pages)
+            changed = np.flatnonzero(hashes != self.sent[pfn : pfn + hashes.size])
+            return changed, hashes[changed]
+        if not spans:
+            return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.uint64)
+        idx = np.concatenate([np.arange(first, first + n) for first, n in spans])
+        hashes = np.concatenate([page_hashes(pages[first:first + n]) for first, n in spans])
+        changed = np.flatnonzero(hashes != self.sent[pfn + idx])
+        return idx[changed], hashes[changed]
