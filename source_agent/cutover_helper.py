@@ -251,6 +251,8 @@ class Figures:
     pages_skipped: int = 0
     pages_by_hash: int = 0  # V holds their content at another PFN: sent as hashes
     wire_bytes: int = 0
+    pass_pages: int = 0  # sent by the pass before FREEZE (final_pass), while P ran
+    pass_bytes: int = 0  # their bytes on the image socket (not in wire_bytes)
     sent_at: float = 0.0
     acked_at: float = 0.0
     drop_caches_s: float = 0.0
@@ -837,8 +839,10 @@ class Helper:
         self.fig.drop_caches_s = time.monotonic() - t0
 
     def _final_pass(self) -> None:
-        """The pages changed since pre-copy's last round go to V now, while P runs (final_pass):
-        after the helper's own set-up, whose pages are among them."""
+        """The pages changed since pre-copy's last round go to V now, while P runs (final_pass).
+        Before the agent's page-out: after it, the pass's own code (numpy's, mapped only by the agent
+        until then) comes back from disk (rig: pass 5.4-5.9 s instead of 2.7-3.2 s, for ~0.9k fewer
+        pages left to the image)."""
         if not self.cfg.final_pass_source:
             return
         assert self.sock is not None
@@ -848,9 +852,12 @@ class Helper:
         except (OSError, ValueError) as exc:  # an optimisation only: the image carries these pages then
             print(f"cutover helper: no pass before FREEZE: {exc}", file=sys.stderr, flush=True)
             return
+
+        def send(batch: Any) -> None:
+            self.fig.pass_bytes += W.send_frame(sock, W.PASS, *batch.parts())
+
         try:
-            figures = final_pass(memory, self.held, lambda batch: W.send_frame(sock, W.PASS, *batch.parts()),
-                                 self.cfg.migration_id)
+            figures = final_pass(memory, self.held, send, self.cfg.migration_id)
         except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
             print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
             figures = None
@@ -859,6 +866,7 @@ class Helper:
         W.send_frame(sock, W.PASSED)
         self.held_content = held_content(self.held)
         if figures is not None:
+            self.fig.pass_pages = figures.pages
             self.memory.update(figures.as_dict())
 
     def _page_out_agent(self) -> None:

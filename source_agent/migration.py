@@ -40,6 +40,12 @@ AFTER_SNAPSHOT_ATTEMPTS = 5
 REATTACH_WAIT_S = 30.0
 
 
+def pass_note(figures: dict) -> str:
+    """What the helper's pass before FREEZE sent, for the phase details ("" when there was none)."""
+    pages = int(figures.get("pass_pages", 0))
+    return f"; {pages} pages went before the snapshot ({int(figures.get('pass_bytes', 0))} B)" if pages else ""
+
+
 class MigrationAborted(RuntimeError):
     pass
 
@@ -222,6 +228,9 @@ class SourceMigration:
         finally:
             if marker is not None:  # over: in the VM, or P runs on; a stepped-out p2vctl follows again
                 cutover_marker.remove(marker)
+        # the helper's pass before FREEZE went while P ran: pre-copy traffic, not the downtime's
+        stats.precopy_bytes += int(figures.get("pass_bytes", 0))
+        stats.transferred += int(figures.get("pass_bytes", 0))
         if figures.get("outcome") == "rehearsed":
             await self._rehearsed(figures, stats, t0)
             return
@@ -258,7 +267,7 @@ class SourceMigration:
             stats.cutover_pages = final.stats.cutover_pages
         stats.total_time_ms = int((time.time() - self.started_wall) * 1000)
         detail = (f"downtime {stats.downtime_ms} ms (OS frozen), cutover {stats.downtime_bytes} B, "
-                  f"{stats.skipped} pages from V's store; cancelled {len(outcome.cancelled)}, "
+                  f"{stats.skipped} pages from V's store{pass_note(figures)}; cancelled {len(outcome.cancelled)}, "
                   f"failed {len(outcome.failed)}; cutover phase {time.time() - t0:.1f}s")
         state = common_pb2.MIGRATION_STATE_COMPLETED if not outcome.failed else common_pb2.MIGRATION_STATE_FAILED
         await self._phase("cancel", detail, fraction=1.0, state=state, stats=stats, point_of_no_return=True,
@@ -345,7 +354,7 @@ class SourceMigration:
         stats.total_time_ms = int((time.time() - self.started_wall) * 1000)
         detail = (f"rehearsal complete, P runs on: frozen {stats.downtime_ms} ms until V had verified the "
                   f"image ({stats.cutover_pages} pages: {sent} sent, {stats.skipped} from V's store, "
-                  f"{stats.downtime_bytes} B on the wire); a cutover adds "
+                  f"{stats.downtime_bytes} B on the wire{pass_note(figures)}); a cutover adds "
                   f"the VM's restore and resume; cutover phase {time.time() - t0:.1f}s")
         await self._abort_remote("rehearsal complete: nothing is handed over",  # V drops its VM and copy
                                  attempts=AFTER_SNAPSHOT_ATTEMPTS)

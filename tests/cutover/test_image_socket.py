@@ -380,6 +380,7 @@ def test_the_pass_before_freeze_leaves_the_image_only_what_changed_after_it(tmp_
     assert res.pages_sent == helper.fig.pages_sent == 7  # the image: only what changed after the pass
     assert res.pages_from_store == pfns.size - 7
     assert res.pass_bytes > (pfns.size - n_held) * 4096  # before the snapshot: not the image's bytes
+    assert (helper.fig.pass_pages, helper.fig.pass_bytes) == (res.pass_pages, res.pass_bytes)  # P's report
     assert res.wire_bytes == helper.fig.wire_bytes < 8 * 4096 + len(image) - pfns.size * 4096
     # V's store holds what the pass sent: P's memory at the pass, changed pages included
     later = np.concatenate([pfns[:7], pfns[n_held:]]).astype(np.intp)
