@@ -95,3 +95,23 @@ def test_held_must_be_the_trackers_shape() -> None:
         HashTracker(10, sent=np.zeros(10, dtype=np.int64))
     held = np.zeros(10, dtype=np.uint64)
     assert HashTracker(10, sent=held).sent is held  # tracked in place
+
+
+@pytest.mark.parametrize(("offered", "enabled", "expected"), [
+    (True, True, "kcore"), (False, True, ""), (True, False, ""),
+])
+def test_the_agent_asks_for_the_pass_only_when_v_takes_it_and_it_is_on(offered: bool, enabled: bool,
+                                                                       expected: str) -> None:
+    from common import version
+    from common.config import SourceConfig
+    from p2v.v1 import common_pb2, source_pb2
+    from source_agent.migration import SourceMigration
+    from source_agent.prepare import Session
+
+    config = SourceConfig()
+    config.migration.final_pass = enabled
+    migration = SourceMigration(config, source_pb2.MigrateRequest(destination="v:7470"), source_pb2.Inventory, "h")
+    caps = [c for c in version.CAPABILITIES if offered or c != version.IMAGE_PASS_CAPABILITY]
+    hello = common_pb2.HelloReply(protocol_version=version.PROTOCOL_VERSION, capabilities=caps)
+    migration.session = Session(channel=None, stub=None, hello=hello, catalog=None)  # type: ignore[arg-type]
+    assert migration._final_pass_source() == expected
