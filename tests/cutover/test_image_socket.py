@@ -182,6 +182,21 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
     return helper, block
 
 
+def serve_in_thread(receiver: ImageReceiver) -> tuple[threading.Thread, dict]:
+    """V's receiver serving in a thread; the dict gets its "result" or its "error"."""
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["result"] = receiver.serve()
+        except ReceiveError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    return t, outcome
+
+
 def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed, *, token: bytes = TOKEN,
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
@@ -192,16 +207,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark,
                              ack_mark=tmp_path / "ack.json")
     host, port = receiver.endpoint
-    outcome: dict = {"receiver": receiver}
-
-    def serve() -> None:
-        try:
-            outcome["result"] = receiver.serve()
-        except ReceiveError as exc:
-            outcome["error"] = str(exc)
-
-    t = threading.Thread(target=serve)
-    t.start()
+    t, outcome = serve_in_thread(receiver)
+    outcome["receiver"] = receiver
     snap = snapshot or PlaybackSnapshot(image)
     helper, block = make_helper(tmp_path, f"{host}:{port}", snap, store, token=token, rehearse=rehearse,
                                 compression=compression, claim_held=claim_held, resume_actions=resume_actions,
@@ -400,16 +407,7 @@ def test_a_bad_pass_batch_is_refused_and_nothing_is_written(tmp_path: Path, faul
     before = store.hashes(0, MAX_PFN)
     receiver = ImageReceiver("mig1", TOKEN, store, RecordingFeed(), tmp_path / "image.bin", accept_timeout_s=30,
                              io_timeout_s=30)
-    outcome: dict = {}
-
-    def serve() -> None:
-        try:
-            outcome["result"] = receiver.serve()
-        except ReceiveError as exc:
-            outcome["error"] = str(exc)
-
-    t = threading.Thread(target=serve)
-    t.start()
+    t, outcome = serve_in_thread(receiver)
     target = np.array([150, 151], dtype=np.uint64) if fault != "pfn beyond V's memory" else \
         np.array([150, MAX_PFN], dtype=np.uint64)
     batch = encode_wire_batch(target, np.full((2, 4096), 9, dtype=np.uint8),
