@@ -163,6 +163,16 @@ def release_network_legs(devices: list[str]) -> list[str]:
 COMPRESSION_MODES = ("adaptive", "always", "never")
 
 
+def refusal(sock: socket.socket, exc: OSError) -> str:
+    """V's NACK reason when it refused what P sent and closed the socket, else the socket's error."""
+    try:
+        sock.settimeout(2.0)
+        kind, payload = W.recv_frame(sock, max_payload=1 << 16)
+    except (OSError, W.WireError):
+        return str(exc)
+    return f"V refused it: {bytes(payload).decode(errors='replace')}" if kind == W.NACK else str(exc)
+
+
 def compress_chunk(mode: str, network_behind: bool) -> bool:
     """Whether the next chunk's literal pages are compressed. Pure."""
     return mode == "always" or (mode == "adaptive" and network_behind)
@@ -858,12 +868,15 @@ class Helper:
 
         try:
             figures = final_pass(memory, self.held, send, self.cfg.migration_id)
+            W.send_frame(sock, W.PASSED)
         except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
             print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
             figures = None
+            W.send_frame(sock, W.PASSED)
+        except OSError as exc:  # V refused a batch and closed: its reason says more than the socket's error
+            raise CutoverAborted(f"the pass before FREEZE failed: {refusal(sock, exc)}") from None
         finally:
             memory.close()
-        W.send_frame(sock, W.PASSED)
         self.held_content = held_content(self.held)
         if figures is not None:
             self.fig.pass_pages = figures.pages

@@ -715,3 +715,26 @@ def test_carrier_check_reads_sysfs(tmp_path: Path) -> None:
     assert up()
     assert not carrier_check("gone0", root=str(tmp_path))()  # type: ignore[misc]  # unreadable = down
     assert carrier_check("") is None
+
+
+def test_a_pass_v_refuses_aborts_before_the_freeze_with_v_s_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """V's refusal of a PASS batch (its checks: test_a_bad_pass_batch_is_refused_and_nothing_is_written)
+    reaches P's operator as V's reason, and P never freezes."""
+    image, pfns, data = make_image(range(100, 400), seed=13)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.2)
+    memory = memory_file(tmp_path, pfns, data)
+
+    def refuse(self, payload) -> None:
+        raise ReceiveError("PASS batch refused: checksum: a test's refusal")
+
+    monkeypatch.setattr(ImageReceiver, "_pass", refuse)
+    feed = RecordingFeed()
+    result, _, snap, block, outcome = run_pair(tmp_path, image, store, feed, final_pass_source=f"file:{memory}")
+    assert result == "aborted"
+    assert "freeze" not in snap.calls and block.lifted == ["eth0", "p2vbond0"]
+    assert feed.events == []
+    assert "a test's refusal" in outcome["error"]
+    said = json.loads(capfd.readouterr().out.strip().splitlines()[-1])  # the helper's last word to its agent
+    assert said["reason"] == ("the pass before FREEZE failed: V refused it: "
+                              "PASS batch refused: checksum: a test's refusal")
