@@ -5,7 +5,9 @@ Everything else on P gets frozen by SNAPSHOT_FREEZE (the agent and its gRPC thre
 this process depends on nothing but its own memory, /dev/snapshot and one plain TCP socket to V's
 image receiver, negotiated by the agent beforehand (endpoint + one-time token in the config).
 
-    connect + authenticate  -> block traffic -> FREEZE -> CREATE_IMAGE
+    connect + authenticate  -> block traffic (open) -> the pass: what changed since pre-copy's last
+                               round goes to V while P runs (final_pass) -> page-out -> FREEZE
+                               -> close the block -> CREATE_IMAGE
     in P  (in_suspend == 1): read the image, send header + PFN metadata + the data pages whose hash
                              differs from V's, END with the image checksum, wait for ACK
                              ACK  -> COMMIT, POWER_OFF (the point of no return has passed)
