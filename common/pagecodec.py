@@ -101,7 +101,8 @@ def hash_page_views(views: Sequence[Any]) -> np.ndarray:
 
 
 def runs(sorted_pfns: np.ndarray) -> list[tuple[int, int]]:
-    """Split PFNs (in batch order) into (start index, length) runs of consecutive PFNs."""
+    """Split sorted integers (PFNs in batch order, page indices) into (start index, length) runs of
+    consecutive values."""
     if sorted_pfns.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(sorted_pfns.astype(np.int64)) != 1) + 1

@@ -869,11 +869,11 @@ class Helper:
             self.fig.pass_bytes += W.send_frame(sock, W.PASS, *batch.parts())
 
         try:
-            figures = final_pass(memory, self.held, send, self.cfg.migration_id)
-            W.send_frame(sock, W.PASSED)
-        except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
-            print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
-            figures = None
+            try:
+                figures = final_pass(memory, self.held, send, self.cfg.migration_id)
+            except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
+                print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
+                figures = None
             W.send_frame(sock, W.PASSED)
         except OSError as exc:  # V refused a batch and closed: its reason says more than the socket's error
             raise CutoverAborted(f"the pass before FREEZE failed: {refusal(sock, exc)}") from None

@@ -63,26 +63,23 @@ def final_pass(memory: MemorySource, held: np.ndarray, send: Callable[[WireBatch
     figures = PassFigures()
     tracker = HashTracker(held.size, sent=held)
     config = PrecopyConfig(zstd_level=None, chunk_pages=chunk_pages, skip_free_pages=True)
-    scanner = ChunkScanner(memory, tracker, config, migration_id)
-    try:
-        for start, end in memory.ranges():
-            end = min(end, held.size)
-            for pfn in range(start, end, chunk_pages):
-                if time.monotonic() > deadline:
-                    figures.cut_short = True
-                    break
-                result = scanner.scan(pfn, min(chunk_pages, end - pfn), PASS_ROUND)
-                figures.scanned += result.scanned
-                for encoded in result.batches:
-                    t_send = time.monotonic()
-                    send(encoded.batch.msg)
-                    figures.send_s += time.monotonic() - t_send
-                    figures.pages += encoded.batch.pages
-                    figures.zero_pages += encoded.batch.zero_pages
-                    figures.raw_bytes += encoded.batch.raw_bytes
-            if figures.cut_short:
+    scanner = ChunkScanner(memory, tracker, config, migration_id)  # its buffer goes with this call
+    for start, end in memory.ranges():
+        end = min(end, held.size)
+        for pfn in range(start, end, chunk_pages):
+            if time.monotonic() > deadline:
+                figures.cut_short = True
                 break
-    finally:
-        del scanner  # its buffer: the image should not carry it
+            result = scanner.scan(pfn, min(chunk_pages, end - pfn), PASS_ROUND)
+            figures.scanned += result.scanned
+            for encoded in result.batches:
+                t_send = time.monotonic()
+                send(encoded.batch.msg)
+                figures.send_s += time.monotonic() - t_send
+                figures.pages += encoded.batch.pages
+                figures.zero_pages += encoded.batch.zero_pages
+                figures.raw_bytes += encoded.batch.raw_bytes
+        if figures.cut_short:
+            break
     figures.seconds = time.monotonic() - t0
     return figures
