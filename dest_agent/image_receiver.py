@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -73,6 +74,8 @@ class PageSource(Protocol):
 
     def write(self, batch: DecodedBatch) -> int: ...  # the pass before FREEZE (PASS frames)
 
+    def pages_held(self) -> int: ...  # PFNs with a page (what the image will be about)
+
 
 class BackgroundFeed:
     """A VmFeed whose writes go out from a thread of their own, in order: receiving from P,
@@ -86,6 +89,7 @@ class BackgroundFeed:
         self.inner = inner
         self.queue: queue.Queue = queue.Queue(maxsize=max_queued)
         self.error: BaseException | None = None
+        self.busy_s = 0.0  # in the inner feed: copying into the ring, waiting for the VM to free room
         self.thread = threading.Thread(target=self._run, name="vm-feed", daemon=True)
         self.thread.start()
 
@@ -97,6 +101,7 @@ class BackgroundFeed:
             if self.error is not None:
                 continue  # drain: the failure is reported by the caller's next call
             kind, data = item
+            t0 = time.monotonic()
             try:
                 if kind == "begin":
                     self.inner.begin(data)
@@ -104,6 +109,7 @@ class BackgroundFeed:
                     self.inner.write(data)
             except BaseException as exc:  # handed to the receiving thread
                 self.error = exc
+            self.busy_s += time.monotonic() - t0
 
     @property
     def through_ring(self) -> bool:
@@ -166,6 +172,11 @@ class ReceiveResult:
     go_at: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
     source_timings: dict[str, float] = field(default_factory=dict)
+    #: where V's receiving thread spent the image's time (seconds): waiting for P's bytes, and each
+    #: step of assembling a chunk; "feed_wait" is its wait for room in the VM's feed queue
+    receiver_timings: dict[str, float] = field(default_factory=dict)
+    #: the image file's page cache filled before the snapshot: {"bytes", "seconds"} (empty = not done)
+    prepared: dict[str, float] = field(default_factory=dict)
 
 
 #: what the ACK mark keeps of the receive: a restarted agent that adopts the image still reports them
@@ -177,6 +188,29 @@ ACK_FIGURES = ("image_bytes", "image_pages", "pages_sent", "pages_from_store", "
 class ExpectedKernel:
     release: str
     version: str
+
+
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+
+
+def expected_image_bytes(pages_held: int, max_pfn: int) -> int:
+    """A generous guess of P's image size before its header comes: about the pages V holds (what P
+    had in use at the last round), a quarter more, and the metadata; never more than P's memory.
+    Pure."""
+    pages = min(pages_held + pages_held // 4 + 256, max_pfn + max_pfn // 500 + 2)
+    return pages * PAGE_SIZE
+
+
+def populate_page_cache(fd: int, size: int) -> None:
+    """The file's first `size` bytes as clean pages in the page cache, before they are written: a
+    read-only shared mapping with MAP_POPULATE reads the holes of a file extended by ftruncate as
+    zero pages, without writing anything to disk. Written later, each page is a copy into memory
+    the host already gave: on the rig's host, 216 MB written into a new file took 0.38-0.70 s, and
+    0.05 s into populated pages (the populating 0.4 s, before P's snapshot)."""
+    if os.fstat(fd).st_size < size:  # (ftruncate: never while another thread writes the file)
+        os.ftruncate(fd, size)
+    with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ):
+        pass
 
 
 SO_RCVBUFFORCE = 33
@@ -366,8 +400,9 @@ class ImageReceiver:
         res = self.result
         res.started_at = time.time()
         hasher = new_checksum()
-        fd = os.open(self.image_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         began = False
+        populating = self._populate_image_file(fd)
         try:
             try:
                 kind, payload = self._next(conn)
@@ -392,7 +427,8 @@ class ImageReceiver:
                     raise ReceiveError(f"image refused: {exc}") from None
                 res.image_bytes, res.image_pages = header.size, header.image_pages
                 res.steps["header"] = time.time()  # P's first bytes after CREATE_IMAGE (its NIC is back)
-                self.feed = BackgroundFeed(self.feed)
+                res.receiver_timings.clear()  # the image's figures only: not the pass, not P's snapshot
+                self.feed = background = BackgroundFeed(self.feed)
                 res.vm_feed = "ring" if self.feed.through_ring else "network"
                 self.feed.begin(header.size)
                 began = True
@@ -420,10 +456,15 @@ class ImageReceiver:
                                        f"checksum {checksum:#x} vs {hasher.intdigest():#x}")
                 res.checksum = checksum
                 res.steps["received"] = time.time()
+                if populating is not None:
+                    populating.join()
+                os.ftruncate(fd, header.size)  # the guess of _populate_image_file may have been larger
                 os.fdatasync(fd)  # while the VM is still loading
                 res.steps["durable"] = time.time()
                 loaded = self.feed.finish()
                 res.steps["loaded"] = time.time()
+                res.receiver_timings["feed"] = background.busy_s
+                res.receiver_timings = {k: round(v, 4) for k, v in res.receiver_timings.items()}
             except (ReceiveError, W.WireError, OSError, RuntimeError) as exc:
                 reason = str(exc) if isinstance(exc, ReceiveError) else f"image transfer failed: {exc}"
                 self._nack(conn, reason)
@@ -446,7 +487,33 @@ class ImageReceiver:
             self._await_commit(conn)
             return res
         finally:
+            if populating is not None:
+                populating.join()
             os.close(fd)
+
+    def _populate_image_file(self, fd: int) -> threading.Thread | None:
+        """Fill the image file's page cache while P still runs (populate_page_cache), in a thread:
+        the warm-up and the pass come first on the socket. An optimisation only: a failure leaves
+        the writes to allocate their pages as they go."""
+        size = expected_image_bytes(self.store.pages_held(), self.store.max_pfn)
+        try:
+            os.ftruncate(fd, size)  # here, not in the thread: it could cut what the receive wrote meanwhile
+        except OSError as exc:
+            log.info("image file not prepared: %s", exc, extra={"migration": self.migration_id})
+            return None
+
+        def populate() -> None:
+            t0 = time.monotonic()
+            try:
+                populate_page_cache(fd, size)
+            except (OSError, ValueError) as exc:
+                log.info("image file not prepared: %s", exc, extra={"migration": self.migration_id})
+                return
+            self.result.prepared = {"bytes": size, "seconds": round(time.monotonic() - t0, 3)}
+
+        thread = threading.Thread(target=populate, name="image-file", daemon=True)
+        thread.start()
+        return thread
 
     def _await_commit(self, conn: socket.socket) -> None:
         res = self.result
@@ -472,7 +539,9 @@ class ImageReceiver:
         commit_image(self.result, self.feed, self.go_mark)
 
     def _next(self, conn: socket.socket) -> tuple[bytes, bytearray]:
+        t0 = time.monotonic()
         kind, payload = W.recv_frame(conn)
+        self._spent("wait", t0)
         self.result.wire_bytes += 5 + len(payload)
         if kind == W.ABORT:
             raise ReceiveError(f"P aborted the cutover: {bytes(payload).decode(errors='replace')}")
@@ -517,12 +586,22 @@ class ImageReceiver:
             raise ReceiveError(f"CHUNK refers to a page V does not hold (hash {int(missing[0]):#x})")
         return pfn_of[at]
 
+    def _spent(self, step: str, since: float) -> float:
+        """Adds the time since `since` to the receive's figure `step`; returns now."""
+        now = time.monotonic()
+        timings = self.result.receiver_timings
+        timings[step] = timings.get(step, 0.0) + now - since
+        return now
+
     def _emit(self, fd: int, data: bytes | bytearray | memoryview) -> None:
+        t0 = time.monotonic()
         self.feed.write(data)
+        t0 = self._spent("feed_wait", t0)
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        self._spent("write", t0)
 
     def _chunk(self, fd: int, hasher, payload: bytearray, pfns: np.ndarray, next_index: int,
                compressed: bool = False) -> int:
@@ -543,12 +622,14 @@ class ImageReceiver:
         refs = np.frombuffer(payload, dtype="<u8", count=n_refs, offset=refs_off)
         ref_pfns = self._pfns_of(refs) if n_refs else refs
         src = memoryview(payload)[refs_off + 8 * n_refs:]
+        t0 = time.monotonic()
         if compressed:
             try:
                 src = memoryview(zstandard.ZstdDecompressor().decompress(
                     bytes(src), max_output_size=literal * PAGE_SIZE))
             except zstandard.ZstdError as exc:
                 raise ReceiveError(f"ZCHUNK does not decompress: {exc}") from None
+        t0 = self._spent("decompress", t0)
         if len(src) != literal * PAGE_SIZE:
             raise ReceiveError(f"CHUNK carries {len(src)} bytes for {literal} pages")
         # one copy per kind of page, not a step per page: a chunk is up to 1024 pages
@@ -565,6 +646,8 @@ class ImageReceiver:
         self.result.pages_by_hash += n_refs
         self.result.pages_sent += literal
         self.result.pages_from_store += count - literal
+        t0 = self._spent("assemble", t0)
         hasher.update(W.page_hash_bytes(page_hashes(out)))  # over every assembled byte (image_wire)
+        self._spent("hash", t0)
         self._emit(fd, assembled)
         return first + count

@@ -18,7 +18,14 @@ import pytest
 
 from common.pagecodec import decode_batch, encode_batch
 from dest_agent.cutover import undecided
-from dest_agent.image_receiver import ExpectedKernel, ImageReceiver, ReceiveError, ReceiveResult
+from dest_agent.image_receiver import (
+    ExpectedKernel,
+    ImageReceiver,
+    ReceiveError,
+    ReceiveResult,
+    expected_image_bytes,
+    populate_page_cache,
+)
 from dest_agent.page_store import PageStore
 from source_agent import host_settings as hs
 from source_agent import page_out as page_out_mod
@@ -235,7 +242,8 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert snap.calls == ["freeze", "create_image", "power_off"]  # never unfrozen after the ACK
     assert block.lifted == []
     assert bytes(feed.data) == image  # the VM gets P's exact image
-    assert (tmp_path / "image.bin").read_bytes() == image
+    assert (tmp_path / "image.bin").read_bytes() == image  # prepared larger, then cut to the image
+    assert res_prepared_bytes(outcome) > len(image)
     assert feed.events == ["begin", "loaded", "go"]
     assert json.loads((tmp_path / "ack.json").read_text())["migration"] == "mig1"  # durable before the ACK
     res = outcome["result"]
@@ -255,6 +263,32 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
         assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
+
+
+def res_prepared_bytes(outcome: dict) -> int:
+    return outcome["result"].prepared["bytes"]
+
+
+def test_the_image_file_is_prepared_from_a_guess_and_holds_the_exact_image_either_way(tmp_path: Path) -> None:
+    assert expected_image_bytes(0, 1000) == 256 * 4096
+    assert expected_image_bytes(4000, 100_000) == (4000 + 1000 + 256) * 4096
+    assert expected_image_bytes(262_144, 262_144) == (262_144 + 524 + 2) * 4096  # never beyond P's memory
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        populate_page_cache(fd, 64 * 4096)
+        assert os.fstat(fd).st_size == 64 * 4096 and os.fstat(fd).st_blocks == 0  # nothing written
+    finally:
+        os.close(fd)
+    # a store holding few pages guesses too small: the image is still written whole
+    pfns = np.arange(10, 700, dtype=np.uint64)
+    image, pfns, data = make_image(pfns, seed=4)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.1)
+    feed = RecordingFeed()
+    result, *_, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "powered-off"
+    assert res_prepared_bytes(outcome) < len(image)
+    assert (tmp_path / "image.bin").read_bytes() == image
 
 
 def test_the_agents_own_file_pages_leave_before_the_freeze(tmp_path: Path) -> None:
