@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -226,7 +227,7 @@ class HelperConfig:
     #: P's route to V for the cutover: TCP may send this many segments at once after the idle
     #: snapshot, and retransmits nothing for this long (the rig's e1000 hears no acknowledgement for
     #: 1 s after it is brought up); 0 = leave the route alone
-    stream_initcwnd: int = 10_000
+    stream_initcwnd: int = 40_000
     stream_rto_min_ms: int = 1_500
     #: P's send buffer for the image (root only beyond net.core.wmem_max), so that several
     #: megabytes of the image go to TCP before V's first acknowledgement gets through (64 MiB
@@ -332,6 +333,24 @@ def _unacknowledged(sock: socket.socket) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
     return buf[0]
+
+
+#: struct tcp_info (linux/tcp.h): name -> (offset, struct format) of the fields the stream reports
+TCP_INFO_FIELDS = {"rto_us": (8, "I"), "unacked": (24, "I"), "retrans": (36, "I"), "snd_cwnd": (80, "I"),
+                   "total_retrans": (100, "I"), "notsent_bytes": (144, "I"), "busy_us": (168, "Q"),
+                   "rwnd_limited_us": (176, "Q"), "sndbuf_limited_us": (184, "Q"), "snd_wnd": (228, "I")}
+
+
+def tcp_figures(sock: socket.socket) -> dict[str, int]:
+    """What the kernel's TCP says of the image stream now (TCP_INFO; the fields an older kernel lacks
+    are left out): where the stream waited, on V's window, its own buffer or (busy, neither) the
+    congestion window."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return {}
+    return {name: struct.unpack_from(fmt, raw, off)[0] for name, (off, fmt) in TCP_INFO_FIELDS.items()
+            if off + struct.calcsize(fmt) <= len(raw)}
 
 
 def swap_sysctl(path: str, value: str) -> str:
@@ -993,6 +1012,7 @@ class Helper:
         compressed = 0
         t_start = time.monotonic()
         cpu_at_start, self_at_start = stat_counters(), resource.getrusage(resource.RUSAGE_SELF)
+        tcp_at_start = tcp_figures(self.sock)
         head = bytes(self._read_pages(1))  # copies: the reader reuses its buffer, the outbox keeps these
         header = parse_header(head)
         meta = bytes(self._read_pages(meta_pages_for(header.image_pages)))
@@ -1039,6 +1059,13 @@ class Helper:
             if self.cycle.raised:
                 spent["nic_up"] = max(self.cycle.raised.values()) - t_start
         spent["compressed_chunks"] = compressed
+        tcp_now = tcp_figures(self.sock)
+        spent.update({f"tcp_{k}_start": tcp_at_start[k] for k in ("snd_cwnd", "snd_wnd", "unacked")
+                      if k in tcp_at_start})
+        spent.update({f"tcp_{k}": tcp_now[k] for k in ("snd_cwnd", "unacked", "notsent_bytes", "total_retrans")
+                      if k in tcp_now})
+        spent.update({f"tcp_{k}": (tcp_now[k] - tcp_at_start.get(k, 0)) / 1e6
+                      for k in ("busy_us", "rwnd_limited_us", "sndbuf_limited_us") if k in tcp_now})
         spent.update(stream_cpu(cpu_at_start, stat_counters(), self_at_start, resource.getrusage(resource.RUSAGE_SELF)))
         # pages this process read from disk while P was frozen (what page_out took that it needed)
         spent["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - self.major_faults_at_freeze
