@@ -52,6 +52,9 @@ MAX_FRAME = 64 << 20
 MAX_WARM = 256 << 20
 #: CHUNK flag values
 PAGE_HELD, PAGE_FOLLOWS, PAGE_BY_HASH = 0, 1, 2
+#: The data pages of P's CHUNKs (the last one may have fewer): 4 MiB, so that per-chunk work (numpy
+#: calls, a frame) is paid per chunk, not per page. V makes its buffers for chunks this large early.
+CHUNK_PAGES = 1024
 
 
 def page_hash_bytes(hashes: np.ndarray) -> bytes:

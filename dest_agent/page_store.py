@@ -46,6 +46,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes of the file to disk, without waiting (sync_file_range): a later
+    fdatasync then waits only for what is still in flight. Best effort: errors are the fdatasync's."""
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class PageStoreError(RuntimeError):
@@ -226,10 +236,22 @@ class PageStore:
         pfns = np.asarray(pfns, dtype=np.int64)
         if pfns.size and (int(pfns.min()) < 0 or int(pfns.max()) >= self.max_pfn):
             raise PageStoreError(f"gather of PFNs outside 0..{self.max_pfn - 1}")
+        return self._pages()[pfns]
+
+    def warm(self) -> None:
+        """Fault every held page into gather()'s mapping now (one byte read from each): a cutover's
+        first gathers then find their page tables made (rig's host, 55k pages: 0.12 s of gathering
+        on a fresh mapping, 0.03 s on a warm one). Before P's snapshot; again after the pass."""
+        self._check_open()
+        held = np.flatnonzero(self._index)
+        if held.size:
+            int(self._pages()[held, 0].max())
+
+    def _pages(self) -> np.ndarray:
+        """The image through a read-only mapping, as (max_pfn, PAGE_SIZE)."""
         if self._image_map is None:
             self._image_map = mmap.mmap(self._image_fd, self.max_pfn * PAGE_SIZE, prot=mmap.PROT_READ)
-        pages = np.frombuffer(self._image_map, dtype=np.uint8).reshape(self.max_pfn, PAGE_SIZE)
-        return pages[pfns]
+        return np.frombuffer(self._image_map, dtype=np.uint8).reshape(self.max_pfn, PAGE_SIZE)
 
     def pages_held(self) -> int:
         self._check_open()

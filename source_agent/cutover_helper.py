@@ -64,7 +64,6 @@ from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 from source_agent.memory import MemorySourceError, open_memory_source
 from source_agent.page_out import page_out
 
-CHUNK_PAGES = 1024  # 4 MiB: per-chunk work (numpy calls, a frame) is paid per chunk, not per page
 IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
 RB_POWER_OFF = 0x4321FEDC
 NBD_CLEAR_SOCK = 0xAB04  # _IO(0xab, 4), linux/nbd.h
@@ -941,7 +940,7 @@ class Helper:
     def _read_pages(self, count: int) -> memoryview:
         """The next `count` pages of the image, in a buffer reused by the next call."""
         if self.reader is None or self.reader.capacity < count:
-            self.reader = PageReader(self.snap, max(count, CHUNK_PAGES))
+            self.reader = PageReader(self.snap, max(count, W.CHUNK_PAGES))
         return self.reader.read(count)
 
     def _send(self, kind: bytes, *parts: bytes | bytearray | memoryview) -> None:
@@ -1023,8 +1022,8 @@ class Helper:
         self._send(W.HEADER, head, meta)
         spent["header"] = time.monotonic() - t_start
         # the image checksum covers the data pages through their hashes (image_wire): one pass
-        for first in range(0, header.image_pages, CHUNK_PAGES):
-            count = min(CHUNK_PAGES, header.image_pages - first)
+        for first in range(0, header.image_pages, W.CHUNK_PAGES):
+            count = min(W.CHUNK_PAGES, header.image_pages - first)
             t0 = time.monotonic()
             data = self._read_pages(count)
             t1 = time.monotonic()

@@ -19,6 +19,7 @@ import pytest
 from common.pagecodec import decode_batch, encode_batch
 from dest_agent.cutover import undecided
 from dest_agent.image_receiver import (
+    ChunkBuffers,
     ExpectedKernel,
     ImageReceiver,
     ReceiveError,
@@ -288,6 +289,35 @@ def test_the_image_file_is_prepared_from_a_guess_and_holds_the_exact_image_eithe
     result, *_, outcome = run_pair(tmp_path, image, store, feed)
     assert result == "powered-off"
     assert res_prepared_bytes(outcome) < len(image)
+    assert (tmp_path / "image.bin").read_bytes() == image
+
+
+def test_chunk_buffers_come_back_for_reuse_by_size() -> None:
+    pool = ChunkBuffers(keep=2)
+    first = pool.take(8192)
+    assert len(first) == 8192 and pool.take(8192) is not first  # nothing given back yet: a new one
+    pool.give(first)
+    assert pool.take(4096) is not first and pool.take(8192) is first  # by size
+    for _ in range(3):
+        pool.give(bytearray(16))
+    pool.give(b"not reusable")  # bytes are immutable: never handed out again
+    assert len({id(pool.take(16)) for _ in range(2)}) == 2 and len(pool._free[16]) == 0  # kept 2 of 3
+
+
+def test_reused_chunk_buffers_never_carry_a_page_into_the_next_image(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # every buffer V assembles into starts full of another image's bytes: each page must be overwritten
+    monkeypatch.setattr(ChunkBuffers, "stock", lambda self, size, count: [
+        self.give(bytearray(b"\xab" * size)) for _ in range(count)])
+    pfns = np.arange(10, 4500, dtype=np.uint64)  # five chunks of held, sent and by-hash pages
+    image, pfns, data = make_image(pfns, seed=5)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.6, moved=20)
+    feed = RecordingFeed()
+    result, *_, outcome = run_pair(tmp_path, image, store, feed)
+    assert result == "powered-off"
+    res = outcome["result"]
+    assert res.pages_by_hash == 20 and 0 < res.pages_sent < pfns.size
+    assert bytes(feed.data) == image
     assert (tmp_path / "image.bin").read_bytes() == image
 
 

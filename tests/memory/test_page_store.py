@@ -69,6 +69,23 @@ def test_gather_returns_pages_in_the_asked_order_and_sees_later_writes(tmp_path)
         store.gather(np.array([0]))
 
 
+def test_warm_maps_the_held_pages_and_gather_still_sees_later_writes(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    store = PageStore(tmp_path / "img", MAX_PFN)
+    store.warm()  # nothing held: nothing to map
+    pages = random_pages(rng, 3)
+    store.write(batch([5, 6, 4000], pages.tobytes()))
+    store.warm()
+    newer = random_pages(rng, 2)
+    store.write(batch([6, 7], newer.tobytes()))  # a held page rewritten and a hole filled, after warm
+    got = store.gather(np.array([5, 6, 7, 4000], dtype=np.uint64))
+    assert [bytes(p) for p in got] == [pages[0].tobytes(), newer[0].tobytes(), newer[1].tobytes(),
+                                        pages[2].tobytes()]
+    store.close()
+    with pytest.raises(PageStoreError, match="closed"):
+        store.warm()
+
+
 def test_zero_page_over_data_becomes_zero_and_sparse(tmp_path) -> None:
     rng = np.random.default_rng(1)
     with PageStore(tmp_path / "img", MAX_PFN) as store:
