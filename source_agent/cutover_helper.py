@@ -1171,7 +1171,7 @@ class Helper:
         now = [a for a in self.cfg.resume_actions if not a.get("late")]
         late = [a for a in self.cfg.resume_actions if a.get("late")]
         self.fig.resume_steps = resume.describe(self.resume_runner(now))
-        self._undo_settings()
+        t0 = time.monotonic()
         for step in (self.snap.free, self.snap.unfreeze):
             try:
                 step()
@@ -1179,6 +1179,11 @@ class Helper:
                 pass
         self.frozen = False
         self.fig.unfrozen_at = time.time()
+        t1 = time.monotonic()
+        # the cutover's settings go back once the OS runs: nothing before UNFREEZE needs them gone
+        self._undo_settings()
+        self.fig.resume_steps += [f"unfreeze: ok ({(t1 - t0) * 1000:.0f} ms)",
+                                  f"after unfreeze: undo-settings: ok ({(time.monotonic() - t1) * 1000:.0f} ms)"]
         if late:  # the OS runs again: outside the downtime
             self.fig.resume_steps += [f"after unfreeze: {d}" for d in resume.describe(self.resume_runner(late))]
         emit("resumed", self.fig)
