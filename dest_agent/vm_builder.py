@@ -270,9 +270,6 @@ def domain_xml(spec: WaitingVmSpec) -> str:
         f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'><name>{_text(spec.name)}</name><uuid>{_text(spec.uuid)}</uuid>"
         f"<memory unit='KiB'>{spec.memory_bytes // 1024}</memory>"
         f"<currentMemory unit='KiB'>{spec.memory_bytes // 1024}</currentMemory>"
-        # all of it allocated when QEMU starts: loading P's image and the restore's copy then write
-        # memory the host has given already, not page by page inside the downtime
-        # "<memoryBacking><allocation mode='immediate'/></memoryBacking>"
         f"<vcpu>{spec.vcpus}</vcpu>"
         f"<os><type arch='x86_64' machine={_q(spec.machine)}>hvm</type>"
         f"<kernel>{_text(spec.kernel)}</kernel><initrd>{_text(spec.initrd)}</initrd>"
