@@ -348,7 +348,9 @@ def decide(feed: Feed, held: Held) -> Held | None:
         pass
     try:
         log("FREEZE + ATOMIC_RESTORE")
+        t0 = time.monotonic()
         fcntl.ioctl(held.fd, SNAPSHOT_FREEZE)
+        log(f"frozen in {time.monotonic() - t0:.3f}s: ATOMIC_RESTORE")  # the VM's console keeps it
         fcntl.ioctl(held.fd, SNAPSHOT_ATOMIC_RESTORE)
         feed.send("ERR ATOMIC_RESTORE returned")  # only reached when the restore failed
     except OSError as exc:
