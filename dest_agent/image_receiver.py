@@ -259,6 +259,7 @@ def populate_page_cache(fd: int, size: int) -> None:
 
 
 SO_RCVBUFFORCE = 33
+TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)
 RECEIVE_BUFFER = 32 << 20
 
 
@@ -399,6 +400,9 @@ class ImageReceiver:
                 with conn:
                     conn.settimeout(self.io_timeout_s)
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    # V sends little on it (OK, ACK): a lost ACK may be resent at the same timeout, not a
+                    # doubling one, once the socket has left its initial slow start (see cutover.ack_route)
+                    conn.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
                     if not self._authenticate(conn, peer):
                         continue
                     self._conn = conn

@@ -15,6 +15,7 @@ import numpy as np
 
 from common import version
 from common.config import DestConfig
+from common.net_route import peer_ipv4
 from common.rpc import require_peer
 from p2v.v1 import common_pb2, destination_pb2, destination_pb2_grpc
 
@@ -434,7 +435,7 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
         if record.state not in (common_pb2.MIGRATION_STATE_ACTIVE, common_pb2.MIGRATION_STATE_CUTOVER):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"migration {record.id} is {common_pb2.MigrationState.Name(record.state)}")
-        return await self.cutover.announce(record)
+        return await self.cutover.announce(record, peer_ipv4(context.peer()))
 
     async def ResolveCutover(self, request: destination_pb2.ResolveRequest, context):
         await self._peer(context)

@@ -55,6 +55,7 @@ from common.hibernate_image import (
     parse_pfns,
     plan_dedup,
 )
+from common.net_route import HostRoute, add_host_route, attempt, delete_host_route, find_host_route
 from common.pagecodec import hash_page_views, new_checksum
 from common.procfs import stat_counters, status_kib
 from source_agent import peer_kick, resume, traffic_block
@@ -373,14 +374,7 @@ def _netlink(what: str, op: Callable[[Any], T], default: T) -> T:
     """`op(IPRoute)`, or `default` when it fails: every route, neighbour and link tweak of the
     cutover is an optimisation only, and its undoing must never stop an abort or a resume. Never
     raises. (pyroute2 is loaded by warm_up: nothing is read from disk while frozen.)"""
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            return op(ipr)
-    except Exception as exc:
-        print(f"cutover helper: {what}: {exc}", file=sys.stderr, flush=True)
-        return default
+    return attempt(what, op, default, lambda why: print(f"cutover helper: {why}", file=sys.stderr, flush=True))
 
 
 def egress_interface(host: str) -> str:
@@ -393,16 +387,7 @@ def egress_interface(host: str) -> str:
     return _netlink(f"no egress interface for {host}", lookup, "")
 
 
-RTAX_RTO_MIN = 13
-RT_TABLE_MAIN = 254
-
-
-@dataclass
-class StreamRoute:
-    dst: str
-    oif: int
-    gateway: str | None
-    prefsrc: str | None
+StreamRoute = HostRoute  # P's route to V for the cutover (common.net_route)
 
 
 def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None:
@@ -411,46 +396,20 @@ def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None
     nothing was added (V has a host route of its own, or the kernel refused). Before connecting to
     V. Netlink, not `ip`: in the VM its removal runs with everything frozen, and a program read
     from disk then could wait on P's stale disks (4.4 s in the rig)."""
-    def add(ipr: Any) -> StreamRoute | None:
-        got = ipr.route("get", dst=host)[0]
-        if _find_host_route(ipr, host) is not None:
-            return None  # not ours to replace
-        route = StreamRoute(host, got.get_attr("RTA_OIF"), got.get_attr("RTA_GATEWAY"), got.get_attr("RTA_PREFSRC"))
-        ipr.route("add", **_route_keys(route),  # the kernel heeds a locked rto_min only
-                  metrics={"initcwnd": initcwnd, "rto_min": rto_min_ms, "lock": 1 << RTAX_RTO_MIN})
-        return route
-
-    return _netlink(f"no cutover route to {host}", add, None)
-
-
-def _route_keys(route: StreamRoute) -> dict[str, Any]:
-    keys: dict[str, Any] = {"dst": route.dst, "dst_len": 32, "oif": route.oif, "table": RT_TABLE_MAIN}
-    if route.gateway:
-        keys["gateway"] = route.gateway
-    if route.prefsrc:
-        keys["prefsrc"] = route.prefsrc
-    return keys
+    return _netlink(f"no cutover route to {host}",
+                    lambda ipr: add_host_route(ipr, host, initcwnd=initcwnd, rto_min_ms=rto_min_ms), None)
 
 
 def host_route(host: str) -> StreamRoute | None:
     """The /32 route to `host` in the main table, if there is one (the agent's safety net: it was
     there before the hand-over, or the helper added it). Never raises."""
-    return _netlink(f"cannot read the routes to {host}", lambda ipr: _find_host_route(ipr, host), None)
-
-
-def _find_host_route(ipr: Any, host: str) -> StreamRoute | None:
-    for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-        if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
-            return StreamRoute(host, route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
-                               route.get_attr("RTA_PREFSRC"))
-    return None
+    return _netlink(f"cannot read the routes to {host}", lambda ipr: find_host_route(ipr, host), None)
 
 
 def narrow_route(route: StreamRoute | None) -> None:
     """Remove widen_route's route (P runs on, or in the VM). Never raises."""
     if route is not None:
-        _netlink(f"cannot remove the cutover route to {route.dst}", lambda ipr: ipr.route("del", **_route_keys(route)),
-                 None)
+        _netlink(f"cannot remove the cutover route to {route.dst}", lambda ipr: delete_host_route(ipr, route), None)
 
 
 NUD_STALE, NUD_PERMANENT = 0x04, 0x80
