@@ -6,7 +6,9 @@ Only addresses inside namespaces a test created are ever used.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,13 @@ from dataclasses import dataclass
 
 def can_use_netns() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def ss_rto_ms(ss: str) -> float:
+    """The retransmission timeout `ss -tin` shows for a connection (ms)."""
+    match = re.search(r"\brto:([\d.]+)", ss)
+    assert match, ss
+    return float(match.group(1))
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,6 +47,20 @@ class NetnsPair:
     def link(self, side: str, state: str) -> None:
         ns, ifname = (self.left, self.left_if) if side == "left" else (self.right, self.right_if)
         ip("-n", ns, "link", "set", ifname, state)
+
+    def run_json(self, code: str, server: str = "", timeout: float = 60.0) -> dict:
+        """Python `code` run on the left host, `server` (Python too) running on the right one meanwhile;
+        the JSON object `code` prints last. Asserts that `code` exited 0."""
+        peer = subprocess.Popen([*self.exec_prefix(self.right), sys.executable, "-c", server]) if server else None
+        try:
+            res = subprocess.run([*self.exec_prefix(self.left), sys.executable, "-c", code],
+                                 capture_output=True, text=True, timeout=timeout)
+        finally:
+            if peer is not None:
+                peer.kill()
+                peer.wait(10)
+        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _wait_bindable(ns: str, addr: str, timeout: float = 5.0) -> None:

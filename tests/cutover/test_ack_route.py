@@ -4,16 +4,11 @@ again. And the gRPC peer strings it is made from."""
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-import sys
-
 import pytest
 
 from common.net_route import peer_ipv4
 from tests.agents import REPO
-from tests.netns import can_use_netns, netns_pair
+from tests.netns import can_use_netns, netns_pair, ss_rto_ms
 
 SNIPPET = """
 import json, socket, subprocess, sys, time
@@ -48,34 +43,18 @@ def test_v_route_to_p_resends_after_50_ms_and_goes_again() -> None:
     if not can_use_netns():
         pytest.skip("needs root and iproute2 for network namespaces")
     with netns_pair("ackrt", subnet="10.78.13") as pair:
-        echo = subprocess.Popen(
-            [*pair.exec_prefix(pair.right), sys.executable, "-c",
-             "import socket\n"
-             f"s=socket.create_server(('{pair.right_ip}', 7302))\n"
-             "s.settimeout(30)\n"
-             "for _ in range(2):\n"
-             "    c,_=s.accept(); c.sendall(c.recv(1)); c.recv(1); c.close()\n"])
-        try:
-            code = SNIPPET.format(repo=str(REPO), ip=pair.right_ip, port=7302)
-            res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
-                                 capture_output=True, text=True, timeout=60)
-        finally:
-            echo.kill()
-            echo.wait(10)
-        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
-        out = json.loads(res.stdout.strip().splitlines()[-1])
+        echo = ("import socket\n"
+                f"s=socket.create_server(('{pair.right_ip}', 7302))\n"
+                "s.settimeout(30)\n"
+                "for _ in range(2):\n"
+                "    c,_=s.accept(); c.sendall(c.recv(1)); c.recv(1); c.close()\n")
+        out = pair.run_json(SNIPPET.format(repo=str(REPO), ip=pair.right_ip, port=7302), server=echo)
     assert out["none"], out
     assert "rto_min lock 50ms" in out["route"], out
-    assert _rto_ms(out["ss"]) < 100, out
+    assert ss_rto_ms(out["ss"]) < 100, out
     assert out["twice"], out
     assert out["after"] == "", out
-    assert _rto_ms(out["ss_after"]) >= 200, out
-
-
-def _rto_ms(ss: str) -> float:
-    match = re.search(r"\brto:([\d.]+)", ss)
-    assert match, ss
-    return float(match.group(1))
+    assert ss_rto_ms(out["ss_after"]) >= 200, out
 
 
 def test_only_an_ipv4_peer_gets_a_route() -> None:

@@ -4,10 +4,7 @@ on a veth in a network namespace. The e1000 case itself runs in the rig's whole-
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -137,11 +134,7 @@ def test_real_ioctls_take_a_veth_down_and_up() -> None:
     if not can_use_netns():
         pytest.skip("needs root and iproute2 for network namespaces")
     with netns_pair("cyc", subnet="10.78.11") as pair:
-        code = SNIPPET.format(repo=str(REPO), ifname=pair.left_if)
-        res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
-                             capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
-        out = json.loads(res.stdout.strip().splitlines()[-1])
+        out = pair.run_json(SNIPPET.format(repo=str(REPO), ifname=pair.left_if))
     assert out["flags_up"] and out["speed"] > 0, out
     assert out["down"] == [pair.left_if, "lo"], out  # lo: up in the namespace, taken down too
     assert "UP" not in out["after_down"], out

@@ -3,15 +3,10 @@ it starts with the route's congestion window and retransmission floor, and the r
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-import sys
-
 import pytest
 
 from tests.agents import REPO
-from tests.netns import can_use_netns, netns_pair
+from tests.netns import can_use_netns, netns_pair, ss_rto_ms
 
 pytestmark = pytest.mark.netns
 
@@ -47,32 +42,16 @@ def test_cutover_route_widens_the_window_and_goes_again() -> None:
     if not can_use_netns():
         pytest.skip("needs root and iproute2 for network namespaces")
     with netns_pair("route", subnet="10.78.12") as pair:
-        listener = subprocess.Popen(
-            [*pair.exec_prefix(pair.right), sys.executable, "-c",
-             "import socket,time\n"
-             f"s=socket.create_server(('{pair.right_ip}', 7301))\n"
-             "s.settimeout(30)\n"
-             "for _ in range(2):\n"
-             "    c,_=s.accept(); time.sleep(0.3); c.close()\n"])
-        try:
-            code = SNIPPET.format(repo=str(REPO), ip=pair.right_ip, port=7301)
-            res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
-                                 capture_output=True, text=True, timeout=60)
-        finally:
-            listener.kill()
-            listener.wait(10)
-        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
-        out = json.loads(res.stdout.strip().splitlines()[-1])
+        listener = ("import socket,time\n"
+                    f"s=socket.create_server(('{pair.right_ip}', 7301))\n"
+                    "s.settimeout(30)\n"
+                    "for _ in range(2):\n"
+                    "    c,_=s.accept(); time.sleep(0.3); c.close()\n")
+        out = pair.run_json(SNIPPET.format(repo=str(REPO), ip=pair.right_ip, port=7301), server=listener)
     assert out["before"] == "", out
     assert out["spec"] == [pair.right_ip, True, pair.left_ip], out
     assert "initcwnd 5000" in out["route"] and "rto_min" in out["route"], out
-    assert "cwnd:5000 " in out["ss"] and _rto_ms(out["ss"]) >= 1500, out
+    assert "cwnd:5000 " in out["ss"] and ss_rto_ms(out["ss"]) >= 1500, out
     assert out["twice"], out
     assert out["after"] == "", out
-    assert "cwnd:10 " in out["ss_after"] and _rto_ms(out["ss_after"]) < 1500, out
-
-
-def _rto_ms(ss: str) -> float:
-    match = re.search(r"\brto:([\d.]+)", ss)
-    assert match, ss
-    return float(match.group(1))
+    assert "cwnd:10 " in out["ss_after"] and ss_rto_ms(out["ss_after"]) < 1500, out
