@@ -1,13 +1,13 @@
 """What the cutover changes on P for the snapshot, and how P gets it back when the helper cannot.
 
 The cutover helper (cutover_helper) blocks P's traffic, takes its NIC down, holds the bond's timers,
-raises image_size, adds a host route to V and pins V's ARP entry, and the agent raises the request
-timeout of md's NBD legs; the helper puts all of it back itself whenever P runs on. If it dies
-without a word (killed, out of memory), the agent does (`restore_host_settings`, from what
-`read_host_settings` saw before the hand-over). If the agent dies too, the next agent does, at its
-start (`recover_interrupted_cutover`): before the hand-over the agent writes what it saw, and who
-the helper is, to `<state_dir>/cutover-pending.json`, and whoever ends the cutover (the helper, in P
-or in the VM, or the agent) removes it.
+raises image_size, shortens the per-CPU free page lists, adds a host route to V and pins V's ARP
+entry, and the agent raises the request timeout of md's NBD legs; the helper puts all of it back
+itself whenever P runs on. If it dies without a word (killed, out of memory), the agent does
+(`restore_host_settings`, from what `read_host_settings` saw before the hand-over). If the agent
+dies too, the next agent does, at its start (`recover_interrupted_cutover`): before the hand-over
+the agent writes what it saw, and who the helper is, to `<state_dir>/cutover-pending.json`, and
+whoever ends the cutover (the helper, in P or in the VM, or the agent) removes it.
 
 That file is not synced: a reboot undoes every one of these settings, so a file from another boot is
 only dropped (`recovery_verdict`, pure). Nothing is repaired past the point of no return: a helper
@@ -52,6 +52,10 @@ class HostSettings:
     v_route: bool = False  # a /32 route to V was there before (then it is not the helper's)
     v_pinned: bool = False  # V's neighbour entry was permanent before
     io_timeouts: dict[str, str] = field(default_factory=dict)  # md's NBD legs: the agent raises them
+    pcp_high_fraction: str = ""  # /proc/sys/vm/percpu_pagelist_high_fraction ("" = unknown)
+
+
+PCP_HIGH_FRACTION_PATH = "/proc/sys/vm/percpu_pagelist_high_fraction"
 
 
 def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str, str] | None = None,
@@ -70,7 +74,8 @@ def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str,
 
 
 def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
-                       image_size_path: str = "/sys/power/image_size", v_host: str = "") -> HostSettings:
+                       image_size_path: str = "/sys/power/image_size", v_host: str = "",
+                       pcp_path: str = PCP_HIGH_FRACTION_PATH) -> HostSettings:
     from source_agent.cutover_helper import bond_timers, host_route, pinned_neighbour
     from source_agent.link_cycle import IFF_UP, link_flags
 
@@ -82,17 +87,22 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
         except OSError:
             continue
     bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
-    try:
-        image_size = Path(image_size_path).read_text().strip()
-    except OSError:
-        image_size = ""
+    image_size, pcp = (_read_setting(path) for path in (image_size_path, pcp_path))
     return HostSettings(list(blocked), up, bonds, image_size, v_host,
                         v_route=bool(v_host) and host_route(v_host) is not None,
-                        v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None)
+                        v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None, pcp_high_fraction=pcp)
+
+
+def _read_setting(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
 
 
 def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
-                          image_size_path: str = "/sys/power/image_size", block_root: str = "/sys/block") -> list[str]:
+                          image_size_path: str = "/sys/power/image_size", block_root: str = "/sys/block",
+                          pcp_path: str = PCP_HIGH_FRACTION_PATH) -> list[str]:
     """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
     from source_agent import traffic_block
     from source_agent.cutover_helper import (
@@ -117,6 +127,8 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     done += [f"{name}'s timers" for name in saved.bonds]
     if saved.image_size:
         swap_sysctl(image_size_path, saved.image_size)
+    if saved.pcp_high_fraction:
+        swap_sysctl(pcp_path, saved.pcp_high_fraction)
     if saved.io_timeouts:
         set_io_timeouts(list(saved.io_timeouts), None, saved.io_timeouts, block_root)
         done.append(f"io_timeout of {', '.join(saved.io_timeouts)}")
@@ -234,7 +246,8 @@ async def recover_interrupted_cutover(
         state_dir: str | Path, after_repair: Callable[[PendingCutover], Awaitable[str]] | None = None, *,
         wait_s: float = HELPER_WAIT_S, poll_s: float = 1.0, boot_id: str | None = None, proc: str = "/proc",
         root: str = "/sys/class/net", image_size_path: str = "/sys/power/image_size",
-        block_root: str = "/sys/block", power_off: Callable[[], object] | None = None,
+        block_root: str = "/sys/block", pcp_path: str = PCP_HIGH_FRACTION_PATH,
+        power_off: Callable[[], object] | None = None,
         vm_runs: Callable[[PendingCutover], Awaitable[bool]] | None = None) -> list[str]:
     """At the agent's start: put P back after a cutover whose helper and agent both died, then
     `after_repair` (best effort: the agent marks its journal and tells V to drop its waiting VM).
@@ -278,7 +291,8 @@ async def recover_interrupted_cutover(
         waited = True
         await asyncio.sleep(poll_s)
     # in a thread: pyroute2 runs an event loop of its own
-    done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path, block_root)
+    done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path, block_root,
+                                   pcp_path)
     clear_pending(path)
     log.warning("interrupted cutover (agent and helper gone): P's settings put back: %s", ", ".join(done) or "nothing")
     done = [f"P's settings put back: {', '.join(done) or 'nothing to do'}"]

@@ -34,9 +34,10 @@ os.makedirs(f"{{root}}/{{nic}}", exist_ok=True)
 os.makedirs(f"{{root}}/bond9/bonding", exist_ok=True)
 for option, value in (("miimon", "100"), ("downdelay", "0")):
     open(f"{{root}}/bond9/bonding/{{option}}", "w").write(value + "\\n")
-size = f"{{root}}/image_size"
+size, pcp = f"{{root}}/image_size", f"{{root}}/percpu_pagelist_high_fraction"
 open(size, "w").write("412000000\\n")
-saved = hs.read_host_settings([nic, "bond9"], root=root, image_size_path=size, v_host=v_host)
+open(pcp, "w").write("0\\n")
+saved = hs.read_host_settings([nic, "bond9"], root=root, image_size_path=size, v_host=v_host, pcp_path=pcp)
 # what the helper does for the snapshot, then it dies
 route, pin = widen_route(v_host, 40, 200), pin_neighbour(v_host, uplink)
 subprocess.run(["tc", "qdisc", "add", "dev", nic, "clsact"], check=True)
@@ -44,6 +45,7 @@ set_admin_up(nic, False)
 open(f"{{root}}/bond9/bonding/miimon", "w").write("10\\n")
 open(f"{{root}}/bond9/bonding/downdelay", "w").write("10000\\n")
 open(size, "w").write("1007353856\\n")
+open(pcp, "w").write("100000\\n")
 {repair}
 qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", nic], capture_output=True, text=True).stdout
 flags = json.loads(subprocess.run(["ip", "-j", "link", "show", nic], capture_output=True, text=True).stdout)[0]["flags"]
@@ -53,12 +55,12 @@ print(json.dumps({{"helper_route": route is not None, "helper_pin": pin is not N
                   "saved_up": saved.admin_up, "bonds": saved.bonds, "done": done, "qdiscs": qdiscs, "flags": flags,
                   "miimon": open(f"{{root}}/bond9/bonding/miimon").read().strip(),
                   "downdelay": open(f"{{root}}/bond9/bonding/downdelay").read().strip(),
-                  "image_size": open(size).read().strip()}}))
+                  "image_size": open(size).read().strip(), "pcp": open(pcp).read().strip()}}))
 """
 
 
 #: the agent repairs P itself (its helper died)
-REPAIR_BY_AGENT = "done = hs.restore_host_settings(saved, root=root, image_size_path=size)"
+REPAIR_BY_AGENT = "done = hs.restore_host_settings(saved, root=root, image_size_path=size, pcp_path=pcp)"
 #: the agent died too: what it saw was written down before the hand-over, and a new agent process,
 #: started in the same boot, repairs P from that file alone
 REPAIR_BY_NEXT_AGENT = """
@@ -66,7 +68,7 @@ hs.write_pending(hs.pending_path(root + "/state"), hs.PendingCutover(saved, hs.c
 later = subprocess.run([sys.executable, "-c", "import asyncio, json, sys; sys.path.insert(0, " + repr({repo!r}) + "); "
                         "from source_agent import host_settings as hs; "
                         "print(json.dumps(asyncio.run(hs.recover_interrupted_cutover(sys.argv[1], root=sys.argv[2], "
-                        "image_size_path=sys.argv[3]))))", root + "/state", root, size],
+                        "image_size_path=sys.argv[3], pcp_path=sys.argv[4]))))", root + "/state", root, size, pcp],
                        capture_output=True, text=True, check=True)
 done = [d.strip() for d in json.loads(later.stdout)[0].split(":", 1)[1].split(",")]
 assert not os.path.exists(hs.pending_path(root + "/state"))
@@ -88,7 +90,7 @@ def test_agent_puts_p_settings_back_after_a_silent_helper(tmp_path, repair: str)
     assert out["saved_up"] == ["hsa0", pair.left_if], out  # bond9 is no interface here: only read as a bond
     assert out["bonds"] == {"bond9": {"miimon": "100", "downdelay": "0"}}, out
     assert "clsact" not in out["qdiscs"] and "UP" in out["flags"], out
-    assert (out["miimon"], out["downdelay"], out["image_size"]) == ("100", "0", "412000000"), out
+    assert (out["miimon"], out["downdelay"], out["image_size"], out["pcp"]) == ("100", "0", "412000000", "0"), out
     assert "block lifted on hsa0" in out["done"] and "hsa0 up" in out["done"], out
     # the helper's host route to V and its pinned ARP entry: gone, and only those
     assert out["helper_route"] and out["helper_pin"], out
@@ -107,8 +109,9 @@ nic, v_host = {ifname!r}, {v_host!r}
 subprocess.run(["ip", "route", "add", v_host + "/32", "dev", nic], check=True)  # the admin's own route
 subprocess.run(["ip", "neigh", "replace", v_host, "lladdr", "52:54:00:78:12:02", "dev", nic, "nud", "permanent"],
                check=True)
-saved = hs.read_host_settings([], root={root!r}, image_size_path={root!r} + "/none", v_host=v_host)
-done = hs.restore_host_settings(saved, root={root!r}, image_size_path={root!r} + "/none")
+saved = hs.read_host_settings([], root={root!r}, image_size_path={root!r} + "/none", v_host=v_host,
+                              pcp_path={root!r} + "/none")
+done = hs.restore_host_settings(saved, root={root!r}, image_size_path={root!r} + "/none", pcp_path={root!r} + "/none")
 print(json.dumps({{"done": done, "routes": subprocess.run(["ip", "route", "show", v_host], capture_output=True,
                                                         text=True).stdout,
                   "neigh": subprocess.run(["ip", "neigh", "show", v_host], capture_output=True, text=True).stdout}}))

@@ -49,6 +49,8 @@ class PlaybackSnapshot:
         self.calls: list[str] = []
         self.watch: Path | None = None
         self.image_size_seen = ""
+        self.watch_pcp: Path | None = None
+        self.pcp_seen = ""
 
     def freeze(self) -> None:
         self.calls.append("freeze")
@@ -57,6 +59,8 @@ class PlaybackSnapshot:
         self.calls.append("create_image")
         if self.watch is not None:  # what the kernel would see as /sys/power/image_size
             self.image_size_seen = self.watch.read_text().strip()
+        if self.watch_pcp is not None:  # ... and as /proc/sys/vm/percpu_pagelist_high_fraction
+            self.pcp_seen = self.watch_pcp.read_text().strip()
         if self.create_errno:
             raise OSError(self.create_errno, "Cannot allocate memory")
         return self.in_suspend
@@ -161,6 +165,13 @@ def image_size_file(tmp_path: Path) -> Path:
     return path
 
 
+def pcp_fraction_file(tmp_path: Path) -> Path:
+    path = tmp_path / "percpu_pagelist_high_fraction"
+    if not path.exists():
+        path.write_text("0\n")  # the kernel's default: its own sizing
+    return path
+
+
 def meminfo_file(tmp_path: Path) -> Path:
     path = tmp_path / "meminfo"
     path.write_text("MemTotal:        1000000 kB\nMemFree:          700000 kB\n")
@@ -173,12 +184,13 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                 pending_file: str = "", migration_id: str = "mig1",
                 agent_pid: int = 0, final_pass_source: str = "") -> tuple[Helper, RecordingBlock]:
     """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
-    snap.watch = image_size_file(tmp_path)
+    snap.watch, snap.watch_pcp = image_size_file(tmp_path), pcp_fraction_file(tmp_path)
     block = RecordingBlock()
     cfg = HelperConfig(migration_id=migration_id, endpoint=endpoint, token=token.hex(),
                        block_interfaces=["eth0", "p2vbond0"], rehearse=rehearse, ack_timeout_s=20,
                        drop_caches_path=str(tmp_path / "drop_caches"), compression=compression,
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       pcp_high_fraction_path=str(pcp_fraction_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
                        resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid,
                        final_pass_source=final_pass_source)
@@ -258,6 +270,7 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
     assert res.wire_bytes == helper.fig.wire_bytes  # header to END, both sides
     assert (tmp_path / "drop_caches").read_text() == "3\n"  # caches dropped (before the freeze: P ran)
     assert snap.image_size_seen == str(1000000 * 1024)  # all of RAM: no squeezing inside the downtime
+    assert snap.pcp_seen == "100000"  # short per-CPU free lists: the kernel preallocates no more than it copies
     compressed = res.source_timings["compressed_chunks"]  # P's figures reach V in the END frame
     assert res.source_timings["link_back"] >= 0  # the egress (lo here) was found and seen up
     if compression == "always":  # ZCHUNKs, decoded by V into the exact image (checked above)
@@ -563,6 +576,7 @@ def test_create_image_enomem_unfreezes(tmp_path: Path) -> None:
     assert "does not fit in free RAM" in outcome["error"]
     assert snap.image_size_seen == str(1000000 * 1024)
     assert image_size_file(tmp_path).read_text() == "412000000\n"  # P runs on with its own setting
+    assert snap.pcp_seen == "100000" and pcp_fraction_file(tmp_path).read_text() == "0\n"
 
 
 class BuggySnapshot(PlaybackSnapshot):
@@ -667,6 +681,7 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
                                        {"name": "lift-block"}],
                        drop_caches_path=str(tmp_path / "drop_caches"),
                        image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       pcp_high_fraction_path=str(pcp_fraction_file(tmp_path)),
                        stream_initcwnd=0)  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
     from source_agent import resume
 
