@@ -159,6 +159,10 @@ class Machine:
         argv = [
             "qemu-system-x86_64", "-name", f"{self.name},process={self.name}",
             "-accel", "tcg", "-machine", "pc", "-cpu", C.qemu_cpu_arg(), "-m", str(self.memory_mib),
+            # all of P's RAM backed by the host from the start, as a physical machine's is: else the
+            # first time P's kernel touches a page (CREATE_IMAGE's preallocation, say) costs a fault
+            # in the host that real hardware does not have
+            "-mem-prealloc",
             "-smp", str(self.smp), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-rtc", "base=utc", "-boot", "strict=on",
             "-kernel", str(self.build.kernel), "-initrd", str(self.build.initrd),
