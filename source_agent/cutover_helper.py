@@ -344,9 +344,9 @@ def _unacknowledged(sock: socket.socket) -> int:
 
 
 #: struct tcp_info (linux/tcp.h): name -> (offset, struct format) of the fields the stream reports
-TCP_INFO_FIELDS = {"rto_us": (8, "I"), "unacked": (24, "I"), "retrans": (36, "I"), "snd_cwnd": (80, "I"),
-                   "total_retrans": (100, "I"), "notsent_bytes": (144, "I"), "busy_us": (168, "Q"),
-                   "rwnd_limited_us": (176, "Q"), "sndbuf_limited_us": (184, "Q"), "snd_wnd": (228, "I")}
+TCP_INFO_FIELDS = {"unacked": (24, "I"), "snd_cwnd": (80, "I"), "total_retrans": (100, "I"),
+                   "notsent_bytes": (144, "I"), "busy_us": (168, "Q"), "rwnd_limited_us": (176, "Q"),
+                   "sndbuf_limited_us": (184, "Q"), "snd_wnd": (228, "I")}
 
 
 def tcp_figures(sock: socket.socket) -> dict[str, int]:
@@ -395,10 +395,7 @@ def egress_interface(host: str) -> str:
     return _netlink(f"no egress interface for {host}", lookup, "")
 
 
-StreamRoute = HostRoute  # P's route to V for the cutover (common.net_route)
-
-
-def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None:
+def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> HostRoute | None:
     """A host route to V with the same path as the kernel's, whose connections start (and restart
     after idling) with `initcwnd` segments and never retransmit before `rto_min_ms`. None when
     nothing was added (V has a host route of its own, or the kernel refused). Before connecting to
@@ -408,13 +405,13 @@ def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> StreamRoute | None
                     lambda ipr: add_host_route(ipr, host, initcwnd=initcwnd, rto_min_ms=rto_min_ms), None)
 
 
-def host_route(host: str) -> StreamRoute | None:
+def host_route(host: str) -> HostRoute | None:
     """The /32 route to `host` in the main table, if there is one (the agent's safety net: it was
     there before the hand-over, or the helper added it). Never raises."""
     return _netlink(f"cannot read the routes to {host}", lambda ipr: find_host_route(ipr, host), None)
 
 
-def narrow_route(route: StreamRoute | None) -> None:
+def narrow_route(route: HostRoute | None) -> None:
     """Remove widen_route's route (P runs on, or in the VM). Never raises."""
     if route is not None:
         _netlink(f"cannot remove the cutover route to {route.dst}", lambda ipr: delete_host_route(ipr, route), None)
@@ -690,7 +687,7 @@ class Helper:
         self.major_faults_at_freeze = 0
         self.saved_image_size = ""
         self.saved_pcp_fraction = ""
-        self.stream_route: StreamRoute | None = None
+        self.stream_route: HostRoute | None = None
         self.egress = ""  # the interface the image stream leaves by ("" = unknown: no link gate)
         self.pinned: PinnedNeighbour | None = None
         self.reader: PageReader | None = None
@@ -1038,7 +1035,7 @@ class Helper:
                       if k in tcp_at_start})
         spent.update({f"tcp_{k}": tcp_now[k] for k in ("snd_cwnd", "unacked", "notsent_bytes", "total_retrans")
                       if k in tcp_now})
-        spent.update({f"tcp_{k}": (tcp_now[k] - tcp_at_start.get(k, 0)) / 1e6
+        spent.update({f"tcp_{k.removesuffix('_us')}_s": (tcp_now[k] - tcp_at_start.get(k, 0)) / 1e6
                       for k in ("busy_us", "rwnd_limited_us", "sndbuf_limited_us") if k in tcp_now})
         spent.update(stream_cpu(cpu_at_start, stat_counters(), self_at_start, resource.getrusage(resource.RUSAGE_SELF)))
         # pages this process read from disk while P was frozen (what page_out took that it needed)

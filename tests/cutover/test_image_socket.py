@@ -290,6 +290,7 @@ def test_the_image_file_is_prepared_from_a_guess_and_holds_the_exact_image_eithe
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        os.ftruncate(fd, 64 * 4096)
         populate_page_cache(fd, 64 * 4096)
         assert os.fstat(fd).st_size == 64 * 4096 and os.fstat(fd).st_blocks == 0  # nothing written
     finally:
