@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import commit_gate
 from common.atomicfile import write_json_atomic
 from common.config import DestConfig
 from common.net_route import HostRoute, add_host_route, attempt, delete_host_route
@@ -175,6 +176,24 @@ def add_figures(path: Path, key: str, figures: dict) -> None:
         log.warning("cannot record %s figures in %s: %s", key, path, exc)
 
 
+def ack_mark_of(path: Path) -> dict:
+    """The ACK mark (image_receiver) as a dict: {} when absent or unreadable."""
+    try:
+        mark = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
+def gate_of(mark: dict) -> bytes | None:
+    """The commit gate's record an ACK mark keeps (P's resume waits for it), None = no gate. Pure."""
+    try:
+        record = bytes.fromhex(str(mark["gate"]))
+    except (KeyError, ValueError):
+        return None
+    return record if len(record) == commit_gate.RECORD_BYTES else None
+
+
 def receipt_says_committed(path: Path) -> bool:
     """An attempt's figures (cutover.json) saying P committed or the VM resumed: what a run of V's
     agent from before the GO mark left of a migration whose VM is P."""
@@ -267,7 +286,8 @@ class CutoverDesk:
             endpoint=f"{host}:{port}", token=token, ready=True, feed_mac=self.config.vm.feed_vm_mac,
             feed_pci_address=st.vm.feed_pci_address,
             vm_nic_pci_addresses=[address(s) for s in layout.nics] if layout else [],
-            vm_disk_pci_addresses=[address(s) for s in layout.disks] if layout else [])
+            vm_disk_pci_addresses=[address(s) for s in layout.disks] if layout else [],
+            commit_gate_address=st.vm.feed.commit_gate_address)
 
     async def _receive(self, record: MigrationRecord, st: CutoverState, receiver) -> None:
         try:
@@ -447,13 +467,22 @@ class CutoverDesk:
                             extra={"migration": record.id, "vm": vm.name})
 
     def _adopt(self, record: MigrationRecord, vm: AdoptedVm) -> str:
-        """ADOPTED (it held the acknowledged image: undecided again), EMPTY (it answered, holding nothing
-        or an image never acknowledged, now discarded) or SILENT."""
+        """ADOPTED (it held the acknowledged image, or restored it ahead of P's COMMIT: undecided
+        again), EMPTY (it answered, holding nothing or an image never acknowledged, now discarded)
+        or SILENT."""
+        mark = ack_mark_of(record.ack_mark_path)
+        gate = gate_of(mark)
         try:
             facts = vm.feed.connect()
         except (OSError, FeedError, ValueError) as exc:
             log.info("the waiting VM's feed does not answer (%s)", exc, extra={"migration": record.id})
-            return SILENT
+            if gate is None:
+                return SILENT
+            # that run restored the image ahead of P's COMMIT (commit gate): P's OS waits in the VM for
+            # V's record, which only P's word may release (or, P running on, the VM goes)
+            vm.feed.gate(gate)
+            vm.feed.restoring = True
+            return self._held(record, vm, int(mark.get("pages", 0)), mark.get("figures"), restored=True)
         if not facts.get("holding"):
             vm.feed.close()
             return EMPTY
@@ -470,19 +499,23 @@ class CutoverDesk:
             log.warning("the waiting VM held an image V never acknowledged: discarded",
                         extra={"migration": record.id, "pages": pages})
             return EMPTY
-        try:
-            figures = json.loads(record.ack_mark_path.read_text()).get("figures")
-        except (OSError, ValueError, AttributeError):
-            figures = None  # figures only: the image is adopted all the same
+        if gate is not None:
+            vm.feed.gate(gate)  # P's resume will wait for the record after the restore
+        return self._held(record, vm, pages, mark.get("figures"), restored=False)
+
+    def _held(self, record: MigrationRecord, vm: AdoptedVm, pages: int, figures: object, restored: bool) -> str:
         st = self.state(record.id)
-        st.vm, st.receiver = vm, HeldImage(record.id, vm.feed, pages, record.go_mark_path, figures)
+        st.vm = vm
+        st.receiver = HeldImage(record.id, vm.feed, pages, record.go_mark_path,
+                                figures if isinstance(figures, dict) else None)
         st.result = st.receiver.result
+        where = ("P's OS, restored in the VM ahead of P's COMMIT, waits at the commit gate" if restored
+                 else "the waiting VM still holds it")
         record.set_state(common_pb2.MIGRATION_STATE_FAILED,
-                         f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; the waiting VM "
-                         "still holds it until P's agent resolves the cutover (p2vctl resolve ID --p-is-off "
-                         "if P is off)")
-        log.critical("the waiting VM still holds P's acknowledged image: undecided until P's agent (or "
-                     "`p2vctl resolve`) says whether P is off", extra={"migration": record.id, "pages": pages})
+                         f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; {where} "
+                         "until P's agent resolves the cutover (p2vctl resolve ID --p-is-off if P is off)")
+        log.critical("P's acknowledged image is undecided until P's agent (or `p2vctl resolve`) says whether "
+                     "P is off", extra={"migration": record.id, "pages": pages, "restored_ahead": restored})
         return ADOPTED
 
     # -- after the move --------------------------------------------------------------------------

@@ -6,6 +6,8 @@ goes (the VM writes it into /dev/snapshot, whose kernel checks header and PFN li
 keeps a copy on disk, and compares P's checksum of the image with its own over the assembled bytes.
 Only when the image is byte-identical, loaded in the VM and durable does V send ACK. The VM is told
 GO only after P's COMMIT (P will power off and never unfreeze): there are never two live copies.
+With the commit gate (P's hello says "gate", common/commit_gate.py) the VM restores right after the
+ACK instead, and P's resumed OS waits, off the network, for V's record of that COMMIT in the ring.
 
 Authentication: a one-time token (from the Cutover RPC, over mutual TLS) is the first thing on the
 socket; a wrong token gets NACK and changes nothing; the right one is consumed by its first use.
@@ -31,7 +33,7 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
-from common import faults
+from common import commit_gate, faults
 from common import image_wire as W
 from common.atomicfile import write_json_atomic
 from common.hibernate_image import PAGE_SIZE, ImageFormatError, parse_header, parse_pfns
@@ -63,6 +65,11 @@ class VmFeed(Protocol):
     def finish(self) -> int: ...  # the VM holds the whole image loaded: returns its page count
 
     def go(self) -> None: ...  # the VM restores P's image (never called before P's COMMIT)
+
+    # the commit gate (common/commit_gate.py): P's resume waits until go() writes `record`
+    def gate(self, record: bytes) -> None: ...
+
+    def restore_ahead(self) -> None: ...  # after the ACK, with a gate: the VM restores now
 
     def abort(self, reason: str) -> None: ...  # the VM discards the image
 
@@ -150,6 +157,12 @@ class BackgroundFeed:
     def go(self) -> None:
         self.inner.go()
 
+    def gate(self, record: bytes) -> None:
+        self.inner.gate(record)
+
+    def restore_ahead(self) -> None:
+        self.inner.restore_ahead()
+
     def abort(self, reason: str) -> None:
         self.error = self.error or RuntimeError("aborted")  # the thread drops what is still queued
         self.inner.abort(reason)  # first: closing the feed ends a write the thread is blocked in
@@ -178,6 +191,8 @@ class ReceiveResult:
     acked_at: float = 0.0
     committed_at: float = 0.0
     go_at: float = 0.0
+    #: the VM restored the image at the ACK, P's resume waiting at the commit gate (0.0 = it did not)
+    restored_ahead_at: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
     source_timings: dict[str, float] = field(default_factory=dict)
     #: where V's receiving thread spent the image's time (seconds): waiting for P's bytes, and each
@@ -330,6 +345,7 @@ class ImageReceiver:
         self.migration_id = migration_id
         self.go_mark, self.ack_mark = go_mark, ack_mark
         self._token: bytes | None = token
+        self.gate_record: bytes | None = None  # P's resume waits at the commit gate (hello's "gate")
         self.store = store
         self.feed = feed
         self._buffers = ChunkBuffers()
@@ -435,6 +451,9 @@ class ImageReceiver:
             log.warning("image socket: wrong token or migration from %s", peer)
             self._nack(conn, "wrong token or migration id")
             return False
+        if hello.get("gate") is True:  # P's resume waits for V's record of its COMMIT (common/commit_gate.py)
+            self.gate_record = commit_gate.commit_record(self._token, self.migration_id)
+            self.feed.gate(self.gate_record)
         self._token = None  # one-time: consumed by its first use
         if self.expected_kernel is not None and (
                 hello.get("release") != self.expected_kernel.release
@@ -524,7 +543,8 @@ class ImageReceiver:
                 raise ReceiveError(reason) from None
             if self.ack_mark is not None:  # before the ACK: a VM found holding an image without it was never acked
                 write_json_atomic(self.ack_mark, {"migration": self.migration_id, "pages": header.pages,
-                                                  "figures": {k: getattr(res, k) for k in ACK_FIGURES}})
+                                                  "figures": {k: getattr(res, k) for k in ACK_FIGURES},
+                                                  **({"gate": self.gate_record.hex()} if self.gate_record else {})})
             try:
                 W.send_frame(conn, W.ACK, json.dumps({"pages": header.pages, "loaded": loaded}).encode())
             except OSError as exc:  # not all of it went: P never reads a whole ACK, so it runs on
@@ -535,6 +555,8 @@ class ImageReceiver:
             res.acked, res.acked_at = True, time.time()
             log.info("image acknowledged", extra={"migration": self.migration_id, "pages": header.pages})
             fault_point("after-ack")  # P's COMMIT finds V's agent gone: the waiting VM keeps the image
+            if self.gate_record is not None:
+                self._restore_ahead()
             self._await_commit(conn)
             return res
         finally:
@@ -566,6 +588,17 @@ class ImageReceiver:
         thread = threading.Thread(target=populate, name="image-file", daemon=True)
         thread.start()
         return thread
+
+    def _restore_ahead(self) -> None:
+        """The VM restores the image now, while P's COMMIT is on its way (P's NIC may not hear the
+        ACK at once): P's resumed OS waits at the commit gate, off the network, until commit()."""
+        try:
+            self.feed.restore_ahead()
+        except (OSError, RuntimeError) as exc:  # GO went or not: commit() sends it again if it did not
+            log.warning("the VM did not confirm restoring ahead of P's COMMIT: %s", exc,
+                        extra={"migration": self.migration_id})
+            return
+        self.result.restored_ahead_at = time.time()
 
     def _await_commit(self, conn: socket.socket) -> None:
         res = self.result

@@ -87,19 +87,48 @@ class Ring:
     """The feed's shared memory, mapped: `pages` are its page-sized views, made once at start (made
     while the image comes they would cost a Python object per page on an emulated CPU)."""
 
-    def __init__(self, address: str, memory: mmap.mmap | bytearray) -> None:
+    def __init__(self, address: str, memory: mmap.mmap | bytearray, physical: int = 0,
+                 devmem: bool = False) -> None:
         self.address = address
         self.memory = memory
+        self.physical, self.devmem = physical, devmem
         self.size = len(memory) // PAGE * PAGE
         view = memoryview(memory)
         self.pages = [view[i:i + PAGE] for i in range(0, self.size, PAGE)]
 
     def facts(self) -> dict:
-        return {"pci": self.address, "bytes": self.size}
+        """"phys" and "devmem": where the resumed OS finds the ring for the commit gate (P's kernel,
+        this same build, will not know the device: it reads the ring through /dev/mem)."""
+        return {"pci": self.address, "bytes": self.size, "phys": self.physical, "devmem": self.devmem}
 
 
-def find_ring(root: str = "/sys/bus/pci/devices") -> Ring | None:
-    """The ivshmem-plain device's BAR 2 mapped read-only, or None (then the image comes over TCP)."""
+def bar_address(device: str, bar: int = 2) -> int:
+    """The physical address of a PCI function's BAR (sysfs `resource`: one "start end flags" line each)."""
+    with open(f"{device}/resource") as f:
+        lines = f.read().splitlines()
+    return int(lines[bar].split()[0], 16)
+
+
+def devmem_reads(physical: int, expected: bytes, path: str = "/dev/mem") -> bool:
+    """Whether /dev/mem maps the page at `physical` and shows `expected` there (the commit gate's
+    way to the ring after the restore: this kernel's build decides whether /dev/mem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_SYNC)
+        try:
+            memory = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=physical)
+        finally:
+            os.close(fd)
+        try:
+            return memory[:len(expected)] == expected
+        finally:
+            memory.close()
+    except (OSError, ValueError):
+        return False
+
+
+def find_ring(root: str = "/sys/bus/pci/devices", memory_path: str = "/dev/mem") -> Ring | None:
+    """The ivshmem-plain device's BAR 2 mapped read-only, or None (then the image comes over TCP);
+    `memory_path`: where devmem_reads looks for it by its physical address (a file in tests)."""
     try:
         names = sorted(os.listdir(root))
     except OSError:
@@ -118,7 +147,8 @@ def find_ring(root: str = "/sys/bus/pci/devices") -> Ring | None:
                 memory = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
                 os.close(fd)
-            return Ring(name, memory)
+            physical = bar_address(dev)
+            return Ring(name, memory, physical, devmem_reads(physical, bytes(memory[:64]), memory_path))
         except (OSError, ValueError) as exc:
             log(f"feed ring at {name} unusable ({exc}): the image comes over the network")
     return None

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import commit_gate
 from common.atomicfile import read_json, write_json_atomic
 from common.config import DestVmConfig
 from common.preflight import installed_ram_bytes, memmap_difference
@@ -95,12 +96,16 @@ class FeedClient:
         self.ring_path = ring_path
         self.ring: FeedRing | None = None
         self.head = self.announced = self.freed = 0  # image bytes put in the ring, said (DATA), free again
+        #: P's resume waits at the commit gate for this record (common/commit_gate.py); None = no gate
+        self.gate_record: bytes | None = None
+        self.restoring = False  # GO went to the restore program: the VM is not a waiting VM any more
 
     def connect(self, connect_timeout_s: float = 2.0) -> dict:
         sock = socket.create_connection((self.host, self.port), timeout=connect_timeout_s)
         sock.settimeout(self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.buf = sock, b""
+        self.gate_record, self.restoring = None, False  # a restore program: nothing restored
         line = self._line()
         if not line.startswith("P2VFEED1 "):
             self.close()
@@ -148,6 +153,16 @@ class FeedClient:
     def through_ring(self) -> bool:
         return self.ring is not None
 
+    @property
+    def commit_gate_address(self) -> int:
+        """Where P's resumed OS can read the ring (the restore program checked /dev/mem in this
+        kernel build), 0 = no commit gate: V then restores only after P's COMMIT."""
+        ring = self.facts.get("ring")
+        if self.ring is None or not isinstance(ring, dict) or ring.get("devmem") is not True:
+            return 0
+        address = ring.get("phys")
+        return address if isinstance(address, int) and address > 0 and address % mmap.PAGESIZE == 0 else 0
+
     # VmFeed
     def begin(self, size: int) -> None:
         self.head = self.announced = self.freed = 0
@@ -193,13 +208,44 @@ class FeedClient:
             raise FeedError(f"waiting VM: {line[:500]}")
         return int(line.split()[1])
 
-    def go(self) -> None:
+    def gate(self, record: bytes) -> None:
+        """P's resume waits at the commit gate: go() must write `record` into the ring."""
+        self.gate_record = record
+
+    def restore_ahead(self) -> None:
+        """GO before P's COMMIT (only with a gate): the VM restores P's image now and its resumed OS
+        waits at the gate, off the network, until go() writes the record."""
+        if self.gate_record is None:
+            raise FeedError("no commit gate: the VM may restore only after P's COMMIT")
+        self._restore()
+
+    def _restore(self) -> None:
+        self.restoring = True  # from the GO on: the restore program may be gone whatever it answers
         self._send(b"GO\n")
-        if self.ring_path is not None:  # read no more (QEMU keeps its mapping, the VM becomes P)
-            self.ring_path.unlink(missing_ok=True)
         line = self._line()
         if line != "RESTORING":
             raise FeedError(f"waiting VM did not restore: {line[:500]}")
+
+    def go(self) -> None:
+        """P committed: the VM restores P (or, restored ahead, passes the commit gate)."""
+        if not self.restoring:
+            try:
+                self._restore()
+            finally:
+                self._release_gate()
+            return
+        self._release_gate()
+
+    def _release_gate(self) -> None:
+        if self.gate_record is not None:
+            if self.ring is not None:
+                commit_gate.write_record(self.ring.memory, self.gate_record)
+            elif self.ring_path is not None:
+                commit_gate.write_record_to_file(self.ring_path, self.gate_record)
+            else:
+                raise FeedError("P's resume waits at the commit gate and V has no ring to release it")
+        if self.ring_path is not None:  # read no more (QEMU keeps its mapping, the VM becomes P)
+            self.ring_path.unlink(missing_ok=True)
 
     def held(self) -> int:
         """After connect(): ask the VM again for the image it kept loaded when an earlier run of V's
@@ -225,7 +271,10 @@ class FeedClient:
                 pass
             self.sock = None
         if self.ring is not None:
-            self.ring.close()
+            if self.restoring and self.gate_record is not None:
+                self.ring.memory.close()  # its record may be what the resumed OS waits for: kept
+            else:
+                self.ring.close()
             self.ring = None
 
 
@@ -441,10 +490,28 @@ class WaitingVm:
                              ack_mark=ack_mark)
 
     def rearm(self) -> None:
-        """After an aborted cutover: the restore program waits for the next image; reconnect."""
+        """After an aborted cutover: the restore program waits for the next image; reconnect. A VM
+        that restored ahead (commit gate) holds P's OS, stopped at the gate, and P runs on: it is
+        never released; a new waiting VM replaces it (in the background: a boot takes a while)."""
+        restored = self.feed.restoring
         self.feed.close()
         self.feed.facts = {}
-        self.connect_feed_in_background()
+        if not restored:
+            self.connect_feed_in_background()
+            return
+        log.warning("the waiting VM had restored P's image ahead of P's COMMIT, and P runs on: a new "
+                    "waiting VM replaces it", extra={"vm": self.name})
+        self.started = False
+        self._feed_thread = threading.Thread(target=self._restart, name=f"restart-{self.name}", daemon=True)
+        self._feed_thread.start()
+
+    def _restart(self) -> None:
+        try:
+            self.start()  # destroys the domain of the same name first
+        except Exception as exc:  # readiness says why: the next Cutover is refused with it
+            with self._lock:
+                self.error = f"rebuilding the waiting VM failed: {exc}"
+            log.error("waiting VM: %s", self.error)
 
     def destroy(self) -> None:
         """Before the point of no return only: the domain goes, and so does its local disk (nothing

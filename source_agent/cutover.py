@@ -146,9 +146,18 @@ def _live(entries: list, kind: str) -> list:
     return [e for e in entries if e.kind == kind and e.state in ("done", "pending")]
 
 
+def commit_gate_args(address: int, token: bytes, migration_id: str, rehearse: bool) -> dict | None:
+    """The resume's commit gate (common/commit_gate.py) when V offers one: V then restores the image
+    at its ACK, before P's COMMIT. Not for a rehearsal (P aborts after the ACK: the VM must still
+    hold the image, unrestored). Pure."""
+    if rehearse or address <= 0 or address % 4096:
+        return None
+    return {"address": address, "token": token.hex(), "migration_id": migration_id}
+
+
 def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
              feed_address: str = "", vm_nics: list[str] | None = None,
-             vm_disks: list[str] | None = None) -> list[resume.ResumeAction]:
+             vm_disks: list[str] | None = None, commit_gate: dict | None = None) -> list[resume.ResumeAction]:
     """Resume steps from P's inventory and p2v's redundancy journal entries. Pure.
 
     NIC: bonded by p2v -> the virtual NIC joins that bond; otherwise it takes over the NIC's IPv4
@@ -191,7 +200,8 @@ def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: li
             parent = by_name.get(disk.parent) if disk and disk.parent else disk
             if parent is not None and parent.pci_address:
                 md_legs.append((md, member))
-    return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips, feed_address, vm_nics, vm_disks)
+    return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips, feed_address, vm_nics, vm_disks,
+                              commit_gate)
 
 
 def load_journal_entries(state_dir: str) -> tuple[object | None, list]:
@@ -442,7 +452,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
     actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
-                       list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses))
+                       list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses),
+                       commit_gate_args(reply.commit_gate_address, reply.token, remote_id, rehearse))
     legs = nbd_legs(entries)
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)

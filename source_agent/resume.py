@@ -15,6 +15,9 @@ the VM now: the only way is forward).
     prune-stale-pci   remove every PCI function whose config space reads all-ones (device gone);
                       late: after UNFREEZE (plan_resume says why)
     remove-feed-nic   the restore program's NIC is not P's: remove its PCI function
+    await-commit      the commit gate (common/commit_gate.py): V restored the image before P's COMMIT
+                      reached it; wait here, before any step that puts a frame on the network, for V's
+                      record of that COMMIT in the feed's shared memory. No timeout: P may be off
     adopt-nic         bond: enslave the virtual NIC (found by MAC); no bond: move the addresses and
                       routes the physical NIC had onto the virtual NIC
     lift-block        remove the traffic block
@@ -32,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import socket
 import struct
 import time
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import commit_gate
 from source_agent.discovery import hw_info
 
 log = logging.getLogger(__name__)
@@ -74,12 +79,13 @@ class NicFacts:
 
 def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: list[str], feed_mac: str,
                 announce_ips: list[tuple[str, str]], feed_address: str = "", vm_nics: list[str] | None = None,
-                vm_disks: list[str] | None = None) -> list[ResumeAction]:
+                vm_disks: list[str] | None = None, commit_gate: dict[str, Any] | None = None) -> list[ResumeAction]:
     """The resume steps, in order. Pure.
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
     announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce;
-    vm_nics / vm_disks: the VM's PCI functions (V's layout; without them: one rescan of all)."""
+    vm_nics / vm_disks: the VM's PCI functions (V's layout; without them: one rescan of all);
+    commit_gate: await_commit's arguments when V restores before P's COMMIT (None: V waits for it)."""
     # probe before pruning: the VM's NICs register while P's vanished ones still hold their names,
     # so no virtual NIC takes a physical NIC's name (cancellation tells them apart by name)
     if vm_nics:
@@ -90,6 +96,8 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     if feed_mac:  # (when rescan already removed it unprobed, this only checks it is gone)
         actions.append(ResumeAction("remove-feed-nic", {"mac": feed_mac, **({"address": feed_address}
                                                                             if feed_address else {})}))
+    if commit_gate:  # before the first step that may send: until P committed, P may still run
+        actions.append(ResumeAction("await-commit", dict(commit_gate)))
     for nic in nics:
         actions.append(ResumeAction("adopt-nic", asdict(nic)))
     actions.append(ResumeAction("lift-block", {"interfaces": list(blocked)}))
@@ -354,6 +362,30 @@ def announce(ip: str, interface: str = "", count: int = 3) -> str:
     return f"{count} gratuitous ARP for {ip} from {interface} ({mac})"
 
 
+def await_commit(address: int, token: str, migration_id: str, memory_path: str = "/dev/mem",
+                 retry_s: float = 1.0) -> str:
+    """The commit gate (common/commit_gate.py): returns once V's record of P's COMMIT is in the ring.
+    Never gives up, not even when the ring cannot be mapped (V checked /dev/mem in the restore
+    kernel, the same build): going on without P's word could make two live copies of the OS."""
+    if address < 0 or address % commit_gate.mmap.PAGESIZE:
+        raise ValueError(f"the ring's address {address:#x} is not a page's")
+    t0, faults = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    record = commit_gate.commit_record(bytes.fromhex(token), migration_id)  # only now: not in the image
+    while True:
+        try:
+            memory = commit_gate.map_physical(address, memory_path)
+            break
+        except OSError as exc:
+            log.error("the commit gate cannot map the ring at %#x (%s); retrying", address, exc)
+            time.sleep(retry_s)
+    try:
+        commit_gate.await_record(memory, record)
+    finally:
+        memory.close()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults  # pages read back from disk
+    return f"V's record of P's COMMIT after {(time.monotonic() - t0) * 1000:.0f} ms ({faults} major faults)"
+
+
 def kick_peers(quotes: list[str]) -> str:
     """Cut the peers' retransmission backoff short (source_agent/peer_kick.py)."""
     from source_agent import peer_kick
@@ -365,7 +397,8 @@ def kick_peers(quotes: list[str]) -> str:
 ACTIONS: dict[str, Callable[..., str]] = {
     "fail-md-leg": fail_md_leg, "prune-stale-pci": prune_stale_pci, "rescan-pci": rescan_pci,
     "enable-slots": enable_slots,
-    "remove-feed-nic": remove_feed_nic, "adopt-nic": adopt_nic, "lift-block": lift_block,
+    "remove-feed-nic": remove_feed_nic, "await-commit": await_commit, "adopt-nic": adopt_nic,
+    "lift-block": lift_block,
     "announce": announce, "kick-peers": kick_peers,
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import commit_gate
 from common.pagecodec import decode_batch, encode_batch
 from dest_agent.cutover import undecided
 from dest_agent.image_receiver import (
@@ -131,6 +132,15 @@ class RecordingFeed:
 
     def abort(self, reason: str) -> None:
         self.events.append("abort")
+
+    gate_record: bytes | None = None
+
+    def gate(self, record: bytes) -> None:
+        self.gate_record = record
+        self.events.append("gate")
+
+    def restore_ahead(self) -> None:
+        self.events.append("restore-ahead")
 
 
 UNAME = type("U", (), {"release": "6.1.0-56-amd64", "version": "#1 SMP Debian 6.1.158-1"})()
@@ -626,6 +636,32 @@ def test_ack_without_commit_never_starts_the_vm(tmp_path: Path, capfd: pytest.Ca
     # P's ABORT after the ACK is P's word that it runs on: V may drop its VM (not "undecided")
     got = outcome["receiver"].result
     assert got.acked and not got.committed and got.aborted_after_ack and not undecided(got)
+
+
+GATE_ACTION = {"name": "await-commit", "args": {"address": 1 << 20, "token": TOKEN.hex(), "migration_id": "mig1"}}
+
+
+@pytest.mark.parametrize("rehearse", [False, True])
+def test_a_gated_resume_lets_v_restore_at_its_ack(tmp_path: Path, rehearse: bool) -> None:
+    """P's resume waits at the commit gate: V has the VM restore right after its ACK and releases the
+    gate (go) only at P's COMMIT, with the record only the token's holders can make. A rehearsal
+    never gates (P aborts after the ACK: the VM must still hold the image, unrestored)."""
+    image, pfns, data = make_image(range(10, 300))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    feed = RecordingFeed()
+    result, helper, _, _, outcome = run_pair(tmp_path, image, store, feed, rehearse=rehearse,
+                                             resume_actions=[GATE_ACTION])
+    mark = json.loads((tmp_path / "ack.json").read_text())
+    if rehearse:
+        assert result == "rehearsed" and not helper.cfg.commit_gated
+        assert feed.events == ["begin", "loaded", "abort"] and feed.gate_record is None and "gate" not in mark
+        return
+    assert result == "powered-off" and helper.cfg.commit_gated
+    assert feed.events == ["gate", "begin", "loaded", "restore-ahead", "go"]
+    assert feed.gate_record == commit_gate.commit_record(TOKEN, "mig1") != commit_gate.commit_record(TOKEN, "mig2")
+    assert mark["gate"] == feed.gate_record.hex()  # a restarted V can still release the gate
+    res = outcome["result"]
+    assert res.committed and res.acked_at <= res.restored_ahead_at <= res.committed_at
 
 
 def test_only_an_ack_without_p_s_answer_is_undecided() -> None:

@@ -200,6 +200,23 @@ def test_resume_plan_order_and_garp() -> None:
     assert frame[28:32] == frame[38:42] == bytes([10, 77, 0, 10])
 
 
+def test_the_commit_gate_comes_before_anything_that_may_send() -> None:
+    """With V's ring address the resume waits for P's COMMIT after the NICs' probing and before the
+    first step that may put a frame on the network; a rehearsal or an unusable address: no gate."""
+    from source_agent.cutover import commit_gate_args
+
+    gate = commit_gate_args(0xFE800000, b"\x01" * 32, "mig", rehearse=False)
+    assert gate == {"address": 0xFE800000, "token": "01" * 32, "migration_id": "mig"}
+    for address, rehearse in ((0xFE800000, True), (0, False), (0xFE800010, False)):
+        assert commit_gate_args(address, b"\x01" * 32, "mig", rehearse) is None
+    actions = plan_resume([NicFacts("eth0", "52:54:00:77:00:10", bond="p2vbond0")], [], ["p2vbond0"],
+                          "52:54:00:77:00:20", [("p2vbond0", "10.77.0.10")], feed_address="0000:00:05.0",
+                          vm_nics=["0000:00:04.0"], commit_gate=gate)
+    assert [a.name for a in actions if not a.late] == ["enable-slots", "remove-feed-nic", "await-commit",
+                                                       "adopt-nic", "lift-block", "announce"]
+    assert actions[2].args == gate
+
+
 def test_installed_ram_from_the_firmware_map() -> None:
     from common.preflight import installed_ram_bytes
 

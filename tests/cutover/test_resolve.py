@@ -339,6 +339,52 @@ async def test_v_restarted_after_ack_the_vm_kept_the_image_and_p_decides(tmp_pat
         assert ioctls.calls == []
 
 
+@pytest.mark.parametrize("p_word", ["p-is-off", "p-runs-on"])
+async def test_v_restarted_while_p_s_os_waits_at_the_commit_gate(tmp_path: Path, monkeypatch, p_word: str) -> None:
+    """V's agent died after the VM restored P's image ahead of P's COMMIT (the commit gate): the VM
+    runs P's OS, stopped at the gate, and its restore program (the feed) is gone. The next run of
+    V's agent finds the gate's record in the ACK mark, so the silent VM is not "maybe P, left to the
+    operator" but an undecided cutover again: P's word writes the record into the ring (P is off:
+    the OS goes on) or destroys the VM (P runs on) — never both copies on the network."""
+    from common import commit_gate
+    from dest_agent import vm_builder
+
+    monkeypatch.setattr(vm_builder, "RING_DIR", tmp_path)
+    destroyed: list[str] = []
+    monkeypatch.setattr(vm_builder, "destroy", destroyed.append)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))  # bound, never listening: the feed's connect is refused at once
+    committed = p_word == "p-is-off"
+    async with destination(tmp_path / "v") as dest:
+        migration_id = (await dest.prepare(max_pfn=MAX_PFN)).migration_id
+        record = dest.service.migrations[migration_id]
+        record.set_state(common_pb2.MIGRATION_STATE_CUTOVER)
+        name = f"p2vtest-vm-{migration_id}"
+        ring = tmp_path / f"{name}-feed"
+        ring.write_bytes(b"\0" * 4096)
+        AdoptedVm(name, FeedClient(*silent.getsockname(), "tok"), tmp_path / "vda.img").save(record.waiting_vm_path)
+        gate = commit_gate.commit_record(TOKEN, migration_id)
+        record.ack_mark_path.write_text(json.dumps({"migration": migration_id, "pages": 300, "gate": gate.hex(),
+                                                    "figures": {"image_pages": 300}}))
+        async with destination(tmp_path / "v") as restarted:
+            await restarted.service.start()
+            await restarted.service._settled()
+            status = await restarted.stub.Status(common_pb2.MigrationRef(migration_id=migration_id), timeout=10)
+            assert "undecided" in status.error and "commit gate" in status.error, status.error
+            vm_side = ring.open("rb")  # what the VM sees (QEMU's mapping outlives the file's name)
+            assert ring.read_bytes()[:32] != gate
+            reply = await resolve_on_destination(restarted.address, migration_id, INSECURE, committed=committed)
+            assert reply.vm_runs is committed, reply.detail
+            assert (os.pread(vm_side.fileno(), 32, 0) == gate) is committed
+            vm_side.close()
+            if committed:
+                assert record.go_mark_path.exists() and destroyed == []
+                assert not ring.exists()  # written, then let go (QEMU keeps its mapping)
+            else:
+                assert destroyed == [name] and not record.go_mark_path.exists() and not ring.exists()
+    silent.close()
+
+
 def p2vctl(*argv: str) -> tuple[int, dict]:
     """p2vctl in a child process (its own event loop and stdout), JSON out."""
     import subprocess

@@ -189,7 +189,8 @@ def test_image_through_a_ring_smaller_than_it_arrives_whole(tmp_path: Path) -> N
     (host, port), thread, held = serve_with_ring(tmp_path, ring)
     image = os.urandom(100 * PAGE)
     feed = FeedClient(host, port, "tok", ring_path=path)
-    assert feed.connect()["ring"] == {"pci": "0000:00:09.0", "bytes": 16 * PAGE}
+    assert feed.connect()["ring"] == {"pci": "0000:00:09.0", "bytes": 16 * PAGE, "phys": 0, "devmem": False}
+    assert feed.commit_gate_address == 0  # no /dev/mem way to the ring: V waits for P's COMMIT
     assert feed.through_ring
     feed.begin(len(image))
     for at in (0, 3 * PAGE, 10 * PAGE, 41 * PAGE, 60 * PAGE):  # writes of any size, the ring's at most
@@ -241,8 +242,16 @@ def test_find_ring_maps_the_ivshmem_device(tmp_path: Path) -> None:
         (d / "device").write_text(ids[1] + "\n")
         (d / "enable").write_text("0\n")
         (d / "resource2").write_bytes(b"\x01" * 8 * PAGE)
-    ring = restore_program.find_ring(str(root))
-    assert ring is not None and ring.facts() == {"pci": "0000:00:07.0", "bytes": 8 * PAGE}
+        (d / "resource").write_text("".join(f"{bar * 0x10000:#018x} {bar * 0x10000 + 8 * PAGE - 1:#018x} 0x0\n"
+                                            for bar in range(6)))
+    memory = tmp_path / "mem"  # physical memory as /dev/mem shows it: the BAR at 0x20000
+    memory.write_bytes(b"\0" * 0x20000 + b"\x01" * PAGE)
+    ring = restore_program.find_ring(str(root), str(memory))
+    assert ring is not None
+    assert ring.facts() == {"pci": "0000:00:07.0", "bytes": 8 * PAGE, "phys": 0x20000, "devmem": True}
+    memory.write_bytes(b"\0" * 0x21000)  # /dev/mem shows something else there: no commit gate
+    assert restore_program.find_ring(str(root), str(memory)).facts()["devmem"] is False
+    assert restore_program.find_ring(str(root), str(tmp_path / "no-mem")).facts()["devmem"] is False
     assert len(ring.pages) == 8 and bytes(ring.pages[7]) == b"\x01" * PAGE
     assert (root / "0000:00:07.0/enable").read_text() == "1" and (root / "0000:00:03.0/enable").read_text() == "0\n"
     assert restore_program.find_ring(str(tmp_path / "nothing")) is None
@@ -281,3 +290,59 @@ def test_go_removes_the_ring_file(tmp_path: Path, monkeypatch) -> None:
     vm = AdoptedVm("p2v-vm-x", feed, tmp_path / "disk")
     vm.save(tmp_path / "vm.json")
     assert AdoptedVm.load(tmp_path / "vm.json").feed.ring_path == ring_path_of("p2v-vm-x")
+
+
+def test_restore_ahead_then_only_p_s_commit_record_opens_the_gate(tmp_path: Path) -> None:
+    """The commit gate over the real feed: V loads the image through the ring, has the VM restore it
+    at once (GO, RESTORING), and the resumed OS's gate (resume.await_commit, reading the ring as the
+    VM reads it through /dev/mem) opens only when V's go() writes P's COMMIT record."""
+    import time
+
+    from common import commit_gate
+    from source_agent import resume
+
+    path, ring = ring_pair(tmp_path, 16)
+    ring.physical, ring.devmem = 0x40000, True
+    (host, port), thread, held = serve_with_ring(tmp_path, ring)
+    feed = FeedClient(host, port, "tok", ring_path=path)
+    feed.connect()
+    assert feed.commit_gate_address == 0x40000  # what V offers P in its Cutover reply
+    token = b"t" * 32
+    feed.gate(commit_gate.commit_record(token, "mig"))
+    image = os.urandom(40 * PAGE)  # more than the ring: it wraps, and image bytes stay in it
+    feed.begin(len(image))
+    feed.write(image)
+    assert feed.finish() == 40
+    feed.restore_ahead()  # the restore program answers RESTORING (its ioctls then fail on a plain file)
+    assert feed.restoring
+    opened: list = []
+    gate = threading.Thread(target=lambda: opened.append(
+        resume.await_commit(0, token.hex(), "mig", memory_path=str(path))), daemon=True)
+    gate.start()
+    time.sleep(0.3)
+    assert gate.is_alive() and not opened  # restored, waiting: P has not committed
+    feed.go()  # P's COMMIT came: V writes the record
+    gate.join(5)
+    assert not gate.is_alive() and "COMMIT" in opened[0]
+    assert not path.exists()  # the ring file is V's no more (QEMU keeps its mapping)
+    feed.close()
+    thread.join(10)
+    assert held == [None]
+
+
+def test_a_gate_for_another_migration_stays_shut(tmp_path: Path) -> None:
+    from common import commit_gate
+
+    memory_file = tmp_path / "ring"
+    memory_file.write_bytes(b"\0" * PAGE)
+    commit_gate.write_record_to_file(memory_file, commit_gate.commit_record(b"t" * 32, "other"))
+    import mmap
+
+    with memory_file.open("rb") as f:
+        memory = mmap.mmap(f.fileno(), PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+    with pytest.raises(TimeoutError):
+        commit_gate.await_record(memory, commit_gate.commit_record(b"t" * 32, "mig"), timeout_s=0.2)
+    assert commit_gate.await_record(memory, commit_gate.commit_record(b"t" * 32, "other"), timeout_s=0.2) < 0.2
+    assert commit_gate.commit_record(b"u" * 32, "other") != commit_gate.commit_record(b"t" * 32, "other")
+    with pytest.raises(ValueError, match="32 bytes"):
+        commit_gate.write_record(memory, b"short")
