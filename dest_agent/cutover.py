@@ -514,8 +514,10 @@ class CutoverDesk:
         record.set_state(common_pb2.MIGRATION_STATE_FAILED,
                          f"{UNDECIDED_ERROR}: V's agent restarted after it acknowledged P's image; {where} "
                          "until P's agent resolves the cutover (p2vctl resolve ID --p-is-off if P is off)")
-        log.critical("P's acknowledged image is undecided until P's agent (or `p2vctl resolve`) says whether "
-                     "P is off", extra={"migration": record.id, "pages": pages, "restored_ahead": restored})
+        what = ("P's OS, restored ahead of P's COMMIT, waits at the commit gate" if restored
+                else "the waiting VM still holds P's acknowledged image")
+        log.critical(f"{what}: undecided until P's agent (or `p2vctl resolve`) says whether P is off",
+                     extra={"migration": record.id, "pages": pages})
         return ADOPTED
 
     # -- after the move --------------------------------------------------------------------------

@@ -312,6 +312,17 @@ def emit(outcome: str, figures: Figures, **extra: Any) -> None:
     os.write(1, line.encode() + b"\n")
 
 
+def with_peer_kick(actions: list[dict[str, Any]], quotes: list[str]) -> list[dict[str, Any]]:
+    """The resume steps with kick-peers right after the last announce (the VM's path to the peers
+    must be back first; nothing after it is worth the peers' wait), else after the last step before
+    UNFREEZE. Pure."""
+    kick = {"name": "kick-peers", "args": {"quotes": list(quotes)}}
+    now = [i for i, a in enumerate(actions) if not a.get("late")]
+    announced = [i for i in now if actions[i].get("name") == "announce"]
+    at = (announced or now or [-1])[-1] + 1
+    return [*actions[:at], kick, *actions[at:]]
+
+
 def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[str, float]:
     """What the image will be made of, in MiB, read just before FREEZE: the image holds every page
     in use, so the agent's and the helper's own memory is downtime (V keeps these figures)."""
@@ -829,8 +840,8 @@ class Helper:
             self.capture = None
         quotes = self.peer_waits.quotes()
         self.fig.peer_flows = len(quotes)
-        if quotes:  # after announce: the VM's path to the peers must be back first
-            self.cfg.resume_actions.append({"name": "kick-peers", "args": {"quotes": [q.hex() for q in quotes]}})
+        if quotes:
+            self.cfg.resume_actions = with_peer_kick(self.cfg.resume_actions, [q.hex() for q in quotes])
 
     def _drop_caches(self) -> None:
         t0 = time.monotonic()

@@ -696,6 +696,23 @@ def test_p_running_on_after_freeze_kicks_its_peers(tmp_path: Path) -> None:
     assert block.lifted
 
 
+def test_peers_are_kicked_right_after_the_announce() -> None:
+    from source_agent.cutover_helper import with_peer_kick
+
+    def names(actions: list[dict]) -> list[str]:
+        return [a["name"] for a in actions]
+
+    plan = [{"name": n, "args": {}} for n in ("adopt-nic", "lift-block", "announce", "announce", "fail-md-leg")]
+    plan.append({"name": "prune-stale-pci", "args": {}, "late": True})
+    kicked = with_peer_kick(plan, ["ab"])
+    assert names(kicked) == ["adopt-nic", "lift-block", "announce", "announce", "kick-peers", "fail-md-leg",
+                             "prune-stale-pci"]
+    assert kicked[4]["args"] == {"quotes": ["ab"]} and names(plan)[4] == "fail-md-leg"  # a new list
+    no_announce = with_peer_kick(plan[:2] + plan[5:], ["ab"])
+    assert names(no_announce) == ["adopt-nic", "lift-block", "kick-peers", "prune-stale-pci"]
+    assert names(with_peer_kick([], ["ab"])) == ["kick-peers"]
+
+
 def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     image, pfns, data = make_image(range(10, 50))
     store = precopied_store(tmp_path, pfns, data, 0.5)
