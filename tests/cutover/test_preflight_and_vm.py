@@ -416,3 +416,36 @@ def test_ring_file_is_made_for_qemu_alone(tmp_path) -> None:
         FeedRing(path, 1 << 20)
     with pytest.raises(FeedError, match="bytes"):
         FeedRing(path, 2 << 20)
+
+
+@pytest.mark.parametrize("restored_ahead, start_fails", [(False, False), (True, False), (True, True)])
+def test_rearm_replaces_a_vm_that_restored_ahead(tmp_path, restored_ahead: bool, start_fails: bool) -> None:
+    """After an aborted cutover the waiting VM is reused, unless it restored P's image ahead of a
+    COMMIT that never came (commit gate): that VM holds P's OS at the gate and must never be
+    released, so a new one is built in its place (libvirt stands in: the rig builds real ones)."""
+    from common.config import DestVmConfig
+    from dest_agent.waiting_vm import WaitingVm
+
+    config = DestVmConfig(image_address="127.0.0.1", feed_vm_ip="127.0.0.2/8")
+    vm = WaitingVm(config, "m1", SourceFacts(4 << 20, "r", "v", [], []), tmp_path / "vm")
+    calls: list[str] = []
+
+    def start() -> None:
+        calls.append("start")
+        if start_fails:
+            raise RuntimeError("no libvirt")
+
+    vm.start = start  # type: ignore[method-assign]
+    vm.connect_feed_in_background = lambda: calls.append("reconnect")  # type: ignore[method-assign]
+    vm.started, vm.feed.restoring, vm.feed.facts = True, restored_ahead, {"release": "r"}
+    vm.rearm()
+    if vm._feed_thread is not None and restored_ahead:
+        vm._feed_thread.join(5)
+    assert calls == (["start"] if restored_ahead else ["reconnect"])
+    assert vm.feed.facts == {}
+    ok, why = vm.readiness()
+    assert not ok
+    if start_fails:
+        assert "rebuilding the waiting VM failed: no libvirt" in why
+    elif restored_ahead:
+        assert "not started" in why  # a stand-in start() that did not start anything
