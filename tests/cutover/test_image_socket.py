@@ -520,9 +520,51 @@ def test_compression_policy() -> None:
     from source_agent.cutover_helper import compress_chunk
 
     assert compress_chunk("adaptive", network_behind=True) and not compress_chunk("adaptive", network_behind=False)
+    # while P's link is down the chunks wait as they are (compressed later, if P's CPU has time)
+    assert not compress_chunk("adaptive", network_behind=True, link_up=False)
+    assert compress_chunk("always", network_behind=False, link_up=False)
     assert compress_chunk("always", network_behind=False) and not compress_chunk("never", network_behind=True)
     with pytest.raises(ValueError, match="compression must be one of"):
         HelperConfig(migration_id="m", endpoint="h:1", token="00", compression="lz4")
+
+
+@pytest.mark.parametrize("link_back_after", [0, 3, 300])
+def test_chunks_read_while_the_link_is_down_are_compressed_only_once_all_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link_back_after: int) -> None:
+    """"adaptive": a chunk read while P's link is down waits uncompressed; once every chunk is read,
+    the waiting ones are compressed until the link is back. Link back at once: nothing compressed;
+    back after the reading (3 more polls): the first few compressed; never back while compressing
+    (up 300 polls after the reading, ~1.5 s): all. V gets P's exact image in every case, in order."""
+    from source_agent.cutover_helper import Helper
+
+    pfns = np.arange(100, 100 + 6 * 1024, dtype=np.uint64)  # six chunks
+    image, pfns, data = make_image(pfns, seed=3)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.0)  # every page travels
+    polls: list[int] = []
+    reading_done: list[bool] = []
+
+    def link_check(self):  # down while the image is read; up `link_back_after` polls after that
+        def up() -> bool:
+            if not reading_done:
+                return link_back_after == 0
+            polls.append(1)
+            return len(polls) > link_back_after
+        return up
+
+    original = Helper._compress_backlog
+
+    def compress_backlog(self, backlog, spent):
+        reading_done.append(True)
+        return original(self, backlog, spent)
+
+    monkeypatch.setattr(Helper, "_link_check", link_check)
+    monkeypatch.setattr(Helper, "_compress_backlog", compress_backlog)
+    feed = RecordingFeed()
+    result, helper, _, _, outcome = run_pair(tmp_path, image, store, feed, compression="adaptive")
+    assert result == "powered-off" and bytes(feed.data) == image
+    compressed = outcome["result"].source_timings["compressed_chunks"]
+    assert compressed == {0: 0, 3: 3, 300: 6}[link_back_after]
+    assert helper.fig.pages_sent == pfns.size
 
 
 def test_wrong_token_is_refused_and_p_runs_on(tmp_path: Path) -> None:
