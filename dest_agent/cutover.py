@@ -480,8 +480,7 @@ class CutoverDesk:
                 return SILENT
             # that run restored the image ahead of P's COMMIT (commit gate): P's OS waits in the VM for
             # V's record, which only P's word may release (or, P running on, the VM goes)
-            vm.feed.gate(gate)
-            vm.feed.restoring = True
+            vm.feed.restored_earlier(gate)
             return self._held(record, vm, int(mark.get("pages", 0)), mark.get("figures"), restored=True)
         if not facts.get("holding"):
             vm.feed.close()

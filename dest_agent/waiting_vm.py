@@ -212,6 +212,11 @@ class FeedClient:
         """P's resume waits at the commit gate: go() must write `record` into the ring."""
         self.gate_record = record
 
+    def restored_earlier(self, record: bytes) -> None:
+        """An earlier run of V's agent had the VM restore ahead (its restore program is gone, P's OS
+        waits at the gate): go() only writes `record`."""
+        self.gate_record, self.restoring = record, True
+
     def restore_ahead(self) -> None:
         """GO before P's COMMIT (only with a gate): the VM restores P's image now and its resumed OS
         waits at the gate, off the network, until go() writes the record."""
