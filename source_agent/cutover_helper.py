@@ -12,7 +12,8 @@ image receiver, negotiated by the agent beforehand (endpoint + one-time token in
                              differs from V's, END with the image checksum, wait for ACK
                              ACK  -> COMMIT, POWER_OFF (the point of no return has passed)
                              else -> FREE, UNFREEZE, lift the block: P runs on as before
-    in the VM (in_suspend == 0): resume actions while everything is still frozen, UNFREEZE
+    in the VM (in_suspend == 0): resume actions while everything is still frozen, UNFREEZE (never
+                             after a failed commit gate: "halted", the OS stays frozen)
 
 The outcome is one JSON line on stdout ("aborted" / "resumed"; a powered-off P prints nothing
 after "committed").
@@ -1214,6 +1215,15 @@ class Helper:
         while carrier is not None and not carrier() and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def _hold_frozen(self) -> None:
+        """A resume step the rest depends on failed (resume.STOP_ON_FAILURE: the commit gate): the OS
+        stays frozen and off the network for good, a dead VM rather than a second live P. This
+        process keeps the snapshot device open (closing it would thaw every task) and never returns;
+        V sees no report and the operator resolves the cutover."""
+        emit("halted", self.fig)
+        while True:
+            time.sleep(3600)
+
     def _resumed(self) -> str:
         self.fig.resumed_at = time.time()
         if self.sock is not None:  # P's image connection does not exist in this world
@@ -1223,7 +1233,10 @@ class Helper:
                 pass
         now = [a for a in self.cfg.resume_actions if not a.get("late")]
         late = [a for a in self.cfg.resume_actions if a.get("late")]
-        self.fig.resume_steps = resume.describe(self.resume_runner(now))
+        results = self.resume_runner(now)
+        self.fig.resume_steps = resume.describe(results)
+        if resume.halted(results):
+            self._hold_frozen()
         t0 = time.monotonic()
         for step in (self.snap.free, self.snap.unfreeze):
             try:

@@ -5,7 +5,8 @@ no child processes and no module loading, because user-mode helpers are disabled
 The steps are data: `plan_resume` (pure) turns what the agent knew before cutover into a list of
 named actions (a "late" one runs after UNFREEZE: outside the downtime); `run_resume` executes them
 in order, each bounded in time, each failure recorded and the rest still attempted (the OS is in
-the VM now: the only way is forward).
+the VM now: the only way is forward) — except after a failed commit gate, where going forward could
+make a second live copy of P: there the steps stop and the OS stays frozen (`halted`).
 
     enable-slots      probe the VM's NICs only: their PCI slots are enabled one by one (ACPI
                       hotplug; the kernel scans that slot alone), so the feed NIC is never probed;
@@ -403,23 +404,38 @@ ACTIONS: dict[str, Callable[..., str]] = {
 }
 
 
+#: Steps whose failure ends the resume: what follows them is safe only once they succeeded (the commit
+#: gate: without V's record of P's COMMIT, P may still run, and the next steps put P's addresses on
+#: the network). A dead VM is the lesser harm: the operator resolves the cutover (p2vctl resolve).
+STOP_ON_FAILURE = frozenset({"await-commit"})
+NOT_RUN = "not run: an earlier step the rest depends on failed"
+
+
 def run_resume(actions: list[ResumeAction], registry: dict[str, Callable[..., str]] | None = None
                ) -> list[ActionResult]:
     registry = registry or ACTIONS
-    results = []
-    for action in actions:
+    results: list[ActionResult] = []
+    for i, action in enumerate(actions):
         t0 = time.monotonic()
         fn = registry.get(action.name)
         if fn is None:
             results.append(ActionResult(action.name, False, "unknown action", 0.0))
-            continue
-        try:
-            detail = fn(**action.args)
-            results.append(ActionResult(action.name, True, detail, time.monotonic() - t0))
-        except Exception as exc:
-            results.append(ActionResult(action.name, False, f"{type(exc).__name__}: {exc}",
-                                        time.monotonic() - t0))
+        else:
+            try:
+                detail = fn(**action.args)
+                results.append(ActionResult(action.name, True, detail, time.monotonic() - t0))
+            except Exception as exc:
+                results.append(ActionResult(action.name, False, f"{type(exc).__name__}: {exc}",
+                                            time.monotonic() - t0))
+        if action.name in STOP_ON_FAILURE and not results[-1].ok:
+            results += [ActionResult(rest.name, False, NOT_RUN, 0.0) for rest in actions[i + 1:]]
+            break
     return results
+
+
+def halted(results: list[ActionResult]) -> bool:
+    """A step in STOP_ON_FAILURE failed: the OS must stay frozen (no UNFREEZE). Pure."""
+    return any(r.name in STOP_ON_FAILURE and not r.ok for r in results)
 
 
 def describe(results: list[ActionResult]) -> list[str]:

@@ -797,6 +797,52 @@ def test_resumed_side_runs_actions_then_unfreezes(tmp_path: Path) -> None:
     t.join(10)
 
 
+def test_resumed_side_stays_frozen_after_a_failed_commit_gate(tmp_path: Path) -> None:
+    """In the VM the gate's step failed: the helper never UNFREEZEs (nor FREEs) and holds the OS."""
+    image, pfns, data = make_image(range(10, 50))
+    store = precopied_store(tmp_path, pfns, data, 0.5)
+    receiver = ImageReceiver("mig1", TOKEN, store, RecordingFeed(), tmp_path / "i.bin", accept_timeout_s=5)
+    host, port = receiver.endpoint
+    t = threading.Thread(target=lambda: _serve_quietly(receiver))
+    t.start()
+    snap = PlaybackSnapshot(image, in_suspend=0)
+    cfg = HelperConfig(migration_id="mig1", endpoint=f"{host}:{port}", token=TOKEN.hex(),
+                       resume_actions=[{"name": "await-commit"}, {"name": "lift-block"},
+                                       {"name": "prune-stale-pci", "late": True}],
+                       drop_caches_path=str(tmp_path / "drop_caches"),
+                       image_size_path=str(image_size_file(tmp_path)), meminfo_path=str(meminfo_file(tmp_path)),
+                       pcp_high_fraction_path=str(pcp_fraction_file(tmp_path)), stream_initcwnd=0)
+    from source_agent import resume
+
+    def runner(actions):  # the real run_resume; the gate fails as a malformed record would make it
+        def gate(**_):
+            raise ValueError("bad token")
+        return resume.run_resume([resume.ResumeAction(a["name"], a.get("args", {})) for a in actions],
+                                 {"await-commit": gate, "lift-block": lambda: "lifted",
+                                  "prune-stale-pci": lambda: "pruned"})
+
+    class Held(Exception):
+        pass
+
+    helper = Helper(cfg, snap, np.zeros(0, np.uint64), block=RecordingBlock(), resume_runner=runner,
+                    uname=UNAME)  # type: ignore[arg-type]
+    helper._hold_frozen = lambda: (_ for _ in ()).throw(Held())  # type: ignore[method-assign]
+    with pytest.raises(Held):
+        helper.run()
+    assert snap.calls == ["freeze", "create_image"]  # no FREE, no UNFREEZE
+    assert helper.fig.resume_steps[0].startswith("await-commit: FAILED")
+    assert helper.fig.resume_steps[1] == f"lift-block: FAILED {resume.NOT_RUN} (0 ms)"
+    receiver.close()
+    t.join(10)
+
+
+def _serve_quietly(receiver: ImageReceiver) -> None:
+    try:
+        receiver.serve()
+    except ReceiveError:
+        pass
+
+
 def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None:
     import socket as socketmod
 

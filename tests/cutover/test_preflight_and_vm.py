@@ -217,6 +217,41 @@ def test_the_commit_gate_comes_before_anything_that_may_send() -> None:
     assert actions[2].args == gate
 
 
+def test_a_failed_commit_gate_stops_the_resume(tmp_path) -> None:
+    """await-commit that cannot even start (a malformed token) must not be stepped over: the steps
+    that would put P's addresses on the network do not run and the resume says the OS must stay
+    frozen. Any other failed step leaves the rest to run (the only way is forward)."""
+    from source_agent import resume
+
+    ran: list[str] = []
+
+    def step(name: str):
+        return lambda **_: ran.append(name) or "done"
+
+    registry = {n: step(n) for n in ("enable-slots", "adopt-nic", "lift-block", "announce")}
+    registry["await-commit"] = resume.await_commit  # the real gate, on a ring file of zeros
+    ring = tmp_path / "ring"
+    ring.write_bytes(bytes(4096))
+    plan = [resume.ResumeAction("enable-slots"),
+            resume.ResumeAction("await-commit", {"address": 0, "token": "not hex", "migration_id": "m",
+                                                 "memory_path": str(ring)}),
+            resume.ResumeAction("adopt-nic"), resume.ResumeAction("lift-block"), resume.ResumeAction("announce")]
+    results = resume.run_resume(plan, registry)
+    assert ran == ["enable-slots"]
+    assert [(r.name, r.ok) for r in results] == [("enable-slots", True), ("await-commit", False),
+                                                 ("adopt-nic", False), ("lift-block", False), ("announce", False)]
+    assert "ValueError" in results[1].detail and results[2].detail == resume.NOT_RUN
+    assert resume.halted(results)
+
+    def broken(**_):
+        raise RuntimeError("no NIC")
+
+    ran.clear()
+    registry["adopt-nic"] = broken
+    results = resume.run_resume([plan[0], plan[2], plan[3]], registry)
+    assert ran == ["enable-slots", "lift-block"] and not resume.halted(results)
+
+
 def test_installed_ram_from_the_firmware_map() -> None:
     from common.preflight import installed_ram_bytes
 
