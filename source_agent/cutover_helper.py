@@ -701,8 +701,10 @@ class Helper:
         self.held = held
         self.held_content = held_content(held)  # before FREEZE: a sort of every hash V holds
         self.block = block
+        self.mark: Callable[[str], None] = lambda text: None  # the kernel log's, once in the VM
         self.resume_runner = resume_runner or (lambda actions: resume.run_resume(
-            [resume.ResumeAction(a["name"], a.get("args", {}), a.get("late", False)) for a in actions]))
+            [resume.ResumeAction(a["name"], a.get("args", {}), a.get("late", False)) for a in actions],
+            mark=self.mark))
         self.uname = uname or os.uname()
         self.fig = Figures()
         self.sock: socket.socket | None = None
@@ -1226,6 +1228,8 @@ class Helper:
 
     def _resumed(self) -> str:
         self.fig.resumed_at = time.time()
+        self.mark = resume.kernel_log_marker()
+        self.mark("P's OS runs in the VM; the resume steps start")
         if self.sock is not None:  # P's image connection does not exist in this world
             try:
                 self.sock.close()
@@ -1245,6 +1249,7 @@ class Helper:
                 pass
         self.frozen = False
         self.fig.unfrozen_at = time.time()
+        self.mark("unfrozen")
         t1 = time.monotonic()
         # the cutover's settings go back once the OS runs: nothing before UNFREEZE needs them gone
         self._undo_settings()

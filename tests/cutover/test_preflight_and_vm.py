@@ -236,8 +236,11 @@ def test_a_failed_commit_gate_stops_the_resume(tmp_path) -> None:
             resume.ResumeAction("await-commit", {"address": 0, "token": "not hex", "migration_id": "m",
                                                  "memory_path": str(ring)}),
             resume.ResumeAction("adopt-nic"), resume.ResumeAction("lift-block"), resume.ResumeAction("announce")]
-    results = resume.run_resume(plan, registry)
+    marks: list[str] = []
+    results = resume.run_resume(plan, registry, mark=marks.append)
     assert ran == ["enable-slots"]
+    assert marks[:2] == ["enable-slots", "enable-slots: ok done (0 ms)"] and marks[2] == "await-commit"
+    assert marks[3].startswith("await-commit: FAILED ValueError") and len(marks) == 4
     assert [(r.name, r.ok) for r in results] == [("enable-slots", True), ("await-commit", False),
                                                  ("adopt-nic", False), ("lift-block", False), ("announce", False)]
     assert "ValueError" in results[1].detail and results[2].detail == resume.NOT_RUN
@@ -250,6 +253,17 @@ def test_a_failed_commit_gate_stops_the_resume(tmp_path) -> None:
     registry["adopt-nic"] = broken
     results = resume.run_resume([plan[0], plan[2], plan[3]], registry)
     assert ran == ["enable-slots", "lift-block"] and not resume.halted(results)
+
+
+def test_resume_steps_are_marked_in_the_kernel_log(tmp_path) -> None:
+    from source_agent import resume
+
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    mark = resume.kernel_log_marker(str(log))
+    resume.run_resume([resume.ResumeAction("lift-block")], {"lift-block": lambda: "lifted"}, mark=mark)
+    assert log.read_text().splitlines() == ["<6>p2v-resume: lift-block", "<6>p2v-resume: lift-block: ok lifted (0 ms)"]
+    resume.kernel_log_marker(str(tmp_path / "absent" / "kmsg"))("nothing happens")  # no log: no error
 
 
 def test_installed_ram_from_the_firmware_map() -> None:
