@@ -1139,6 +1139,7 @@ class Helper:
         if kind != W.ACK:
             raise CutoverAborted(f"V did not accept the image: {bytes(payload).decode(errors='replace')}")
         self.fig.acked_at = time.time()
+        fault_point("after-ack")  # V may have restored the image ahead: its VM must stay at the commit gate
 
     def _prepare_commit_note(self) -> None:
         if not self.cfg.pending_file:

@@ -6,12 +6,12 @@ Order matters (one rig; after the last test P lives in the VM and the rig is res
 2. a migration whose destination dies mid-pre-copy leaves P running unchanged;
 3. a cutover whose agent and helper are killed right after the snapshot (fault injection,
    $P2V_FAULT): the agent started next puts P back;
-4. with md's network leg failed, the migration is refused before pre-copy (the VM keeps only that
-   leg), then the leg comes back; a cutover whose helper is killed right after the snapshot, and
-   then a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V, then
-   P runs on), each leave P
-   as it was: workloads, TCP session, addresses, traffic block, md, the NIC's link, the bond's
-   timers, the cutover route and ARP pin, the image size;
+4. a cutover whose helper is killed right after V acknowledged the image (V restored it ahead in
+   the VM, which waits at the commit gate: V must drop that VM on P's word); with md's network leg
+   failed, the migration is refused before pre-copy (the VM keeps only that leg), then the leg comes
+   back; then a rehearsal (`migrate --rehearse`: FREEZE, snapshot, the image sent and verified on V,
+   then P runs on). Each leaves P as it was: workloads, TCP session, addresses, traffic block, md,
+   the NIC's link, the bond's timers, the cutover route and ARP pin, the image size;
 5. the whole move, asserted from outside: same counter PID and no reset, the client's TCP session
    never reconnected and lost or duplicated no line, P's IP and MAC answer from the VM, file checksums
    on md match, P is powered off, in the VM the bond holds only the virtio NIC and md only the local
@@ -223,14 +223,18 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     bond = next(e["detail"]["bond"] for e in built["journal"]["entries"] if e["kind"] == "bond")
     md = rig.run(f"basename $(readlink -f {C.P_MD_DEVICE})", check=True).out.strip()
 
-    # the cutover helper killed right after the snapshot (P frozen, its traffic blocked, its NIC down):
-    # the agent puts P back by itself
-    rig.restart_agent(env={"P2V_FAULT": "helper-killed-after-image"})
+    # the cutover helper killed right after V's acknowledgement (P frozen, its traffic blocked, its NIC
+    # down; V has restored P's image ahead in the VM, whose resume waits at the commit gate): the agent
+    # puts P back by itself, and V drops that VM on P's word without ever opening the gate
+    rig.restart_agent(env={"P2V_FAULT": "helper-killed-after-ack"})
     try:
-        out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 2", "helper killed")
+        out = run_until_p_runs_on(rig, dest, bond, "--max-rounds 2", "helper killed after the ACK")
         assert cr.final_state(out) == "failed" and "the agent put P's settings back" in " ".join(out.split()), out
     finally:
         rig.restart_agent()
+    receipts = (dest.dir / "state" / "migrations").glob("*/cutover.json")
+    receipt = json.loads(max(receipts, key=lambda p: p.stat().st_mtime).read_text())
+    assert receipt["acked"] and receipt["restored_ahead_at"] and not receipt["committed"], receipt
 
     # md's network leg failed and its NBD connection gone (as when P was blocked longer than nbd's
     # timeout): the migration brings it back before it relies on it (bitmap: a short resync); then a
