@@ -157,7 +157,8 @@ def commit_gate_args(address: int, token: bytes, migration_id: str, rehearse: bo
 
 def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
              feed_address: str = "", vm_nics: list[str] | None = None,
-             vm_disks: list[str] | None = None, commit_gate: dict | None = None) -> list[resume.ResumeAction]:
+             vm_disks: list[str] | None = None, commit_gate: dict | None = None,
+             slot_power: dict[str, str] | None = None) -> list[resume.ResumeAction]:
     """Resume steps from P's inventory and p2v's redundancy journal entries. Pure.
 
     NIC: bonded by p2v -> the virtual NIC joins that bond; otherwise it takes over the NIC's IPv4
@@ -201,7 +202,7 @@ def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: li
             if parent is not None and parent.pci_address:
                 md_legs.append((md, member))
     return resume.plan_resume(nics, md_legs, blocked, feed_mac, announce_ips, feed_address, vm_nics, vm_disks,
-                              commit_gate)
+                              commit_gate, slot_power)
 
 
 def load_journal_entries(state_dir: str) -> tuple[object | None, list]:
@@ -451,9 +452,12 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     if not reply.ready:
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
     blocked = await asyncio.to_thread(traffic_block.interfaces_to_block)
+    vm_functions = [*reply.vm_nic_pci_addresses, *reply.vm_disk_pci_addresses]
+    slot_power = await asyncio.to_thread(resume.slot_power_files, vm_functions) if vm_functions else None
     actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
                        list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses),
-                       commit_gate_args(reply.commit_gate_address, reply.token, remote_id, rehearse))
+                       commit_gate_args(reply.commit_gate_address, reply.token, remote_id, rehearse),
+                       {a: str(f) for a, f in (slot_power or {}).items()})
     legs = nbd_legs(entries)
     v_host = reply.endpoint.rpartition(":")[0]
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)

@@ -80,18 +80,23 @@ class NicFacts:
 
 def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: list[str], feed_mac: str,
                 announce_ips: list[tuple[str, str]], feed_address: str = "", vm_nics: list[str] | None = None,
-                vm_disks: list[str] | None = None, commit_gate: dict[str, Any] | None = None) -> list[ResumeAction]:
+                vm_disks: list[str] | None = None, commit_gate: dict[str, Any] | None = None,
+                slot_power: dict[str, str] | None = None) -> list[ResumeAction]:
     """The resume steps, in order. Pure.
 
     md_legs: (md kernel name, member name) of physical disks in p2v's arrays;
     announce_ips: (interface after adopt or "" = whichever carries the address, IPv4) to announce;
     vm_nics / vm_disks: the VM's PCI functions (V's layout; without them: one rescan of all);
-    commit_gate: await_commit's arguments when V restores before P's COMMIT (None: V waits for it)."""
+    commit_gate: await_commit's arguments when V restores before P's COMMIT (None: V waits for it);
+    slot_power: the hotplug slot `power` file of each VM function, found on P (slot_power_files):
+    the same kernel state in the VM, where looking them up again is a scan of every slot inside the
+    downtime."""
     # probe before pruning: the VM's NICs register while P's vanished ones still hold their names,
     # so no virtual NIC takes a physical NIC's name (cancellation tells them apart by name)
     if vm_nics:
+        power = {a: slot_power[a] for a in [*vm_nics, *(vm_disks or [])] if slot_power and a in slot_power}
         actions = [ResumeAction("enable-slots", {"addresses": list(vm_nics), "later": list(vm_disks or []),
-                                                 "skip": feed_address})]
+                                                 "skip": feed_address, **({"power": power} if power else {})})]
     else:
         actions = [ResumeAction("rescan-pci", {"skip": feed_address} if feed_address else {})]
     if feed_mac:  # (when rescan already removed it unprobed, this only checks it is gone)
@@ -113,7 +118,9 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     # sit on P's slots (vm_builder)
     actions.append(ResumeAction("prune-stale-pci", late=True))
     if vm_nics and vm_disks:  # only cancellation needs them (md's local leg in the VM)
-        actions.append(ResumeAction("enable-slots", {"addresses": list(vm_disks)}, late=True))
+        power = {a: slot_power[a] for a in vm_disks if slot_power and a in slot_power}
+        actions.append(ResumeAction("enable-slots", {"addresses": list(vm_disks),
+                                                     **({"power": power} if power else {})}, late=True))
     return actions
 
 
@@ -201,7 +208,7 @@ def rescan_pci(skip: str = "") -> str:
     return f"rescanned{removed}; probed {', '.join(probed) or 'nothing'}"
 
 
-def _slot_power_files(addresses: list[str]) -> dict[str, Path] | None:
+def slot_power_files(addresses: list[str]) -> dict[str, Path] | None:
     """The hotplug slot `power` file of each bus-0 function's slot; None when one has none."""
     slots = SYS / "bus/pci/slots"
     by_slot: dict[str, Path] = {}
@@ -219,18 +226,23 @@ def _slot_power_files(addresses: list[str]) -> dict[str, Path] | None:
     return out
 
 
-def enable_slots(addresses: list[str], later: list[str] | None = None, skip: str = "") -> str:
+def enable_slots(addresses: list[str], later: list[str] | None = None, skip: str = "",
+                 power: dict[str, str] | None = None) -> str:
     """Probe just these functions: their slots are enabled one by one (ACPI hotplug: the kernel scans
     that slot, binds its driver and the virtio bus probes the device, all inside the write). A PCI
     rescan instead probes every new function: under TCG ~110-175 ms of virtio-pci probe each (rig,
     initcall_debug), the feed NIC's and the disk's included. Without hotplug slots for all of
-    `addresses` and `later`: rescan_pci(skip), which finds everything now."""
-    power = _slot_power_files([*addresses, *(later or [])])
-    if power is None:
+    `addresses` and `later`: rescan_pci(skip), which finds everything now. `power`: the slots' files as
+    found before the cutover (plan_resume); looked up here when one is missing."""
+    wanted = [*addresses, *(later or [])]
+    files = {a: Path(power[a]) for a in wanted if power and a in power}
+    if len(files) < len(wanted) or not all(f.exists() for f in files.values()):
+        files = slot_power_files(wanted)
+    if files is None:
         return rescan_pci(skip) + " (no hotplug slots)"
     pending = [a for a in addresses if not (SYS / "bus/pci/devices" / a).exists()]
     for address in pending:
-        _write(power[address], "1")
+        _write(files[address], "1")
     missing = [a for a in pending if not (SYS / "bus/pci/devices" / a).exists()]
     if missing:
         raise RuntimeError(f"slot enabled, no function at {', '.join(missing)}")
@@ -431,12 +443,12 @@ def kernel_log_marker(path: str = "/dev/kmsg") -> Callable[[str], None]:
 
 def run_resume(actions: list[ResumeAction], registry: dict[str, Callable[..., str]] | None = None,
                mark: Callable[[str], None] | None = None) -> list[ActionResult]:
-    """Run the steps in order (see the module's docstring); `mark` hears each step's start and end."""
+    """Run the steps in order (see the module's docstring); `mark` hears how each ended (only that: the
+    kernel lets a burst of ten lines through /dev/kmsg, and a step starts where the one before ended)."""
     registry = registry or ACTIONS
     mark = mark or (lambda text: None)
     results: list[ActionResult] = []
     for i, action in enumerate(actions):
-        mark(action.name)
         t0 = time.monotonic()
         fn = registry.get(action.name)
         if fn is None:

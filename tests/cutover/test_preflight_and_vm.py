@@ -239,8 +239,8 @@ def test_a_failed_commit_gate_stops_the_resume(tmp_path) -> None:
     marks: list[str] = []
     results = resume.run_resume(plan, registry, mark=marks.append)
     assert ran == ["enable-slots"]
-    assert marks[:2] == ["enable-slots", "enable-slots: ok done (0 ms)"] and marks[2] == "await-commit"
-    assert marks[3].startswith("await-commit: FAILED ValueError") and len(marks) == 4
+    assert marks[0] == "enable-slots: ok done (0 ms)"
+    assert marks[1].startswith("await-commit: FAILED ValueError") and len(marks) == 2
     assert [(r.name, r.ok) for r in results] == [("enable-slots", True), ("await-commit", False),
                                                  ("adopt-nic", False), ("lift-block", False), ("announce", False)]
     assert "ValueError" in results[1].detail and results[2].detail == resume.NOT_RUN
@@ -262,7 +262,7 @@ def test_resume_steps_are_marked_in_the_kernel_log(tmp_path) -> None:
     log.write_text("")
     mark = resume.kernel_log_marker(str(log))
     resume.run_resume([resume.ResumeAction("lift-block")], {"lift-block": lambda: "lifted"}, mark=mark)
-    assert log.read_text().splitlines() == ["<6>p2v-resume: lift-block", "<6>p2v-resume: lift-block: ok lifted (0 ms)"]
+    assert log.read_text().splitlines() == ["<6>p2v-resume: lift-block: ok lifted (0 ms)"]
     resume.kernel_log_marker(str(tmp_path / "absent" / "kmsg"))("nothing happens")  # no log: no error
 
 
@@ -412,6 +412,40 @@ def test_enable_slots_probes_only_the_functions_asked_for(tmp_path, monkeypatch)
     monkeypatch.setattr(resume, "rescan_pci", lambda skip="": f"rescanned, skipping {skip}")
     assert resume.enable_slots(["0000:00:04.0"], later=["0000:00:09.0"], skip="0000:00:05.0") == \
         "rescanned, skipping 0000:00:05.0 (no hotplug slots)"
+
+
+def test_enable_slots_takes_the_power_files_found_before_the_cutover(tmp_path, monkeypatch) -> None:
+    """Found on P (slot_power_files), written in the VM without scanning the slots again; a file that
+    is not there after all sends it back to the scan."""
+    from source_agent import resume
+
+    sysfs = tmp_path / "sys"
+    pci, slots = sysfs / "bus/pci/devices", sysfs / "bus/pci/slots"
+    pci.mkdir(parents=True)
+    for n in (3, 4):
+        (slots / str(n)).mkdir(parents=True)
+        (slots / str(n) / "address").write_text(f"0000:00:{n:02x}\n")
+        (slots / str(n) / "power").write_text("0\n")
+    monkeypatch.setattr(resume, "SYS", sysfs)
+    found = resume.slot_power_files(["0000:00:04.0", "0000:00:03.0"])
+    assert found == {"0000:00:04.0": slots / "4/power", "0000:00:03.0": slots / "3/power"}
+    plan = plan_resume([], [], [], "", [], vm_nics=["0000:00:04.0"], vm_disks=["0000:00:03.0"],
+                       slot_power={a: str(f) for a, f in found.items()})
+    assert plan[0].args["power"] == {"0000:00:04.0": str(slots / "4/power"), "0000:00:03.0": str(slots / "3/power")}
+    assert plan[-1].late and plan[-1].args["power"] == {"0000:00:03.0": str(slots / "3/power")}
+    written: list[str] = []
+
+    def kernel_write(path, value: str) -> None:
+        written.append(str(path.relative_to(sysfs)))
+        (pci / f"0000:00:{int(path.parent.name):02x}.0").mkdir()
+
+    monkeypatch.setattr(resume, "_write", kernel_write)
+    for n in (3, 4):  # a scan now would find nothing: only the files handed over can work
+        (slots / str(n) / "address").unlink()
+    assert resume.enable_slots(**plan[0].args) == "enabled 0000:00:04.0" and written == ["bus/pci/slots/4/power"]
+    (slots / "3/power").unlink()  # not there in the VM: looked up again (here: no slots, so a rescan)
+    monkeypatch.setattr(resume, "rescan_pci", lambda skip="": "rescanned")
+    assert resume.enable_slots(**plan[-1].args) == "rescanned (no hotplug slots)"
 
 
 def test_resume_plan_with_the_vm_layout() -> None:
