@@ -68,6 +68,10 @@ def power_off_after_commit() -> NoReturn:
     raise PastPointOfNoReturn(f"V runs the OS now, and {refusal or 'P did not go off'}")
 
 
+#: the helper's dedup tables on disk around the snapshot (cutover_helper.DedupTables), in the state dir
+DEDUP_STASH = "cutover-dedup.bin"
+
+
 #: V's answer to P's word on a cutover (source_agent.migration.resolve_on_destination, bound to the TLS
 #: config): (V's agent "host:port", migration id, committed) -> does the VM run?
 ResolveCall = Callable[[str, str, bool], Awaitable[object]]
@@ -475,6 +479,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
+                  "dedup_stash": str(pending_file.with_name(DEDUP_STASH)),
                   "agent_setup": setup,  # its last lap is added below, before the fork
                   "final_pass_source": final_pass_source,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}

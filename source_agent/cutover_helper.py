@@ -26,6 +26,7 @@ import collections
 import ctypes
 import fcntl
 import json
+import mmap
 import os
 import resource
 import signal
@@ -255,6 +256,10 @@ class HelperConfig:
     #: the memory source pre-copy read ("kcore", ...) for the pass right before FREEZE (final_pass);
     #: "" = no pass (V does not take PASS frames, or the operator turned it off)
     final_pass_source: str = ""
+    #: a file on disk (not tmpfs) that holds the dedup tables (V's hash per PFN and the sorted set of
+    #: them) from just before FREEZE until CREATE_IMAGE has returned: out of P's memory meanwhile, so
+    #: that the image does not carry them (DedupTables); "" = they stay in memory
+    dedup_stash: str = ""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -568,6 +573,72 @@ def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], 
     return up
 
 
+# --- the dedup tables ------------------------------------------------------------------------------
+
+class DedupTables:
+    """V's hash per PFN (`held`, updated by the pass before FREEZE) and the sorted set of V's hashes
+    (`content`), each in a mapping of its own so that it can leave P's memory for the snapshot.
+
+    Both are written after the pass before FREEZE read P's memory (the pass updates `held`; `content`
+    is made after it): in the image they would travel literally (rig: ~1000 of ~7500 literal pages,
+    4 MiB for a 1 GiB P). `stash` writes them to a file, drops that file's pages from the page cache
+    and the tables' pages from this process; `unstash` reads them back after CREATE_IMAGE, while P's
+    link comes back and its CPU reads the image."""
+
+    def __init__(self, held: np.ndarray) -> None:
+        self._held_map, self.held = self._mapped(held)
+        self._content_map, self.content = self._mapped(held_content(held))
+        self.stashed: str = ""
+
+    @staticmethod
+    def _mapped(values: np.ndarray) -> tuple[mmap.mmap, np.ndarray]:
+        values = np.ascontiguousarray(values, dtype=np.uint64)
+        # private: MADV_DONTNEED frees private anonymous pages (a shared mapping's stay in shmem)
+        memory = mmap.mmap(-1, max(-(-values.nbytes // PAGE_SIZE), 1) * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+        array_ = np.frombuffer(memory, dtype=np.uint64, count=values.size)
+        array_[:] = values
+        return memory, array_
+
+    def update_content(self) -> None:
+        """`content` from `held` as it is now (after the pass before FREEZE)."""
+        self._content_map, self.content = self._mapped(held_content(self.held))
+
+    def stash(self, path: str) -> None:
+        """Out of memory until `unstash`. Raises OSError (the tables are then still in memory)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for memory in (self._held_map, self._content_map):
+                view, done = memoryview(memory), 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean now: the page cache lets them go
+        finally:
+            os.close(fd)
+        for memory in (self._held_map, self._content_map):
+            memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
+        self.stashed = path
+
+    def unstash(self) -> None:
+        """Back from the file, which goes. Raises OSError (a short file included)."""
+        if not self.stashed:
+            return
+        with open(self.stashed, "rb") as f:
+            for memory in (self._held_map, self._content_map):
+                if f.readinto(memory) != len(memory):
+                    raise OSError(f"{self.stashed}: shorter than the dedup tables written to it")
+        discard_stash(self.stashed)
+        self.stashed = ""
+
+
+def discard_stash(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 # --- the image stream ------------------------------------------------------------------------------
 
 class PageReader:
@@ -698,8 +769,7 @@ class Helper:
                  ) -> None:
         self.cfg = cfg
         self.snap = snapshot
-        self.held = held
-        self.held_content = held_content(held)  # before FREEZE: a sort of every hash V holds
+        self.dedup = DedupTables(held)  # before FREEZE: a sort of every hash V holds
         self.block = block
         self.mark: Callable[[str], None] = lambda text: None  # the kernel log's, once in the VM
         self.resume_runner = resume_runner or (lambda actions: resume.run_resume(
@@ -739,6 +809,9 @@ class Helper:
             if self.cfg.block_interfaces:
                 self._start_capture(host)  # first: P's last acknowledgements are what it is after
                 self.blocked = self.block.apply(self.cfg.block_interfaces, host, port)  # open until tighten
+            if self.cfg.agent_pid:  # the code the cutover runs from here on, mapped before the pass sees memory
+                self._warm_stream_code()
+                self._warm_commit_gate()
             self._final_pass()
             self._page_out_agent()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
@@ -746,6 +819,7 @@ class Helper:
                 self.cycle = LinkCycle(nics_to_cycle(path_nics(self.egress, self.cfg.sys_class_net)))
             # last: what this process freed since the fork (its setup's temporaries, the netlink
             # sockets' buffers of the block and the link cycle) leaves the image
+            self._stash_dedup_tables()
             trim_heap()
             self.memory.update(memory_facts(self.cfg.meminfo_path))
             self._raise_image_size()  # from memory_facts' MemTotal
@@ -766,6 +840,7 @@ class Helper:
                 return self._resumed()
             fault_point("after-image")  # P frozen, traffic blocked, its NIC down
             self.fig.image_created_at = time.time()
+            self._unstash_dedup_tables()
             self._send_image()
             self._await_ack()
         except Exception as exc:  # a bug too: before the ACK, whatever goes wrong, P runs on
@@ -885,8 +960,8 @@ class Helper:
 
         try:
             try:
-                figures = final_pass(memory, self.held, send, self.cfg.migration_id)
-            except MemorySourceError as exc:  # what was sent is in self.held: the image carries the rest
+                figures = final_pass(memory, self.dedup.held, send, self.cfg.migration_id)
+            except MemorySourceError as exc:  # what was sent is in held: the image carries the rest
                 print(f"cutover helper: the pass before FREEZE stopped: {exc}", file=sys.stderr, flush=True)
                 figures = None
             W.send_frame(sock, W.PASSED)
@@ -894,16 +969,34 @@ class Helper:
             raise CutoverAborted(f"the pass before FREEZE failed: {refusal(sock, exc)}") from None
         finally:
             memory.close()
-        self.held_content = held_content(self.held)
+        self.dedup.update_content()
         if figures is not None:
             self.fig.pass_pages = figures.pages
             self.memory.update(figures.as_dict())
 
+    def _stash_dedup_tables(self) -> None:
+        if not self.cfg.dedup_stash:
+            return
+        t0 = time.monotonic()
+        try:
+            self.dedup.stash(self.cfg.dedup_stash)
+        except OSError as exc:  # an optimisation only: the image carries them then
+            discard_stash(self.cfg.dedup_stash)
+            print(f"cutover helper: the dedup tables stay in memory: {exc}", file=sys.stderr, flush=True)
+            return
+        self.memory["stash_s"] = time.monotonic() - t0
+
+    def _unstash_dedup_tables(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.dedup.unstash()
+        except OSError as exc:
+            raise CutoverAborted(f"cannot read the dedup tables back: {exc}") from None
+        self.memory["unstash_s"] = time.monotonic() - t0
+
     def _page_out_agent(self) -> None:
         if not self.cfg.agent_pid:
             return
-        self._warm_stream_code()
-        self._warm_commit_gate()
         t0 = time.monotonic()
         res = page_out(self.cfg.agent_pid)
         if res.error:
@@ -974,7 +1067,7 @@ class Helper:
         count = len(views)
         hashes = hash_page_views(views)
         whole.update(W.page_hash_bytes(hashes))
-        plan = plan_dedup(pfns, hashes, self.held, self.held_content)
+        plan = plan_dedup(pfns, hashes, self.dedup.held, self.dedup.content)
         pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
         flags = plan.send.astype(np.uint8)  # W.PAGE_FOLLOWS or W.PAGE_HELD
         refs = b""
@@ -996,14 +1089,17 @@ class Helper:
         compress like memory does) before the agent's file pages go (page_out): the code they run
         (numpy, xxhash, zstd) is then mapped by this process too and the kernel leaves it. Else the
         helper reads it back from disk while P is frozen (measured on the rig: 14 reads, ~450 pages,
-        inside the stream; 3 after a warm-up of two pages). Both of plan_dedup's paths are taken."""
-        rng = np.random.default_rng(len(self.held))
-        like_memory = np.tile(rng.integers(0, 256, 64, dtype=np.uint8), PAGE_SIZE // 64 * (pages - 2))
-        like_memory[::97] = rng.integers(0, 256, like_memory[::97].size, dtype=np.uint8)
-        scratch = bytearray(rng.bytes(PAGE_SIZE)) + bytearray(PAGE_SIZE) + bytearray(like_memory.tobytes())
+        inside the stream; 3 after a warm-up of two pages). Both of plan_dedup's paths are taken.
+        Before the pass before FREEZE: the pages the warm-up brings in then reach V in that pass."""
+        # os.urandom, not numpy.random: importing that maps ~400 pages of its modules that no pass has
+        # seen (rig: 380-480 pages sent literally in the image)
+        like_memory = np.tile(np.frombuffer(os.urandom(64), dtype=np.uint8), PAGE_SIZE // 64 * (pages - 2))
+        like_memory[::97] = np.frombuffer(os.urandom(like_memory[::97].size), dtype=np.uint8)
+        scratch = bytearray(os.urandom(PAGE_SIZE)) + bytearray(PAGE_SIZE) + bytearray(like_memory.tobytes())
         view = memoryview(scratch)
         views = [view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(pages)]
-        for pfns in (np.arange(pages, dtype=np.uint64), np.arange(pages, dtype=np.uint64) + len(self.held)):
+        held = len(self.dedup.held)
+        for pfns in (np.arange(pages, dtype=np.uint64), np.arange(pages, dtype=np.uint64) + held):
             self._encode_chunk(0, pfns, view, views, new_checksum(), lambda: True, {})
         W.frame(W.CHUNK, b"", bytes(PAGE_SIZE))
 
@@ -1175,6 +1271,7 @@ class Helper:
 
     def _abort(self, reason: str, outcome: str = "aborted") -> None:
         """Back to P running as it was; never raises."""
+        discard_stash(self.dedup.stashed)
         if self.capture is not None:
             self.capture.close()
             self.capture = None
@@ -1254,6 +1351,7 @@ class Helper:
         t1 = time.monotonic()
         # the cutover's settings go back once the OS runs: nothing before UNFREEZE needs them gone
         self._undo_settings()
+        discard_stash(self.dedup.stashed)  # P's, on the disk the VM shares
         self.fig.resume_steps += [f"unfreeze: ok ({(t1 - t0) * 1000:.0f} ms)",
                                   f"after unfreeze: undo-settings: ok ({(time.monotonic() - t1) * 1000:.0f} ms)"]
         if late:  # the OS runs again: outside the downtime

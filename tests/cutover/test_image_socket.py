@@ -192,7 +192,8 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                 rehearse: bool = False, compression: str = "adaptive", claim_held: dict[int, int] | None = None,
                 resume_actions: list[dict] | None = None, resume_runner=None,
                 pending_file: str = "", migration_id: str = "mig1",
-                agent_pid: int = 0, final_pass_source: str = "") -> tuple[Helper, RecordingBlock]:
+                agent_pid: int = 0, final_pass_source: str = "",
+                dedup_stash: str = "") -> tuple[Helper, RecordingBlock]:
     """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
     snap.watch, snap.watch_pcp = image_size_file(tmp_path), pcp_fraction_file(tmp_path)
     block = RecordingBlock()
@@ -203,7 +204,7 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                        pcp_high_fraction_path=str(pcp_fraction_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
                        resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid,
-                       final_pass_source=final_pass_source)
+                       final_pass_source=final_pass_source, dedup_stash=dedup_stash)
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
@@ -287,6 +288,61 @@ def test_full_cutover_sends_only_changed_pages(tmp_path: Path, compression: str)
         assert compressed >= 1
     elif compression == "never":
         assert compressed == 0
+
+
+def test_dedup_tables_are_on_disk_not_in_p_memory_at_the_snapshot(tmp_path: Path) -> None:
+    """The tables the stream dedups with leave P's memory before FREEZE (they would travel in the
+    image): at CREATE_IMAGE they are in the stash file only; afterwards they are back, the stream
+    dedups as before and the file is gone."""
+    pfns = np.array(sorted(set(range(100, 1100)) | set(range(4000, 4600))), dtype=np.uint64)
+    image, pfns, data = make_image(pfns, seed=3)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.9)
+    feed = RecordingFeed()
+    stash = tmp_path / "state" / "cutover-dedup.bin"
+    stash.parent.mkdir()
+    seen: dict = {}
+
+    class Watched(PlaybackSnapshot):
+        def create_image(self) -> int:
+            seen["file_bytes"] = stash.stat().st_size if stash.exists() else 0
+            seen["in_memory"] = bool(helper.dedup.held.any() or helper.dedup.content.any())
+            return super().create_image()
+
+    receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", accept_timeout_s=30, io_timeout_s=30,
+                             commit_timeout_s=10, go_mark=tmp_path / "go.json", ack_mark=tmp_path / "ack.json")
+    feed.go_mark = tmp_path / "go.json"
+    host, port = receiver.endpoint
+    t, outcome = serve_in_thread(receiver)
+    snap = Watched(image)
+    helper, _ = make_helper(tmp_path, f"{host}:{port}", snap, store, dedup_stash=str(stash))
+    held_before = helper.dedup.held.copy()
+    assert held_before.any()
+    assert helper.run() == "powered-off"
+    t.join(30)
+    content_bytes = -(-helper.dedup.content.nbytes // 4096) * 4096
+    assert seen == {"file_bytes": MAX_PFN * 8 + content_bytes, "in_memory": False}, seen
+    assert not stash.exists()
+    assert np.array_equal(helper.dedup.held, held_before)  # back as they were
+    assert bytes(feed.data) == image
+    n_held = int(pfns.size * 0.9)
+    assert outcome["result"].pages_from_store == n_held and helper.fig.pages_skipped == n_held
+    assert "unstash_s" in helper.memory and "stash_s" in helper.memory
+
+
+def test_dedup_tables_go_back_in_memory_without_a_stash_file(tmp_path: Path) -> None:
+    """No file can be written: the tables stay in memory (the image is larger), the cutover goes on."""
+    image, pfns, data = make_image(np.arange(100, 400, dtype=np.uint64), seed=4)
+    store = precopied_store(tmp_path, pfns, data, held_fraction=0.5)
+    receiver = ImageReceiver("mig1", TOKEN, store, RecordingFeed(), tmp_path / "image.bin", accept_timeout_s=30,
+                             io_timeout_s=30, commit_timeout_s=10, ack_mark=tmp_path / "ack.json")
+    host, port = receiver.endpoint
+    t, outcome = serve_in_thread(receiver)
+    helper, _ = make_helper(tmp_path, f"{host}:{port}", PlaybackSnapshot(image), store,
+                            dedup_stash=str(tmp_path / "absent-dir" / "dedup.bin"))
+    assert helper.run() == "powered-off"
+    t.join(30)
+    assert outcome["result"].acked and "stash_s" not in helper.memory
+    assert outcome["result"].pages_from_store == int(pfns.size * 0.5)
 
 
 def res_prepared_bytes(outcome: dict) -> int:
