@@ -619,6 +619,21 @@ class DedupTables:
             memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
         self.stashed = path
 
+    def prefetch(self) -> None:
+        """Start reading the file back (the kernel's readahead) while the caller goes on: after
+        CREATE_IMAGE, P's disk answers only once its error handling has revalidated it (rig: 0.15 s).
+        Never raises: `unstash` then reads without it."""
+        if not self.stashed:
+            return
+        try:
+            fd = os.open(self.stashed, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
     def unstash(self) -> None:
         """Back from the file, which goes. Raises OSError (a short file included)."""
         if not self.stashed:
@@ -840,7 +855,7 @@ class Helper:
                 return self._resumed()
             fault_point("after-image")  # P frozen, traffic blocked, its NIC down
             self.fig.image_created_at = time.time()
-            self._unstash_dedup_tables()
+            self.dedup.prefetch()  # read back when the first chunk is planned (_encode_chunk)
             self._send_image()
             self._await_ack()
         except Exception as exc:  # a bug too: before the ACK, whatever goes wrong, P runs on
@@ -1067,6 +1082,9 @@ class Helper:
         count = len(views)
         hashes = hash_page_views(views)
         whole.update(W.page_hash_bytes(hashes))
+        if self.dedup.stashed:  # the first chunk: as late as can be (DedupTables.prefetch)
+            self._unstash_dedup_tables()
+            t0 += self.memory["unstash_s"]  # waited for P's disk, not hashing
         plan = plan_dedup(pfns, hashes, self.dedup.held, self.dedup.content)
         pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
         flags = plan.send.astype(np.uint8)  # W.PAGE_FOLLOWS or W.PAGE_HELD
