@@ -474,12 +474,13 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         write_pending(pending_file, replace(pending, helper_pid=pid, helper_started=process_started(pid) or 0))
 
     committed = False
+    stash = str(pending_file.with_name(DEDUP_STASH))
     try:
         write_pending(pending_file, pending)
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
-                  "dedup_stash": str(pending_file.with_name(DEDUP_STASH)),
+                  "dedup_stash": stash,
                   "agent_setup": setup,  # its last lap is added below, before the fork
                   "final_pass_source": final_pass_source,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
@@ -501,6 +502,9 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     finally:
         if not committed:  # the helper's outcome is in (it cleared it already if it could)
             clear_pending(pending_file)
+        from source_agent.cutover_helper import discard_stash
+
+        discard_stash(stash)  # a helper killed before its read-back leaves it
     verdict = helper_verdict(result, rehearse)
     if verdict == "power-off":
         # the note stays, committed (also if the helper could not mark it): should this agent die
