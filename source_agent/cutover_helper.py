@@ -582,8 +582,8 @@ class DedupTables:
     Both are written after the pass before FREEZE read P's memory (the pass updates `held`; `content`
     is made after it): in the image they would travel literally (rig: ~1000 of ~7500 literal pages,
     4 MiB for a 1 GiB P). `stash` writes them to a file, drops that file's pages from the page cache
-    and the tables' pages from this process; `unstash` reads them back after CREATE_IMAGE, while P's
-    link comes back and its CPU reads the image."""
+    and the tables' pages from this process; after CREATE_IMAGE `prefetch` starts reading them back
+    and `unstash` (at the first chunk's plan) waits for them, while P's link is still coming back."""
 
     def __init__(self, held: np.ndarray) -> None:
         self._held_map, self.held = self._mapped(held)
@@ -615,9 +615,12 @@ class DedupTables:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean now: the page cache lets them go
         finally:
             os.close(fd)
+        self.stashed = path  # from here on `unstash` puts back what is in the file
         for memory in (self._held_map, self._content_map):
-            memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
-        self.stashed = path
+            try:
+                memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
+            except OSError:
+                pass  # they stay in the image; unstash rewrites them as they are
 
     def prefetch(self) -> None:
         """Start reading the file back (the kernel's readahead) while the caller goes on: after
@@ -1109,15 +1112,15 @@ class Helper:
         helper reads it back from disk while P is frozen (measured on the rig: 14 reads, ~450 pages,
         inside the stream; 3 after a warm-up of two pages). Both of plan_dedup's paths are taken.
         Before the pass before FREEZE: the pages the warm-up brings in then reach V in that pass."""
-        # os.urandom, not numpy.random: importing that maps ~400 pages of its modules that no pass has
-        # seen (rig: 380-480 pages sent literally in the image)
+        # os.urandom, not numpy.random: its generators run code from ~400 pages of its modules that
+        # nothing had touched before (rig: 380-480 pages sent literally in the image)
         like_memory = np.tile(np.frombuffer(os.urandom(64), dtype=np.uint8), PAGE_SIZE // 64 * (pages - 2))
         like_memory[::97] = np.frombuffer(os.urandom(like_memory[::97].size), dtype=np.uint8)
         scratch = bytearray(os.urandom(PAGE_SIZE)) + bytearray(PAGE_SIZE) + bytearray(like_memory.tobytes())
         view = memoryview(scratch)
         views = [view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(pages)]
-        held = len(self.dedup.held)
-        for pfns in (np.arange(pages, dtype=np.uint64), np.arange(pages, dtype=np.uint64) + held):
+        beyond = len(self.dedup.held)  # PFNs V cannot hold
+        for pfns in (np.arange(pages, dtype=np.uint64), np.arange(pages, dtype=np.uint64) + beyond):
             self._encode_chunk(0, pfns, view, views, new_checksum(), lambda: True, {})
         W.frame(W.CHUNK, b"", bytes(PAGE_SIZE))
 
