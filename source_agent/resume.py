@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import resource
 import socket
@@ -380,7 +381,7 @@ def await_commit(address: int, token: str, migration_id: str, memory_path: str =
     """The commit gate (common/commit_gate.py): returns once V's record of P's COMMIT is in the ring.
     Never gives up, not even when the ring cannot be mapped (V checked /dev/mem in the restore
     kernel, the same build): going on without P's word could make two live copies of the OS."""
-    if address < 0 or address % commit_gate.mmap.PAGESIZE:
+    if address < 0 or address % mmap.PAGESIZE:
         raise ValueError(f"the ring's address {address:#x} is not a page's")
     t0, faults = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     record = commit_gate.commit_record(bytes.fromhex(token), migration_id)  # only now: not in the image
