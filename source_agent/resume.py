@@ -92,12 +92,15 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     slot_power: the hotplug slot `power` file of each VM function, found on P (slot_power_files):
     the same kernel state in the VM, where looking them up again is a scan of every slot inside the
     downtime."""
+    def power_of(addresses: list[str]) -> dict[str, Any]:  # enable_slots' `power` argument, if any is known
+        power = {a: slot_power[a] for a in addresses if slot_power and a in slot_power}
+        return {"power": power} if power else {}
+
     # probe before pruning: the VM's NICs register while P's vanished ones still hold their names,
     # so no virtual NIC takes a physical NIC's name (cancellation tells them apart by name)
     if vm_nics:
-        power = {a: slot_power[a] for a in [*vm_nics, *(vm_disks or [])] if slot_power and a in slot_power}
         actions = [ResumeAction("enable-slots", {"addresses": list(vm_nics), "later": list(vm_disks or []),
-                                                 "skip": feed_address, **({"power": power} if power else {})})]
+                                                 "skip": feed_address, **power_of([*vm_nics, *(vm_disks or [])])})]
     else:
         actions = [ResumeAction("rescan-pci", {"skip": feed_address} if feed_address else {})]
     if feed_mac:  # (when rescan already removed it unprobed, this only checks it is gone)
@@ -119,9 +122,7 @@ def plan_resume(nics: list[NicFacts], md_legs: list[tuple[str, str]], blocked: l
     # sit on P's slots (vm_builder)
     actions.append(ResumeAction("prune-stale-pci", late=True))
     if vm_nics and vm_disks:  # only cancellation needs them (md's local leg in the VM)
-        power = {a: slot_power[a] for a in vm_disks if slot_power and a in slot_power}
-        actions.append(ResumeAction("enable-slots", {"addresses": list(vm_disks),
-                                                     **({"power": power} if power else {})}, late=True))
+        actions.append(ResumeAction("enable-slots", {"addresses": list(vm_disks), **power_of(vm_disks)}, late=True))
     return actions
 
 
