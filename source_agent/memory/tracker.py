@@ -4,9 +4,10 @@ HashTracker keeps one page hash (pagecodec) per PFN: the hash of the content the
 (0 = nothing sent). A page is dirty when its current hash differs. It needs no kernel support
 and doubles as dedup at cutover (the destination's HeldHashes use the same hash).
 
-A kernel-assisted tracker (soft-dirty bits, PAGEMAP_SCAN) narrows the pages to look at:
-it implements `candidates()` and the scan then reads and hashes only those; `dirty()` still
-compares hashes, so both kinds agree on what was sent.
+There is no kernel-assisted tracker: soft-dirty bits and PAGEMAP_SCAN see only user mappings, and
+P's image is mostly kernel memory and page cache. One would narrow the pages the scan reads (a hook
+called by the scan, which does not exist yet) and still compare hashes in `dirty()`, so that both
+kinds agree on what was sent.
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ class DirtyTracker(abc.ABC):
 
     def begin_round(self, round_no: int) -> None:  # noqa: B027 - optional hook
         """Called before each round's scan (a soft-dirty tracker reads and clears its bits here)."""
-
-    def candidates(self, pfn: int, count: int) -> np.ndarray | None:
-        """Indices (relative to pfn) of pages that may have changed; None = any of them."""
-        return None
 
     @abc.abstractmethod
     def dirty(self, pfn: int, pages: np.ndarray, spans: list[tuple[int, int]] | None = None
