@@ -21,7 +21,7 @@ from pathlib import Path
 from common import commit_gate
 from common.atomicfile import write_json_atomic
 from common.config import DestConfig
-from common.net_route import HostRoute, add_host_route, attempt, delete_host_route
+from common.net_route import HostRoute, add_host_route, attempt, delete_host_route, sweep_host_routes
 from dest_agent import vm_builder
 from p2v.v1 import common_pb2, destination_pb2
 
@@ -164,6 +164,15 @@ def drop_ack_route(route: HostRoute | None) -> None:
     if route is not None:
         attempt(f"cannot remove the route to {route.dst}", lambda ipr: delete_host_route(ipr, route), None,
                 log.warning)
+
+
+def sweep_ack_routes() -> list[str]:
+    """Remove the routes to P an earlier agent, killed mid-cutover, left (common.net_route's mark):
+    at V's start, before any cutover of this agent. Returns their destinations; never raises."""
+    swept = attempt("cannot look for routes an earlier agent left", sweep_host_routes, [], log.warning)
+    if swept:
+        log.info("removed the routes to %s an earlier agent left", ", ".join(swept))
+    return swept
 
 
 def add_figures(path: Path, key: str, figures: dict) -> None:

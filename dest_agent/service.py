@@ -78,7 +78,11 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
 
     async def start(self) -> None:
         """After the server is up: the waiting VMs an earlier run left are adopted (one that still
-        holds an acknowledged image) or destroyed, in the background (CutoverDesk.settle_orphans)."""
+        holds an acknowledged image) or destroyed, in the background (CutoverDesk.settle_orphans),
+        and the routes to P it left are removed (sweep_ack_routes)."""
+        from dest_agent.cutover import sweep_ack_routes
+
+        await asyncio.to_thread(sweep_ack_routes)
         if self._orphans:
             orphans, self._orphans = self._orphans, []
             self._settling = asyncio.create_task(asyncio.to_thread(self.cutover.settle_orphans, orphans))

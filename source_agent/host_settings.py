@@ -88,8 +88,9 @@ def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
             continue
     bonds = {name: timers for name in blocked if (timers := bond_timers(name, root)) is not None}
     image_size, pcp = (_read_setting(path) for path in (image_size_path, pcp_path))
+    route = host_route(v_host) if v_host else None
     return HostSettings(list(blocked), up, bonds, image_size, v_host,
-                        v_route=bool(v_host) and host_route(v_host) is not None,
+                        v_route=route is not None and not route.ours,  # p2v's (a killed helper's) is not the host's
                         v_pinned=bool(v_host) and pinned_neighbour(v_host) is not None, pcp_high_fraction=pcp)
 
 
@@ -132,7 +133,7 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     if saved.io_timeouts:
         set_io_timeouts(list(saved.io_timeouts), None, saved.io_timeouts, block_root)
         done.append(f"io_timeout of {', '.join(saved.io_timeouts)}")
-    if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None:
+    if saved.v_host and not saved.v_route and (route := host_route(saved.v_host)) is not None and route.ours:
         narrow_route(route)
         done.append(f"route to {saved.v_host} removed")
     if saved.v_host and not saved.v_pinned and (pin := pinned_neighbour(saved.v_host)) is not None:

@@ -133,3 +133,37 @@ def test_agent_leaves_routes_and_entries_it_did_not_see_made(tmp_path) -> None:
         out = json.loads(res.stdout.strip().splitlines()[-1])
     assert pair.right_ip in out["routes"] and "PERMANENT" in out["neigh"], out
     assert not any("route" in d or "neighbour" in d for d in out["done"]), out
+
+
+SNIPPET_LEFTOVER_ROUTE = """
+import json, subprocess, sys
+sys.path.insert(0, {repo!r})
+from source_agent import host_settings as hs
+from source_agent.cutover_helper import widen_route
+
+v_host = {v_host!r}
+widen_route(v_host, 40, 200)  # an earlier helper's, killed with its agent before anything put P back
+saved = hs.read_host_settings([], root={root!r}, image_size_path={root!r} + "/none", v_host=v_host,
+                              pcp_path={root!r} + "/none")
+done = hs.restore_host_settings(saved, root={root!r}, image_size_path={root!r} + "/none", pcp_path={root!r} + "/none")
+print(json.dumps({{"v_route": saved.v_route, "done": done,
+                  "routes": subprocess.run(["ip", "route", "show", v_host], capture_output=True, text=True).stdout}}))
+"""
+
+
+@pytest.mark.netns
+def test_agent_takes_an_earlier_helpers_route_for_p2vs_not_ps(tmp_path) -> None:
+    """A route to V with p2v's mark (common.net_route.RTPROT_P2V) found before the cutover was left by
+    a killed helper: it is not P's own, and the safety net removes it."""
+    if not can_use_netns():
+        pytest.skip("needs root and iproute2 for network namespaces")
+    (tmp_path / "net").mkdir()
+    with netns_pair("hleft", subnet="10.78.15") as pair:
+        code = SNIPPET_LEFTOVER_ROUTE.format(repo=str(REPO), root=str(tmp_path / "net"), v_host=pair.right_ip)
+        res = subprocess.run([*pair.exec_prefix(pair.left), sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip(), res.stderr[-2000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["v_route"] is False, out
+    assert f"route to {pair.right_ip} removed" in out["done"], out
+    assert out["routes"].strip() == "", out

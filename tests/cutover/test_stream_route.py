@@ -28,7 +28,8 @@ out["spec"] = [spec.dst, spec.oif > 0, spec.prefsrc]
 out["route"] = routes()
 with socket.create_connection(({ip!r}, {port})) as sock:
     out["ss"] = tcp_info(sock)
-out["twice"] = widen_route({ip!r}, 5000, 1500) is None  # V has a host route now: not ours to replace
+out["twice"] = widen_route({ip!r}, 5000, 1500) is not None  # p2v's own route to it (an earlier agent's): replaced
+out["routes_after_twice"] = routes().count("proto 177")
 narrow_route(spec)
 out["after"] = routes()
 with socket.create_connection(({ip!r}, {port})) as sock:
@@ -52,6 +53,6 @@ def test_cutover_route_widens_the_window_and_goes_again() -> None:
     assert out["spec"] == [pair.right_ip, True, pair.left_ip], out
     assert "initcwnd 5000" in out["route"] and "rto_min" in out["route"], out
     assert "cwnd:5000 " in out["ss"] and ss_rto_ms(out["ss"]) >= 1500, out
-    assert out["twice"], out
+    assert out["twice"] and out["routes_after_twice"] == 1, out
     assert out["after"] == "", out
     assert "cwnd:10 " in out["ss_after"] and ss_rto_ms(out["ss_after"]) < 1500, out
