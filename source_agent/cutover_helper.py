@@ -1085,9 +1085,6 @@ class Helper:
         count = len(views)
         hashes = hash_page_views(views)
         whole.update(W.page_hash_bytes(hashes))
-        if self.dedup.stashed:  # the first chunk: as late as can be (DedupTables.prefetch)
-            self._unstash_dedup_tables()
-            t0 += self.memory["unstash_s"]  # waited for P's disk, not hashing
         plan = plan_dedup(pfns, hashes, self.dedup.held, self.dedup.content)
         pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
         flags = plan.send.astype(np.uint8)  # W.PAGE_FOLLOWS or W.PAGE_HELD
@@ -1169,6 +1166,8 @@ class Helper:
             t0 = time.monotonic()
             data = self._read_pages(count)
             t1 = time.monotonic()
+            if self.dedup.stashed:  # the first chunk's plan needs them: as late as can be (DedupTables.prefetch)
+                self._unstash_dedup_tables()
             assert self.reader is not None
             link_up = self.outbox.link_ready()
             kind, head, literal, plan = self._encode_chunk(
