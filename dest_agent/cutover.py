@@ -135,7 +135,7 @@ class CutoverState:
     completion: destination_pb2.CompletionReport | None = None
     completed_at: float = 0.0
     attempts: int = 0
-    figures: dict = field(default_factory=dict)
+    receipt: dict = field(default_factory=dict)  # the attempt's figures an earlier run of V's agent left (reload)
     silent_vm: str = ""  # the waiting VM an earlier run left, which did not answer on its feed
     ack_route: HostRoute | None = None  # V's route to P while the image comes (ack_route)
 
@@ -203,14 +203,20 @@ def gate_of(mark: dict) -> bytes | None:
     return record if len(record) == commit_gate.RECORD_BYTES else None
 
 
-def receipt_says_committed(path: Path) -> bool:
-    """An attempt's figures (cutover.json) saying P committed or the VM resumed: what a run of V's
-    agent from before the GO mark left of a migration whose VM is P."""
+def read_receipt(path: Path) -> dict:
+    """An attempt's figures (cutover.json); {} when there are none or they cannot be read."""
     try:
         figures = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(figures, dict) and (bool(figures.get("committed")) or "resumed" in figures)
+        return {}
+    return figures if isinstance(figures, dict) else {}
+
+
+def receipt_says_committed(path: Path) -> bool:
+    """An attempt's figures (cutover.json) saying P committed or the VM resumed: what a run of V's
+    agent from before the GO mark left of a migration whose VM is P."""
+    figures = read_receipt(path)
+    return bool(figures.get("committed")) or "resumed" in figures
 
 
 class CutoverDesk:
@@ -436,7 +442,9 @@ class CutoverDesk:
             record.finished, record.state == common_pb2.MIGRATION_STATE_FAILED, record.error,
             record.go_mark_path.exists(), receipt_says_committed(record.dir / "cutover.json"))
         if verdict == VM_IS_P:
-            self.state(record.id).point_of_no_return = True
+            st = self.state(record.id)
+            st.point_of_no_return = True
+            st.receipt = read_receipt(record.dir / "cutover.json")  # the image's figures, for the status
         elif verdict == INTERRUPTED:
             was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
             record.set_state(common_pb2.MIGRATION_STATE_FAILED,
@@ -566,6 +574,10 @@ class CutoverDesk:
             status.stats.downtime_bytes = st.result.wire_bytes
             status.stats.skipped = st.result.pages_from_store
             status.stats.cutover_pages = st.result.image_pages
+        elif st.receipt:  # the image came to an earlier run of this agent
+            status.stats.downtime_bytes = int(st.receipt.get("wire_bytes", 0))
+            status.stats.skipped = int(st.receipt.get("pages_from_store", 0))
+            status.stats.cutover_pages = int(st.receipt.get("image_pages", 0))
         if st.resumed is not None and st.resumed.unfrozen_at:
             if st.resumed.frozen_at:
                 status.stats.downtime_ms = int((st.resumed.unfrozen_at - st.resumed.frozen_at) * 1000)
