@@ -11,14 +11,16 @@ and V records the move complete; `p2vctl migrate`, which followed the move from 
 for that agent and follows the migration to its end. Before, V never heard of it and P's redundancy
 was never cancelled.
 
-The same move through a graceful stop of V's agent instead (P2V_FAULT=dest-stopped-after-ack: the
-cutover ends before the agent does, and the next agent serves the VM's report) was run by hand; see
-bench/README.md. Without redundancy and with two pre-copy rounds: ~2 min on the reference box.
+The same move through a graceful stop of V's agent instead (P2V_FAULT=dest-stopped-after-ack, as
+`systemctl stop` right after the ACK): the cutover under way ends before the agent does (P's COMMIT,
+then GO to the VM), and the agent started next records the move complete when the VM's agent reports
+to it. Each move: without redundancy and with two pre-copy rounds, ~2-3 min on the reference box.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -91,5 +93,49 @@ def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after:
         assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0, tcp
         print(f"\nfigures: client gap {tcp.max_gap_s:.2f}s (V's restart and the operator's word inside it), "
               f"complete {time.time() - t0:.1f}s after start")
+    finally:
+        cr.stop_destination(dest)
+
+
+def test_v_stopped_after_ack_lets_the_cutover_end_and_the_next_agent_records_it(rig_restarted_after: Rig) -> None:
+    rig = rig_restarted_after
+    dest = cr.start_destination(rig, with_export=False, env={"P2V_FAULT": "dest-stopped-after-ack"})
+    try:
+        workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
+        pids_before = rig.workload_pids()
+        t0 = time.time()
+        cr.start_migration(rig, dest, extra="--max-rounds 2")
+        deadline = time.monotonic() + 1200
+        while cr.agent_running(dest):
+            assert time.monotonic() < deadline, "V's agent never reached its fault point"
+            time.sleep(0.2)
+        log = dest.agent_log.read_text()
+        assert "P2V_FAULT=dest-stopped-after-ack: stopping this agent" in log, log[-3000:]
+        cr.wait_p_off(rig, timeout_s=120)
+        (record,) = (dest.dir / "state" / "migrations").iterdir()
+        # the stop waited for the cutover: P's COMMIT came, and V told the VM GO before it exited
+        marks = sorted(p.name for p in record.iterdir())
+        assert "ack.json" in marks and "go.json" in marks, marks
+        meta = record / "meta.json"
+        assert json.loads(meta.read_text())["state"] != "completed"
+
+        cr.start_agent(dest)  # the same state; no fault: the VM's agent, retrying its report, finds it
+        deadline = time.monotonic() + 300
+        while json.loads(meta.read_text())["state"] != "completed":
+            assert time.monotonic() < deadline, dest.agent_log.read_text()[-3000:]
+            time.sleep(1)
+        out = cr.wait_migration_end_in_vm(dest, timeout_s=300)
+        print("\nmigrate output in the VM:\n" + out[-1500:])
+        assert cr.final_state(out) == "completed", out[-2000:]
+        # the image's figures come from the receipt the stopped agent left (the next one never saw it)
+        cutover_bytes = re.search(r"cutover (\d+) B, (\d+) pages from V's store", " ".join(out.split()))
+        assert cutover_bytes and int(cutover_bytes[1]) > 0 and int(cutover_bytes[2]) > 0, out[-2000:]
+        vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
+                         "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
+        for name, pid in pids_before.items():
+            assert f"{name} {pid} alive" in vm, vm
+        tcp = rig.tcp_stats(since=t0)
+        assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0, tcp
+        print(f"\nfigures: client gap {tcp.max_gap_s:.2f}s, complete {time.time() - t0:.1f}s after start")
     finally:
         cr.stop_destination(dest)
