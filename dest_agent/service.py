@@ -104,6 +104,8 @@ class DestinationService(destination_pb2_grpc.DestinationServicer):
                 if not reason:
                     continue
                 log.error("source silent: migration given up", extra={"migration": record.id, "error": reason})
+                with record.lock:  # at once, in the loop: a call of P's that comes while the VM goes is refused
+                    record.state, record.error = common_pb2.MIGRATION_STATE_FAILED, reason
                 try:
                     await asyncio.to_thread(self._close, record, common_pb2.MIGRATION_STATE_FAILED, reason)
                 except Exception:  # the watch goes on for the others

@@ -132,3 +132,34 @@ async def test_a_silent_source_loses_its_waiting_vm_the_vm_that_is_p_stays(tmp_p
                 except libvirt.libvirtError:
                     pass
             conn.close()
+
+
+async def test_a_call_that_comes_while_v_gives_up_finds_the_migration_failed(tmp_path: Path, monkeypatch) -> None:
+    """The lease's verdict and the migration's failed state are one step: a Cutover that P sends
+    while V still tears the migration down (its VM going) is refused, not started on it."""
+    import threading
+
+    import grpc
+
+    async with destination(tmp_path / "v") as d:
+        d.service.config.limits.source_silence_s = 1
+        closing, release = threading.Event(), threading.Event()
+        close = d.service.cutover.close
+
+        def slow_close(record_id: str) -> None:  # the waiting VM's destroy, held up
+            closing.set()
+            release.wait(10)
+            close(record_id)
+
+        monkeypatch.setattr(d.service.cutover, "close", slow_close)
+        await d.service.start()
+        silent = (await d.prepare(max_pfn=1024)).migration_id
+        try:
+            assert await asyncio.to_thread(closing.wait, 10), "the lease never gave the migration up"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await d.stub.Cutover(destination_pb2.CutoverRequest(
+                    migration_id=silent, phase=destination_pb2.CutoverRequest.PHASE_ANNOUNCE), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+            assert "FAILED" in refused.value.details()
+        finally:
+            release.set()
