@@ -32,19 +32,38 @@ from rig import destination as cr
 pytestmark = [pytest.mark.rig, pytest.mark.timeout(1500)]
 
 
+def migrate_until_v_agent_exits(rig: Rig, dest: cr.Destination) -> tuple[dict, float]:
+    """Start the move (two pre-copy rounds) once the client's session flows; return when V's agent,
+    given a fault point, has left. Returns the workloads' PIDs before, and the start time."""
+    workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
+    pids_before = rig.workload_pids()
+    t0 = time.time()
+    cr.start_migration(rig, dest, extra="--max-rounds 2")
+    deadline = time.monotonic() + 1200
+    while cr.agent_running(dest):
+        assert time.monotonic() < deadline, "V's agent never reached its fault point"
+        time.sleep(0.2)
+    return pids_before, t0
+
+
+def assert_same_processes_and_session(rig: Rig, dest: cr.Destination, pids_before: dict, t0: float):
+    """The workloads run in the VM with the PIDs they had on P, and the client's TCP session never
+    broke since `t0`. Returns the session's figures."""
+    vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
+                     "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
+    for name, pid in pids_before.items():
+        assert f"{name} {pid} alive" in vm, vm
+    tcp = rig.tcp_stats(since=t0)
+    assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0, tcp
+    return tcp
+
+
 def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after: Rig) -> None:
     rig = rig_restarted_after
     dest = cr.start_destination(rig, with_export=False, env={"P2V_FAULT": "dest-killed-after-ack"})
     try:
         rig.restart_agent(env={"P2V_FAULT": "agent-killed-after-resume"})
-        workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
-        pids_before = rig.workload_pids()
-        t0 = time.time()
-        cr.start_migration(rig, dest, extra="--max-rounds 2")
-        deadline = time.monotonic() + 1200
-        while cr.agent_running(dest):
-            assert time.monotonic() < deadline, "V's agent never reached its fault point"
-            time.sleep(0.2)
+        pids_before, t0 = migrate_until_v_agent_exits(rig, dest)
         assert "P2V_FAULT=dest-killed-after-ack" in dest.agent_log.read_text()
         cr.wait_p_off(rig, timeout_s=120)  # COMMIT went into the dead socket: P is past its point of no return
         (record,) = (dest.dir / "state" / "migrations").iterdir()
@@ -85,12 +104,7 @@ def test_v_killed_after_ack_the_next_agent_adopts_the_image(rig_restarted_after:
         out = cr.wait_migration_end_in_vm(dest, timeout_s=120)  # p2vctl followed the next agent to the end
         print("\nmigrate output in the VM:\n" + out[-1500:])
         assert cr.final_state(out) == "completed" and "follow migration" in out, out[-2000:]
-        vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
-                         "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
-        for name, pid in pids_before.items():
-            assert f"{name} {pid} alive" in vm, vm
-        tcp = rig.tcp_stats(since=t0)
-        assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0, tcp
+        tcp = assert_same_processes_and_session(rig, dest, pids_before, t0)
         print(f"\nfigures: client gap {tcp.max_gap_s:.2f}s (V's restart and the operator's word inside it), "
               f"complete {time.time() - t0:.1f}s after start")
     finally:
@@ -101,14 +115,7 @@ def test_v_stopped_after_ack_lets_the_cutover_end_and_the_next_agent_records_it(
     rig = rig_restarted_after
     dest = cr.start_destination(rig, with_export=False, env={"P2V_FAULT": "dest-stopped-after-ack"})
     try:
-        workloads.wait_tcp_flowing(rig.tcp_log, min_echoes=20)
-        pids_before = rig.workload_pids()
-        t0 = time.time()
-        cr.start_migration(rig, dest, extra="--max-rounds 2")
-        deadline = time.monotonic() + 1200
-        while cr.agent_running(dest):
-            assert time.monotonic() < deadline, "V's agent never reached its fault point"
-            time.sleep(0.2)
+        pids_before, t0 = migrate_until_v_agent_exits(rig, dest)
         log = dest.agent_log.read_text()
         assert "P2V_FAULT=dest-stopped-after-ack: stopping this agent" in log, log[-3000:]
         cr.wait_p_off(rig, timeout_s=120)
@@ -130,12 +137,7 @@ def test_v_stopped_after_ack_lets_the_cutover_end_and_the_next_agent_records_it(
         # the image's figures come from the receipt the stopped agent left (the next one never saw it)
         cutover_bytes = re.search(r"cutover (\d+) B, (\d+) pages from V's store", " ".join(out.split()))
         assert cutover_bytes and int(cutover_bytes[1]) > 0 and int(cutover_bytes[2]) > 0, out[-2000:]
-        vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "
-                         "$(kill -0 $(cat " + C.P_STATE_DIR + "/$n.pid) 2>/dev/null && echo alive); done")
-        for name, pid in pids_before.items():
-            assert f"{name} {pid} alive" in vm, vm
-        tcp = rig.tcp_stats(since=t0)
-        assert tcp.reconnects == 0 and tcp.lost == 0 and tcp.duplicated == 0 and tcp.bad == 0, tcp
+        tcp = assert_same_processes_and_session(rig, dest, pids_before, t0)
         print(f"\nfigures: client gap {tcp.max_gap_s:.2f}s, complete {time.time() - t0:.1f}s after start")
     finally:
         cr.stop_destination(dest)
