@@ -16,7 +16,7 @@ an optimisation lost, never a reason to stop).
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -52,25 +52,24 @@ def route_keys(route: HostRoute) -> dict[str, Any]:
     return keys
 
 
+def host_routes(ipr: Any) -> Iterator[HostRoute]:
+    """The /32 routes of the main table."""
+    for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        if route["dst_len"] == 32:
+            yield HostRoute(route.get_attr("RTA_DST"), route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
+                            route.get_attr("RTA_PREFSRC"), route["proto"])
+
+
 def find_host_route(ipr: Any, host: str) -> HostRoute | None:
     """The /32 route to `host` in the main table, if there is one."""
-    for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-        if route["dst_len"] == 32 and route.get_attr("RTA_DST") == host:
-            return _host_route(route)
-    return None
-
-
-def _host_route(route: Any) -> HostRoute:
-    return HostRoute(route.get_attr("RTA_DST"), route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY"),
-                     route.get_attr("RTA_PREFSRC"), route["proto"])
+    return next((route for route in host_routes(ipr) if route.dst == host), None)
 
 
 def sweep_host_routes(ipr: Any) -> list[str]:
     """Delete the host routes p2v's agents left behind (an agent killed mid-cutover never removed
     its own): every /32 of the main table with p2v's mark. Returns their destinations. At an
     agent's start, when none of its own can exist yet."""
-    left = [_host_route(route) for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
-            if route["dst_len"] == 32 and route["proto"] == RTPROT_P2V]
+    left = [route for route in host_routes(ipr) if route.ours]
     for route in left:
         delete_host_route(ipr, route)
     return [route.dst for route in left]

@@ -212,10 +212,9 @@ def read_receipt(path: Path) -> dict:
     return figures if isinstance(figures, dict) else {}
 
 
-def receipt_says_committed(path: Path) -> bool:
-    """An attempt's figures (cutover.json) saying P committed or the VM resumed: what a run of V's
-    agent from before the GO mark left of a migration whose VM is P."""
-    figures = read_receipt(path)
+def receipt_says_committed(figures: dict) -> bool:
+    """An attempt's figures (read_receipt) saying P committed or the VM resumed: what a run of V's
+    agent from before the GO mark left of a migration whose VM is P. Pure."""
     return bool(figures.get("committed")) or "resumed" in figures
 
 
@@ -438,13 +437,14 @@ class CutoverDesk:
         """A migration an earlier run of this agent left (`restart_verdict`). VM_IS_P: its agent's
         report is still awaited and nothing may cancel it. INTERRUPTED: it reads failed from here on
         (settle_orphans finds out whether its VM still holds an acknowledged image)."""
+        receipt = read_receipt(record.dir / "cutover.json")
         verdict = restart_verdict(
             record.finished, record.state == common_pb2.MIGRATION_STATE_FAILED, record.error,
-            record.go_mark_path.exists(), receipt_says_committed(record.dir / "cutover.json"))
+            record.go_mark_path.exists(), receipt_says_committed(receipt))
         if verdict == VM_IS_P:
             st = self.state(record.id)
             st.point_of_no_return = True
-            st.receipt = read_receipt(record.dir / "cutover.json")  # the image's figures, for the status
+            st.receipt = receipt  # the image's figures, for the status
         elif verdict == INTERRUPTED:
             was = UNDECIDED_ERROR if record.finished else STATE_NAMES[record.state]
             record.set_state(common_pb2.MIGRATION_STATE_FAILED,
