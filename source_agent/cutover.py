@@ -68,7 +68,7 @@ def power_off_after_commit() -> NoReturn:
     raise PastPointOfNoReturn(f"V runs the OS now, and {refusal or 'P did not go off'}")
 
 
-#: the helper's dedup tables on disk around the snapshot (cutover_helper.DedupTables), in the state dir
+#: the helper's dedup tables on disk around the snapshot (dedup_tables.DedupTables), in the state dir
 DEDUP_STASH = "cutover-dedup.bin"
 
 
@@ -502,7 +502,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     finally:
         if not committed:  # the helper's outcome is in (it cleared it already if it could)
             clear_pending(pending_file)
-        from source_agent.cutover_helper import discard_stash
+        from source_agent.dedup_tables import discard_stash
 
         discard_stash(stash)  # a helper killed before its read-back leaves it
     verdict = helper_verdict(result, rehearse)

@@ -15,29 +15,27 @@ image receiver, negotiated by the agent beforehand (endpoint + one-time token in
     in the VM (in_suspend == 0): resume actions while everything is still frozen, UNFREEZE (never
                              after a failed commit gate: "halted", the OS stays frozen)
 
+Its parts, each a module: the kernel's interface (snapshot_device), the image's reading and queueing
+(image_stream), V's hashes around the snapshot (dedup_tables), the network path's settings
+(stream_path); this module runs them in order.
+
 The outcome is one JSON line on stdout ("aborted" / "resumed"; a powered-off P prints nothing
 after "committed").
 """
 
 from __future__ import annotations
 
-import array
-import collections
-import ctypes
 import fcntl
 import json
-import mmap
 import os
 import resource
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -47,89 +45,39 @@ from common import image_wire as W
 from common.heap import hold_freed_memory, trim_heap
 from common.hibernate_image import (
     PAGE_SIZE,
-    SNAPSHOT_CREATE_IMAGE,
-    SNAPSHOT_FREE,
-    SNAPSHOT_FREEZE,
-    SNAPSHOT_UNFREEZE,
-    held_content,
     meta_pages_for,
     parse_header,
     parse_pfns,
     plan_dedup,
 )
-from common.net_route import HostRoute, add_host_route, attempt, delete_host_route, find_host_route
+from common.net_route import HostRoute
 from common.pagecodec import hash_page_views, new_checksum
 from common.procfs import stat_counters, status_kib
 from source_agent import peer_kick, resume, traffic_block
+from source_agent.dedup_tables import DedupTables, discard_stash
 from source_agent.final_pass import final_pass
-from source_agent.host_settings import PendingError, clear_pending, commit_note, write_commit_note
+from source_agent.host_settings import PendingError, clear_pending, commit_note, swap_sysctl, write_commit_note
+from source_agent.image_stream import COMPRESSION_MODES, CutoverAborted, Outbox, PageReader, compress_chunk
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 from source_agent.memory import MemorySourceError, open_memory_source
 from source_agent.page_out import page_out
+from source_agent.snapshot_device import Snapshot, SnapshotDevice
+from source_agent.stream_path import (
+    SO_SNDBUFFORCE,
+    PinnedNeighbour,
+    carrier_check,
+    egress_interface,
+    hold_bond_slaves,
+    narrow_route,
+    pin_neighbour,
+    release_bond_slaves,
+    tcp_figures,
+    unacknowledged,
+    unpin_neighbour,
+    widen_route,
+)
 
-IOV_MAX = 1024  # vectors per readv (the kernel's UIO_MAXIOV)
-RB_POWER_OFF = 0x4321FEDC
 NBD_CLEAR_SOCK = 0xAB04  # _IO(0xab, 4), linux/nbd.h
-
-
-class CutoverAborted(RuntimeError):
-    """Before the point of no return: P was (or will be) unfrozen and runs on."""
-
-
-# --- the snapshot device ------------------------------------------------------------------------
-
-class Snapshot(Protocol):
-    def freeze(self) -> None: ...
-
-    def create_image(self) -> int: ...  # in_suspend
-
-    def read_pages(self, buffers: list[memoryview]) -> int: ...
-
-    def free(self) -> None: ...
-
-    def unfreeze(self) -> None: ...
-
-    def power_off(self) -> None: ...
-
-
-class SnapshotDevice:
-    """/dev/snapshot through its ioctls (kernel/power/user.c)."""
-
-    def __init__(self, path: str = "/dev/snapshot") -> None:
-        # The image size the kernel aims at is raised through /sys/power/image_size (the helper's
-        # _raise_image_size), not SNAPSHOT_PREF_IMAGE_SIZE: that sets the same variable, and the
-        # old value must be read first to come back when P runs on.
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def freeze(self) -> None:
-        fcntl.ioctl(self.fd, SNAPSHOT_FREEZE)
-
-    def create_image(self) -> int:
-        arg = array.array("i", [0])
-        fcntl.ioctl(self.fd, SNAPSHOT_CREATE_IMAGE, arg, True)
-        return arg[0]
-
-    def read_pages(self, buffers: list[memoryview]) -> int:
-        return os.readv(self.fd, buffers)
-
-    def free(self) -> None:
-        fcntl.ioctl(self.fd, SNAPSHOT_FREE)
-
-    def unfreeze(self) -> None:
-        fcntl.ioctl(self.fd, SNAPSHOT_UNFREEZE)
-
-    def power_off(self) -> None:
-        # SNAPSHOT_POWER_OFF acts only in the ACPI platform mode, which this helper does not use; the
-        # kernel's own power-off is what hibernation's "shutdown" mode does.
-        power_off()
-
-
-def power_off() -> NoReturn:
-    """The kernel's power-off, at once. No sync: during the cutover the writeback workers are frozen
-    (a sync with dirty data would wait for them forever), and past the point of no return nothing
-    P still writes matters. Raises OSError only if the kernel refused."""
-    ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
-    raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) returned")
 
 
 def stream_cpu(before: dict[str, float], after: dict[str, float], self_before: resource.struct_rusage,
@@ -165,7 +113,6 @@ def release_network_legs(devices: list[str]) -> list[str]:
 
 # --- configuration -------------------------------------------------------------------------------
 
-COMPRESSION_MODES = ("adaptive", "always", "never")
 
 
 def refusal(sock: socket.socket, exc: OSError) -> str:
@@ -176,16 +123,6 @@ def refusal(sock: socket.socket, exc: OSError) -> str:
     except (OSError, W.WireError):
         return str(exc)
     return f"V refused it: {bytes(payload).decode(errors='replace')}" if kind == W.NACK else str(exc)
-
-
-def compress_chunk(mode: str, network_behind: bool, link_up: bool = True) -> bool:
-    """Whether a chunk's literal pages are compressed as it is encoded. Pure. "adaptive": only while
-    P's link is up and the network behind (slower than P's CPU). While the link is still down after
-    CREATE_IMAGE the chunks wait as they are, and are compressed only once all of them are read and
-    the link is still down, when P's CPU has nothing else to do (Helper._compress_backlog): under TCG
-    reading and hashing outlast the e1000's autonegotiation, and compressing meanwhile delayed the
-    image (rig: header -> whole image at V, median 0.93 s compressing while down, 0.78 s never)."""
-    return mode == "always" or (mode == "adaptive" and link_up and network_behind)
 
 
 @dataclass
@@ -361,424 +298,6 @@ def memory_facts(meminfo: str = "/proc/meminfo", proc: str = "/proc") -> dict[st
     return out
 
 
-SO_SNDBUFFORCE = 32
-SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged
-
-
-def _unacknowledged(sock: socket.socket) -> int:
-    buf = array.array("i", [0])
-    fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
-    return buf[0]
-
-
-#: struct tcp_info (linux/tcp.h): name -> (offset, struct format) of the fields the stream reports
-TCP_INFO_FIELDS = {"unacked": (24, "I"), "snd_cwnd": (80, "I"), "total_retrans": (100, "I"),
-                   "notsent_bytes": (144, "I"), "busy_us": (168, "Q"), "rwnd_limited_us": (176, "Q"),
-                   "sndbuf_limited_us": (184, "Q"), "snd_wnd": (228, "I")}
-
-
-def tcp_figures(sock: socket.socket) -> dict[str, int]:
-    """What the kernel's TCP says of the image stream now (TCP_INFO; the fields an older kernel lacks
-    are left out): where the stream waited, on V's window, its own buffer or (busy, neither) the
-    congestion window."""
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return {}
-    return {name: struct.unpack_from(fmt, raw, off)[0] for name, (off, fmt) in TCP_INFO_FIELDS.items()
-            if off + struct.calcsize(fmt) <= len(raw)}
-
-
-def swap_sysctl(path: str, value: str) -> str:
-    """Write `value`, return the old one ("" when it cannot be read or written: every setting the
-    cutover makes this way is an optimisation only). Never raises."""
-    try:
-        with open(path) as f:
-            old = f.read().strip()
-        with open(path, "w") as f:
-            f.write(value + "\n")
-        return old
-    except OSError as exc:
-        print(f"cutover helper: cannot set {path}: {exc}", file=sys.stderr, flush=True)
-        return ""
-
-
-T = TypeVar("T")
-
-
-def _netlink(what: str, op: Callable[[Any], T], default: T) -> T:
-    """`op(IPRoute)`, or `default` when it fails: every route, neighbour and link tweak of the
-    cutover is an optimisation only, and its undoing must never stop an abort or a resume. Never
-    raises. (pyroute2 is loaded by warm_up: nothing is read from disk while frozen.)"""
-    return attempt(what, op, default, lambda why: print(f"cutover helper: {why}", file=sys.stderr, flush=True))
-
-
-def egress_interface(host: str) -> str:
-    """The interface the kernel routes `host` through ("" when it cannot tell: then nothing waits
-    for a link). Before FREEZE."""
-    def lookup(ipr: Any) -> str:
-        route = ipr.route("get", dst=host)[0]
-        return ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME") or ""
-
-    return _netlink(f"no egress interface for {host}", lookup, "")
-
-
-def widen_route(host: str, initcwnd: int, rto_min_ms: int) -> HostRoute | None:
-    """A host route to V with the same path as the kernel's, whose connections start (and restart
-    after idling) with `initcwnd` segments and never retransmit before `rto_min_ms`. None when
-    nothing was added (V has a host route of its own, or the kernel refused). Before connecting to
-    V. Netlink, not `ip`: in the VM its removal runs with everything frozen, and a program read
-    from disk then could wait on P's stale disks (4.4 s in the rig)."""
-    return _netlink(f"no cutover route to {host}",
-                    lambda ipr: add_host_route(ipr, host, initcwnd=initcwnd, rto_min_ms=rto_min_ms), None)
-
-
-def host_route(host: str) -> HostRoute | None:
-    """The /32 route to `host` in the main table, if there is one (the agent's safety net: it was
-    there before the hand-over, or the helper added it). Never raises."""
-    return _netlink(f"cannot read the routes to {host}", lambda ipr: find_host_route(ipr, host), None)
-
-
-def narrow_route(route: HostRoute | None) -> None:
-    """Remove widen_route's route (P runs on, or in the VM). Never raises."""
-    if route is not None:
-        _netlink(f"cannot remove the cutover route to {route.dst}", lambda ipr: delete_host_route(ipr, route), None)
-
-
-NUD_STALE, NUD_PERMANENT = 0x04, 0x80
-
-
-@dataclass
-class PinnedNeighbour:
-    ip: str
-    mac: str
-    ifindex: int
-
-
-def pin_neighbour(host: str, interface: str) -> PinnedNeighbour | None:
-    """Make V's ARP entry permanent for the cutover. CREATE_IMAGE takes P's NIC down and the kernel
-    flushes the interface's ARP entries on carrier loss: the first packet after the link is back
-    would wait for ARP, and a lost first request costs ARP's 1 s retransmit (seen in the rig: link
-    back 2.05 s, first packet through 3.07 s). Before FREEZE; None when there is nothing to pin."""
-    if not interface:
-        return None
-
-    def pin(ipr: Any) -> PinnedNeighbour | None:
-        index = ipr.link_lookup(ifname=interface)[0]
-        for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
-            mac = entry.get_attr("NDA_LLADDR")
-            if entry.get_attr("NDA_DST") == host and mac and entry["state"] != NUD_PERMANENT:
-                ipr.neigh("replace", dst=host, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
-                return PinnedNeighbour(host, mac, index)
-        return None
-
-    return _netlink("cannot pin V's neighbour entry (ARP then resolves V as usual)", pin, None)
-
-
-def pinned_neighbour(host: str) -> PinnedNeighbour | None:
-    """`host`'s permanent neighbour entry, if there is one (the agent's safety net). Never raises."""
-    def find(ipr: Any) -> PinnedNeighbour | None:
-        for entry in ipr.get_neighbours(family=socket.AF_INET):
-            mac = entry.get_attr("NDA_LLADDR")
-            if entry.get_attr("NDA_DST") == host and mac and entry["state"] == NUD_PERMANENT:
-                return PinnedNeighbour(host, mac, entry["ifindex"])
-        return None
-
-    return _netlink(f"cannot read the neighbour entries of {host}", find, None)
-
-
-def unpin_neighbour(pin: PinnedNeighbour | None) -> None:
-    """Back to an ordinary entry (stale: the kernel confirms it on next use). Never raises."""
-    if pin is not None:
-        _netlink("cannot unpin V's neighbour entry",
-                 lambda ipr: ipr.neigh("replace", dst=pin.ip, lladdr=pin.mac, ifindex=pin.ifindex, state=NUD_STALE),
-                 None)
-
-
-BOND_HOLD_MS = 10_000
-BOND_HOLD_MIIMON_MS = 10
-
-
-def bond_timers(name: str, root: str = "/sys/class/net") -> dict[str, str] | None:
-    """A bond's MII polling interval and downdelay as sysfs has them (None: not a bond, or gone)."""
-    try:
-        return {option: Path(f"{root}/{name}/bonding/{option}").read_text().strip()
-                for option in ("miimon", "downdelay")}
-    except OSError:
-        return None
-
-
-def hold_bond_slaves(interfaces: list[str], root: str = "/sys/class/net", hold_ms: int = BOND_HOLD_MS,
-                     miimon_ms: int = BOND_HOLD_MIIMON_MS) -> dict[str, dict[str, str]]:
-    """Give p2v's bonds a downdelay long enough to ride out the snapshot's link loss, and a short
-    MII polling interval so that the bond sees its slave's link back within 10 ms instead of up to
-    its usual 100; returns the old values to put back. Without the downdelay the bond drops its
-    slave when the snapshot takes the NIC down and re-activates it when the link returns,
-    reprogramming the NIC's receive filters: the rig's e1000 (QEMU) then refuses to receive for 1 s
-    (seen as V's ACKs ignored for 1.0 s right after the link came back), and every failover is
-    another burst of gratuitous ARP. (The bond's own carrier still drops while its slave is "going
-    down": only a slave whose link is up counts for it.) Before FREEZE."""
-    saved: dict[str, dict[str, str]] = {}
-    for name in interfaces:
-        bonding = f"{root}/{name}/bonding"
-        old = bond_timers(name, root)
-        try:
-            if old is None or int(old["miimon"] or 0) <= 0:
-                continue  # not a bond, or ARP monitoring: no downdelay to set
-            poll = min(int(old["miimon"]), miimon_ms)
-            # the kernel keeps the delays in polling intervals: interval first, then the delay
-            with open(f"{bonding}/miimon", "w") as f:
-                f.write(f"{poll}\n")
-            saved[name] = old
-            with open(f"{bonding}/downdelay", "w") as f:
-                f.write(f"{-(-hold_ms // poll) * poll}\n")  # a multiple of miimon
-        except (OSError, ValueError):
-            continue  # not a bond, or gone: nothing to hold
-    return saved
-
-
-def release_bond_slaves(saved: dict[str, dict[str, str]], root: str = "/sys/class/net") -> None:
-    """Put the bonds' polling interval and downdelay back, in that order (the kernel keeps the
-    delay in intervals). P runs on, or in the VM. Never raises."""
-    for name, old in saved.items():
-        for option in ("miimon", "downdelay"):
-            try:
-                with open(f"{root}/{name}/bonding/{option}", "w") as f:
-                    f.write(f"{old[option]}\n")
-            except (OSError, KeyError) as exc:
-                print(f"cutover helper: cannot restore {name}'s {option}: {exc}", file=sys.stderr, flush=True)
-
-
-def carrier_check(interface: str, root: str = "/sys/class/net") -> Callable[[], bool] | None:
-    """A cheap "is the link up" for the outbox (sysfs: no netlink socket while frozen)."""
-    if not interface:
-        return None
-    def has_carrier(name: str) -> bool:
-        try:
-            with open(f"{root}/{name}/carrier") as f:
-                return f.read(1) == "1"
-        except OSError:  # EINVAL while the interface is down
-            return False
-
-    # a bond holding its slave (hold_bond_slaves) may keep its carrier while the slave's link is
-    # still down: the link is back when a lower device has carrier too
-    try:
-        lower = [n[len("lower_"):] for n in os.listdir(f"{root}/{interface}") if n.startswith("lower_")]
-    except OSError:
-        lower = []
-
-    def up() -> bool:
-        return has_carrier(interface) and (not lower or any(has_carrier(n) for n in lower))
-
-    return up
-
-
-# --- the dedup tables ------------------------------------------------------------------------------
-
-class DedupTables:
-    """V's hash per PFN (`held`, updated by the pass before FREEZE) and the sorted set of V's hashes
-    (`content`), each in a mapping of its own so that it can leave P's memory for the snapshot.
-
-    Both are written after the pass before FREEZE read P's memory (the pass updates `held`; `content`
-    is made after it): in the image they would travel literally (rig: ~1000 of ~7500 literal pages,
-    4 MiB for a 1 GiB P). `stash` writes them to a file, drops that file's pages from the page cache
-    and the tables' pages from this process; after CREATE_IMAGE `prefetch` starts reading them back
-    and `unstash` (at the first chunk's plan) waits for them, while P's link is still coming back."""
-
-    def __init__(self, held: np.ndarray) -> None:
-        self._held_map, self.held = self._mapped(held)
-        self._content_map, self.content = self._mapped(held_content(held))
-        self.stashed: str = ""
-
-    @staticmethod
-    def _mapped(values: np.ndarray) -> tuple[mmap.mmap, np.ndarray]:
-        values = np.ascontiguousarray(values, dtype=np.uint64)
-        # private: MADV_DONTNEED frees private anonymous pages (a shared mapping's stay in shmem)
-        memory = mmap.mmap(-1, max(-(-values.nbytes // PAGE_SIZE), 1) * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
-        array_ = np.frombuffer(memory, dtype=np.uint64, count=values.size)
-        array_[:] = values
-        return memory, array_
-
-    def update_content(self) -> None:
-        """`content` from `held` as it is now (after the pass before FREEZE)."""
-        self._content_map, self.content = self._mapped(held_content(self.held))
-
-    def stash(self, path: str) -> None:
-        """Out of memory until `unstash`. Raises OSError (the tables are then still in memory)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            for memory in (self._held_map, self._content_map):
-                view, done = memoryview(memory), 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean now: the page cache lets them go
-        finally:
-            os.close(fd)
-        self.stashed = path  # from here on `unstash` puts back what is in the file
-        for memory in (self._held_map, self._content_map):
-            try:
-                memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
-            except OSError:
-                pass  # they stay in the image; unstash rewrites them as they are
-
-    def prefetch(self) -> None:
-        """Start reading the file back (the kernel's readahead) while the caller goes on: after
-        CREATE_IMAGE, P's disk answers only once its error handling has revalidated it (rig: 0.15 s).
-        Never raises: `unstash` then reads without it."""
-        if not self.stashed:
-            return
-        try:
-            fd = os.open(self.stashed, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-    def unstash(self) -> None:
-        """Back from the file, which goes. Raises OSError (a short file included)."""
-        if not self.stashed:
-            return
-        with open(self.stashed, "rb") as f:
-            for memory in (self._held_map, self._content_map):
-                if f.readinto(memory) != len(memory):
-                    raise OSError(f"{self.stashed}: shorter than the dedup tables written to it")
-        discard_stash(self.stashed)
-        self.stashed = ""
-
-
-def discard_stash(path: str) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-# --- the image stream ------------------------------------------------------------------------------
-
-class PageReader:
-    """Reads the image from /dev/snapshot into one reusable buffer.
-
-    /dev/snapshot hands out at most one page per read(); readv with page-sized vectors makes the
-    kernel call it once per vector: one system call per IOV_MAX pages. The vectors are made once:
-    built per chunk they cost more than the reading itself in an emulated P (a Python object per page)."""
-
-    def __init__(self, snap: Any, capacity: int) -> None:
-        self.snap = snap
-        self.capacity = capacity
-        self.buf = bytearray(capacity * PAGE_SIZE)
-        self.view = memoryview(self.buf)
-        self.pages = [self.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(capacity)]
-
-    def read(self, count: int) -> memoryview:
-        want = count * PAGE_SIZE
-        done = 0
-        for _ in range(count * 2 + 2):  # bounded: every pass makes progress or fails
-            if done >= want:
-                return self.view[:want]
-            start, partial = divmod(done, PAGE_SIZE)
-            vectors = [self.pages[start][partial:]] if partial else []
-            first_full = start + (1 if partial else 0)
-            vectors += self.pages[first_full:min(count, first_full + IOV_MAX - len(vectors))]
-            n = self.snap.read_pages(vectors)
-            if n <= 0:
-                raise CutoverAborted(f"/dev/snapshot ended early ({done} of {want} bytes)")
-            done += n
-        raise CutoverAborted("/dev/snapshot reads made no progress")
-
-
-class Outbox:
-    """Frames to V, sent as far as the socket takes them without waiting, up to `limit` bytes held.
-
-    CREATE_IMAGE suspends and resumes every device: P's NIC comes back with its link down for a
-    few seconds. Reading, hashing and compressing the image go on meanwhile; only a full outbox or
-    the end of the image waits for the network. Nothing is handed to TCP before `link_up()` says
-    the egress link is back: a segment lost to a dead link is resent only on TCP's backed-off
-    timer (measured in the rig: carrier back 2.05 s after CREATE_IMAGE, first packet through at
-    3.07 s when sending all along)."""
-
-    def __init__(self, sock: socket.socket, limit: int = 64 << 20,
-                 link_up: Callable[[], bool] | None = None, poll_s: float = 0.005) -> None:
-        self.sock = sock
-        self.limit = limit
-        self.queue: collections.deque[memoryview] = collections.deque()
-        self.held = 0
-        self.waited_s = 0.0  # time spent blocked on the network
-        self.link_up = link_up or (lambda: True)
-        self.link_seen_at = 0.0  # monotonic time the link was first seen up (0 = not yet)
-        self.poll_s = poll_s
-
-    def link_ready(self) -> bool:
-        """Whether the link is back (polled: the link cycle raises P's NIC once its PHY has link)."""
-        return self._link()
-
-    def _link(self) -> bool:
-        if not self.link_seen_at:
-            if not self.link_up():
-                return False
-            self.link_seen_at = time.monotonic()
-        return True
-
-    def push(self, parts: list[bytes | memoryview]) -> int:
-        size = 0
-        for part in parts:
-            view = memoryview(part).cast("B")
-            if view.nbytes:
-                self.queue.append(view)
-                self.held += view.nbytes
-                size += view.nbytes
-        self.pump()
-        if self.held > self.limit:
-            self._drain(until=self.limit // 2)
-        return size
-
-    def pump(self) -> None:
-        """Send what the socket takes now."""
-        if not self._link():
-            return
-        timeout = self.sock.gettimeout()
-        self.sock.setblocking(False)
-        try:
-            while self.queue:
-                try:
-                    n = self.sock.send(self.queue[0])
-                except (BlockingIOError, InterruptedError):
-                    return
-                self._sent(n)
-        finally:
-            self.sock.settimeout(timeout)
-
-    def behind(self) -> bool:
-        """The network has not taken everything pushed so far (after sending what it takes now)."""
-        self.pump()
-        return self.held > 0
-
-    def flush(self) -> None:
-        self._drain(until=0)
-
-    def _drain(self, until: int) -> None:
-        t0 = time.monotonic()
-        deadline = t0 + (self.sock.gettimeout() or 120.0)
-        while not self._link():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the network link did not come back")
-            time.sleep(self.poll_s)
-        while self.held > until:
-            self._sent(self.sock.send(self.queue[0]))  # blocking, bounded by the socket's timeout
-        self.waited_s += time.monotonic() - t0
-
-    def _sent(self, n: int) -> None:
-        head = self.queue[0]
-        self.held -= n
-        if n >= head.nbytes:
-            self.queue.popleft()
-        else:
-            self.queue[0] = head[n:]
-
-
 # --- the helper -----------------------------------------------------------------------------------
 
 class Helper:
@@ -917,7 +436,7 @@ class Helper:
             W.send_frame(self.sock, W.WARM, part)
             left -= part.nbytes
         deadline = time.monotonic() + settle_s
-        while _unacknowledged(self.sock) and time.monotonic() < deadline:
+        while unacknowledged(self.sock) and time.monotonic() < deadline:
             time.sleep(0.002)
         self.fig.warm_s = time.monotonic() - t0
 

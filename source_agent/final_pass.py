@@ -11,7 +11,7 @@ with V's held hashes as what was sent (updated in place: the helper's dedup plan
 pass sent). It runs in the cutover helper, single-threaded, after the helper's set-up and before
 the agent's page-out; its batches go on the image socket as PASS frames (common.image_wire), and V
 writes them into its page store. Uncompressed: P's CPU under TCG is slower at zstd than its
-network (cutover_helper.COMPRESSION_MODES).
+network (image_stream.COMPRESSION_MODES).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -76,8 +77,8 @@ def set_io_timeouts(devices: list[str], timeout_ms: int | None, saved: dict[str,
 def read_host_settings(blocked: list[str], root: str = "/sys/class/net",
                        image_size_path: str = "/sys/power/image_size", v_host: str = "",
                        pcp_path: str = PCP_HIGH_FRACTION_PATH) -> HostSettings:
-    from source_agent.cutover_helper import bond_timers, host_route, pinned_neighbour
     from source_agent.link_cycle import IFF_UP, link_flags
+    from source_agent.stream_path import bond_timers, host_route, pinned_neighbour
 
     up = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -101,20 +102,33 @@ def _read_setting(path: str) -> str:
         return ""
 
 
+def swap_sysctl(path: str, value: str) -> str:
+    """Write `value`, return the old one ("" when it cannot be read or written: every setting the
+    cutover makes this way is an optimisation only). Never raises."""
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+        with open(path, "w") as f:
+            f.write(value + "\n")
+        return old
+    except OSError as exc:
+        print(f"cutover helper: cannot set {path}: {exc}", file=sys.stderr, flush=True)
+        return ""
+
+
 def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
                           image_size_path: str = "/sys/power/image_size", block_root: str = "/sys/block",
                           pcp_path: str = PCP_HIGH_FRACTION_PATH) -> list[str]:
     """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
     from source_agent import traffic_block
-    from source_agent.cutover_helper import (
+    from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
+    from source_agent.stream_path import (
         host_route,
         narrow_route,
         pinned_neighbour,
         release_bond_slaves,
-        swap_sysctl,
         unpin_neighbour,
     )
-    from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
 
     done = [f"block lifted on {name}" for name in traffic_block.lift(saved.blocked)]
     for name in saved.admin_up:
@@ -311,7 +325,7 @@ def power_off_past_commit(why: str, power_off: Callable[[], object] | None = Non
     default the kernel's, which does not return). The traffic block stays: if the kernel refuses, P at
     least stays cut off. Returns the refusal ("" when a stand-in power-off returned)."""
     if power_off is None:
-        from source_agent.cutover_helper import power_off
+        from source_agent.snapshot_device import power_off
     log.critical("%s: powering P off (V runs the OS now)", why)
     try:
         power_off()

@@ -19,7 +19,7 @@ SNIPPET = """
 import json, os, subprocess, sys
 sys.path.insert(0, {repo!r})
 from source_agent import host_settings as hs
-from source_agent.cutover_helper import pin_neighbour, widen_route
+from source_agent.stream_path import pin_neighbour, widen_route
 from source_agent.link_cycle import set_admin_up
 
 root, uplink, v_host = {root!r}, {ifname!r}, {v_host!r}
@@ -139,7 +139,7 @@ SNIPPET_LEFTOVER_ROUTE = """
 import json, subprocess, sys
 sys.path.insert(0, {repo!r})
 from source_agent import host_settings as hs
-from source_agent.cutover_helper import widen_route
+from source_agent.stream_path import widen_route
 
 v_host = {v_host!r}
 widen_route(v_host, 40, 200)  # an earlier helper's, killed with its agent before anything put P back

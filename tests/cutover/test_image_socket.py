@@ -573,7 +573,7 @@ def test_a_bad_pass_batch_is_refused_and_nothing_is_written(tmp_path: Path, faul
 
 
 def test_compression_policy() -> None:
-    from source_agent.cutover_helper import compress_chunk
+    from source_agent.image_stream import compress_chunk
 
     assert compress_chunk("adaptive", network_behind=True) and not compress_chunk("adaptive", network_behind=False)
     # while P's link is down the chunks wait as they are (compressed later, if P's CPU has time)
@@ -902,7 +902,7 @@ def _serve_quietly(receiver: ImageReceiver) -> None:
 def test_outbox_queues_while_the_network_is_down_and_delivers_in_order() -> None:
     import socket as socketmod
 
-    from source_agent.cutover_helper import Outbox
+    from source_agent.image_stream import Outbox
 
     a, b = socketmod.socketpair()
     a.settimeout(20)
@@ -954,7 +954,7 @@ def test_memory_facts_read_before_freeze(tmp_path: Path) -> None:
 def test_outbox_hands_nothing_to_tcp_before_the_link_is_back() -> None:
     import socket as socketmod
 
-    from source_agent.cutover_helper import Outbox
+    from source_agent.image_stream import Outbox
 
     a, b = socketmod.socketpair()
     a.settimeout(10)
@@ -982,7 +982,7 @@ def test_outbox_hands_nothing_to_tcp_before_the_link_is_back() -> None:
 
 
 def test_carrier_check_reads_sysfs(tmp_path: Path) -> None:
-    from source_agent.cutover_helper import carrier_check
+    from source_agent.stream_path import carrier_check
 
     (tmp_path / "p2vbond0").mkdir()
     (tmp_path / "p2vbond0" / "carrier").write_text("0\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from source_agent.cutover_helper import carrier_check, hold_bond_slaves, release_bond_slaves
+from source_agent.stream_path import carrier_check, hold_bond_slaves, release_bond_slaves
 
 
 def _bond(root: Path, name: str, miimon: str, downdelay: str, slaves: list[str]) -> None:

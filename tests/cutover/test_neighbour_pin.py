@@ -16,7 +16,7 @@ pytestmark = pytest.mark.netns
 SNIPPET = """
 import json, subprocess, sys
 sys.path.insert(0, {repo!r})
-from source_agent.cutover_helper import pin_neighbour, unpin_neighbour
+from source_agent.stream_path import pin_neighbour, unpin_neighbour
 
 def show():
     return subprocess.run(["ip", "neigh", "show", {ip!r}], capture_output=True, text=True).stdout.strip()

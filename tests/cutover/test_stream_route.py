@@ -13,7 +13,7 @@ pytestmark = pytest.mark.netns
 SNIPPET = """
 import json, socket, subprocess, sys
 sys.path.insert(0, {repo!r})
-from source_agent.cutover_helper import narrow_route, widen_route
+from source_agent.stream_path import narrow_route, widen_route
 
 def routes():
     shown = subprocess.run(["ip", "route", "show", "exact", {ip!r} + "/32"], capture_output=True, text=True)
