@@ -350,6 +350,7 @@ class Helper:
                 self._warm_stream_code()
                 self._warm_commit_gate()
             self._final_pass()
+            self.dedup.update_content()  # V's hashes as the pass left them (sorted once, here)
             self._page_out_agent()
             self.bond_hold = hold_bond_slaves(self.cfg.block_interfaces, self.cfg.sys_class_net)
             if self.cfg.cycle_links and self.egress:
@@ -506,7 +507,6 @@ class Helper:
             raise CutoverAborted(f"the pass before FREEZE failed: {refusal(sock, exc)}") from None
         finally:
             memory.close()
-        self.dedup.update_content()
         if figures is not None:
             self.fig.pass_pages = figures.pages
             self.memory.update(figures.as_dict())

@@ -22,8 +22,22 @@ class DedupTables:
 
     def __init__(self, held: np.ndarray) -> None:
         self._held_map, self.held = self._mapped(held)
-        self._content_map, self.content = self._mapped(held_content(held))
+        self._content: tuple[mmap.mmap, np.ndarray] | None = None  # made once `held` is final (a sort)
         self.stashed: str = ""
+
+    @property
+    def content(self) -> np.ndarray:
+        return self._content_table()[1]
+
+    def _content_table(self) -> tuple[mmap.mmap, np.ndarray]:
+        if self._content is None:
+            self.update_content()
+            assert self._content is not None
+        return self._content
+
+    @property
+    def _maps(self) -> tuple[mmap.mmap, mmap.mmap]:
+        return self._held_map, self._content_table()[0]
 
     @staticmethod
     def _mapped(values: np.ndarray) -> tuple[mmap.mmap, np.ndarray]:
@@ -36,13 +50,13 @@ class DedupTables:
 
     def update_content(self) -> None:
         """`content` from `held` as it is now (after the pass before FREEZE)."""
-        self._content_map, self.content = self._mapped(held_content(self.held))
+        self._content = self._mapped(held_content(self.held))
 
     def stash(self, path: str) -> None:
         """Out of memory until `unstash`. Raises OSError (the tables are then still in memory)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            for memory in (self._held_map, self._content_map):
+            for memory in self._maps:
                 view, done = memoryview(memory), 0
                 while done < len(view):
                     done += os.write(fd, view[done:])
@@ -51,7 +65,7 @@ class DedupTables:
         finally:
             os.close(fd)
         self.stashed = path  # from here on `unstash` puts back what is in the file
-        for memory in (self._held_map, self._content_map):
+        for memory in self._maps:
             try:
                 memory.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages are freed (reads see zeros)
             except OSError:
@@ -77,7 +91,7 @@ class DedupTables:
         if not self.stashed:
             return
         with open(self.stashed, "rb") as f:
-            for memory in (self._held_map, self._content_map):
+            for memory in self._maps:
                 if f.readinto(memory) != len(memory):
                     raise OSError(f"{self.stashed}: shorter than the dedup tables written to it")
         discard_stash(self.stashed)
