@@ -51,6 +51,9 @@ class SourceAgentSection:
     listen_unix: str = "/run/p2v/source.sock"
     listen_tcp: str = ""  # host:port; always TLS
     state_dir: str = "/var/lib/p2v-source"
+    #: tmpfs, kept across the agent's restarts (systemd: RuntimeDirectoryPreserve=restart): what a
+    #: cutover leaves for the next agent that only this boot's P can use (host_settings.PEER_NOTE_FILE)
+    runtime_dir: str = "/run/p2v"
     log_level: str = "info"
     memory_source: str = "kcore"  # "kcore" or "file:/path"
 

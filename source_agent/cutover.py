@@ -39,6 +39,7 @@ from .host_settings import (
     PendingCutover,
     clear_pending,
     current_boot_id,
+    peer_note_path,
     pending_path,
     power_off_past_commit,
     read_host_settings,
@@ -420,12 +421,13 @@ def _helper_child(target: Callable[[dict, np.ndarray], int], config: dict, held:
 async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn: int, state_dir: str,
                   helper: HelperProcess | None = None, rehearse: bool = False, destination: str = "",
                   resolve: ResolveCall | None = None, precopy_ended_at: float = 0.0,
-                  final_pass_source: str = "") -> dict:
+                  final_pass_source: str = "", runtime_dir: str = "") -> dict:
     """Up to and including the helper. Returns the helper's figures when this process wakes up in
     the VM, or (rehearse) when P runs on after V acknowledged the image; raises CutoverAborted when
     P runs on otherwise. `destination` (V's agent) is written down for an agent that would have to
     finish this after a crash (host_settings.recover_interrupted_cutover); `resolve` asks V about a
-    cutover the helper left past its commit mark (vm_runs_after_commit)."""
+    cutover the helper left past its commit mark (vm_runs_after_commit). `runtime_dir` (tmpfs) holds
+    the helper's note of the peers to kick should it die ("" = no note)."""
     from source_agent import traffic_block
 
     setup: dict[str, float] = {}  # seconds of each step from pre-copy's end to the hand-over (P runs meanwhile)
@@ -467,7 +469,9 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     settings = await asyncio.to_thread(read_host_settings, blocked, v_host=v_host)
     settings = replace(settings, io_timeouts=set_io_timeouts(legs, NBD_CUTOVER_TIMEOUT_MS))
     lap("host_settings")
-    pending = PendingCutover(settings, current_boot_id(), remote_id, destination)
+    pending = PendingCutover(settings, current_boot_id(), remote_id, destination,
+                             peer_note=await asyncio.to_thread(peer_note_path, runtime_dir))
+    peer_note = pending.peer_note
     pending_file = pending_path(state_dir)
 
     def helper_forked(pid: int) -> None:  # a later agent must know whether the helper still works
@@ -480,7 +484,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         config = {"migration_id": remote_id, "endpoint": reply.endpoint, "token": reply.token.hex(),
                   "block_interfaces": blocked, "network_legs": legs, "rehearse": rehearse,
                   "pending_file": str(pending_file), "agent_pid": os.getpid(), "precopy_ended_at": precopy_ended_at,
-                  "dedup_stash": stash,
+                  "dedup_stash": stash, "peer_note": peer_note,
                   "agent_setup": setup,  # its last lap is added below, before the fork
                   "final_pass_source": final_pass_source,
                   "resume_actions": [{"name": a.name, "args": a.args, "late": a.late} for a in actions]}
@@ -490,7 +494,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         committed = helper_verdict(result, rehearse) == "power-off"
     except (CutoverAborted, asyncio.CancelledError) as exc:  # the helper died, hung or was cancelled (killed)
         # in a thread: pyroute2 runs an event loop of its own (the thread finishes even if cancelled again)
-        done = await asyncio.shield(asyncio.to_thread(restore_host_settings, settings))
+        done = await asyncio.shield(asyncio.to_thread(restore_host_settings, settings, peer_note=peer_note))
         if isinstance(exc, asyncio.CancelledError):
             log.warning("cutover cancelled; the agent put P's settings back: %s", ", ".join(done) or "nothing to do")
             raise
@@ -505,6 +509,8 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         from source_agent.dedup_tables import discard_stash
 
         discard_stash(stash)  # a helper killed before its read-back leaves it
+        if not committed:  # the helper's own abort kicked the peers, or the safety net used its note
+            discard_stash(peer_note)
     verdict = helper_verdict(result, rehearse)
     if verdict == "power-off":
         # the note stays, committed (also if the helper could not mark it): should this agent die
@@ -512,7 +518,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
         write_pending(pending_file, replace(pending, committed=True))
         if await vm_runs_after_commit(destination, remote_id, blocked, resolve):
             power_off_after_commit()
-        done = await asyncio.to_thread(restore_host_settings, settings)
+        done = await asyncio.to_thread(restore_host_settings, settings, peer_note=peer_note)
         clear_pending(pending_file)
         result = {**result, "reason": "the helper went after its commit mark, and V dropped the image it held: "
                                       f"P runs on (settings put back: {', '.join(done) or 'nothing to do'})"}

@@ -56,7 +56,14 @@ from common.procfs import stat_counters, status_kib
 from source_agent import peer_kick, resume, traffic_block
 from source_agent.dedup_tables import DedupTables, discard_stash
 from source_agent.final_pass import final_pass
-from source_agent.host_settings import PendingError, clear_pending, commit_note, swap_sysctl, write_commit_note
+from source_agent.host_settings import (
+    PendingError,
+    clear_pending,
+    commit_note,
+    swap_sysctl,
+    write_commit_note,
+    write_peer_note,
+)
 from source_agent.image_stream import COMPRESSION_MODES, CutoverAborted, Outbox, PageReader, compress_chunk
 from source_agent.link_cycle import LinkCycle, nics_to_cycle, path_nics
 from source_agent.memory import MemorySourceError, open_memory_source
@@ -197,6 +204,9 @@ class HelperConfig:
     #: them) from just before FREEZE until CREATE_IMAGE has returned: out of P's memory meanwhile, so
     #: that the image does not carry them (DedupTables); "" = they stay in memory
     dedup_stash: str = ""
+    #: where the peers' quotes are noted right after the snapshot (tmpfs; host_settings.PEER_NOTE_FILE):
+    #: should this helper die, whoever puts P back kicks them as the helper's abort would; "" = no note
+    peer_note: str = ""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -376,6 +386,7 @@ class Helper:
             in_suspend = self._create_image()
             if not in_suspend:
                 return self._resumed()
+            self._note_peers()
             fault_point("after-image")  # P frozen, traffic blocked, its NIC down
             self.fig.image_created_at = time.time()
             self.dedup.prefetch()  # read back when the first chunk is planned (_encode_chunk)
@@ -451,6 +462,18 @@ class Helper:
             self.capture = peer_kick.open_capture(exclude_ip=v_host)
         except OSError as exc:
             print(f"cutover helper: no peer capture: {exc}", file=sys.stderr, flush=True)
+
+    def _note_peers(self) -> None:
+        """The quotes of kick-peers, for whoever puts P back should this process die (host_settings
+        .kick_noted_peers). After the snapshot: the VM has no such note. tmpfs: nothing waits on a
+        disk or its journal while everything is frozen. Never raises."""
+        quotes = [q for a in self.cfg.resume_actions if a.get("name") == "kick-peers" for q in a["args"]["quotes"]]
+        if not (self.cfg.peer_note and quotes):
+            return
+        try:
+            write_peer_note(self.cfg.peer_note, quotes)
+        except OSError as exc:
+            print(f"cutover helper: no note of the peers: {exc}", file=sys.stderr, flush=True)
 
     def _collect_peer_heads(self) -> None:
         """Right before the snapshot: what the peers are waiting on becomes a resume step."""

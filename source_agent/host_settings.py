@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ from common.procfs import process_started
 log = logging.getLogger(__name__)
 
 PENDING_FILE = "cutover-pending.json"
+#: in the runtime dir (tmpfs): the peers' quoted segments, written by the helper right after the
+#: snapshot (in P only: not in the image), so that whoever puts P back kicks them (peer_kick)
+PEER_NOTE_FILE = "cutover-peers.json"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
@@ -116,10 +120,79 @@ def swap_sysctl(path: str, value: str) -> str:
         return ""
 
 
+def peer_note_path(runtime_dir: str) -> str:
+    """Where the helper notes the peers ("" = nowhere: no runtime dir, or it cannot be made). Never raises."""
+    if not runtime_dir:
+        return ""
+    try:
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.warning("no runtime dir %s (no note of the peers to kick): %s", runtime_dir, exc)
+        return ""
+    return str(Path(runtime_dir) / PEER_NOTE_FILE)
+
+
+def write_peer_note(path: str | Path, quotes: list[str]) -> None:
+    """The helper's note of the peers' quoted segments (hex). Raises OSError."""
+    write_atomic(Path(path), json.dumps({"quotes": quotes}).encode(), durable=False)  # tmpfs: this boot only
+
+
+def take_peer_note(path: str | Path) -> list[bytes]:
+    """The quotes in the helper's note, which goes (a note read is a note used: stale quotes are
+    ignored by the peers anyway, RFC 6069). [] when there is none, or it is not one (said so)."""
+    if not path:
+        return []
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("peer note %s unreadable: %s", path, exc)
+        return []
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    try:
+        quotes = [bytes.fromhex(q) for q in json.loads(raw)["quotes"]]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("peer note %s is not one, no peer kicked: %s", path, exc)
+        return []
+    # an IPv4 header (20-60 bytes) carrying TCP, and the first 8 bytes of the TCP header
+    if not all(28 <= len(q) <= 68 and q[0] >> 4 == 4 and q[9] == socket.IPPROTO_TCP for q in quotes):
+        log.warning("peer note %s holds a quote that is not an IPv4 TCP segment's: no peer kicked", path)
+        return []
+    return quotes
+
+
+def kick_noted_peers(path: str | Path, interfaces: list[str], root: str = "/sys/class/net",
+                     kick: Callable[[list[bytes]], int] | None = None, carrier_wait_s: float = 4.0) -> str:
+    """After P's settings are back: the peers the helper noted resend now instead of after their
+    backed-off timers (up to TCP's 120 s when P stayed blocked long), once `interfaces` have their
+    link back (bounded: an ICMP on a dead link is lost). "" when nothing was noted. Never raises."""
+    from source_agent.stream_path import carrier_check
+
+    quotes = take_peer_note(path)
+    if not quotes:
+        return ""
+    checks = [c for c in (carrier_check(name, root) for name in interfaces) if c is not None]
+    deadline = time.monotonic() + carrier_wait_s
+    while not all(up() for up in checks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        if kick is None:
+            from source_agent.peer_kick import kick
+        sent = kick(quotes)
+    except OSError as exc:
+        log.warning("kicking P's peers: %s", exc)
+        return f"peers not kicked: {exc}"
+    return f"{sent} ICMP for {len(quotes)} peer connection(s)"
+
+
 def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
                           image_size_path: str = "/sys/power/image_size", block_root: str = "/sys/block",
-                          pcp_path: str = PCP_HIGH_FRACTION_PATH) -> list[str]:
-    """Put back what `read_host_settings` saw (the helper is gone). Returns what it did; never raises."""
+                          pcp_path: str = PCP_HIGH_FRACTION_PATH, peer_note: str = "") -> list[str]:
+    """Put back what `read_host_settings` saw (the helper is gone), then kick the peers the helper
+    noted (`peer_note`). Returns what it did; never raises."""
     from source_agent import traffic_block
     from source_agent.link_cycle import IFF_UP, link_flags, set_admin_up
     from source_agent.stream_path import (
@@ -153,6 +226,8 @@ def restore_host_settings(saved: HostSettings, root: str = "/sys/class/net",
     if saved.v_host and not saved.v_pinned and (pin := pinned_neighbour(saved.v_host)) is not None:
         unpin_neighbour(pin)
         done.append(f"{saved.v_host}'s neighbour entry unpinned")
+    if kicked := kick_noted_peers(peer_note, saved.blocked, root):
+        done.append(kicked)
     return done
 
 
@@ -178,6 +253,7 @@ class PendingCutover:
     helper_pid: int = 0  # 0: not forked yet
     helper_started: int = 0  # the helper's start time (/proc/<pid>/stat): a reused pid is not the helper
     committed: bool = False  # the helper was about to send COMMIT: V may run the OS now
+    peer_note: str = ""  # where the helper notes the peers to kick once P runs again ("" = none)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -307,7 +383,7 @@ async def recover_interrupted_cutover(
         await asyncio.sleep(poll_s)
     # in a thread: pyroute2 runs an event loop of its own
     done = await asyncio.to_thread(restore_host_settings, pending.settings, root, image_size_path, block_root,
-                                   pcp_path)
+                                   pcp_path, pending.peer_note)
     clear_pending(path)
     log.warning("interrupted cutover (agent and helper gone): P's settings put back: %s", ", ".join(done) or "nothing")
     done = [f"P's settings put back: {', '.join(done) or 'nothing to do'}"]

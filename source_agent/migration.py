@@ -224,7 +224,8 @@ class SourceMigration:
             figures = await cutover.cutover(self.session.stub, remote_id, inventory, max_pfn,
                                             self.config.agent.state_dir, self.helper, rehearse=self.request.rehearse,
                                             destination=self.request.destination, resolve=self._resolve,
-                                            precopy_ended_at=t0, final_pass_source=self._final_pass_source())
+                                            precopy_ended_at=t0, final_pass_source=self._final_pass_source(),
+                                            runtime_dir=self.config.agent.runtime_dir)
         finally:
             if marker is not None:  # over: in the VM, or P runs on; a stepped-out p2vctl follows again
                 cutover_marker.remove(marker)

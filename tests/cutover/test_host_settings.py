@@ -16,7 +16,7 @@ from tests.agents import REPO
 from tests.netns import can_use_netns, netns_pair
 
 SNIPPET = """
-import json, os, subprocess, sys
+import json, os, socket, struct, subprocess, sys
 sys.path.insert(0, {repo!r})
 from source_agent import host_settings as hs
 from source_agent.stream_path import pin_neighbour, widen_route
@@ -46,6 +46,13 @@ open(f"{{root}}/bond9/bonding/miimon", "w").write("10\\n")
 open(f"{{root}}/bond9/bonding/downdelay", "w").write("10000\\n")
 open(size, "w").write("1007353856\\n")
 open(pcp, "w").write("100000\\n")
+for name in (nic, "bond9"):  # their links back (the stand-in tree's word: the kick waits for it)
+    open(f"{{root}}/{{name}}/carrier", "w").write("1\\n")
+# the helper's note, right after the snapshot: V's side of a connection waits on segment 1000
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, socket.IPPROTO_TCP, 0, socket.inet_aton(v_host),
+                 socket.inet_aton("10.78.12.1"))
+note = root + "/peers.json"
+hs.write_peer_note(note, [(ip + struct.pack("!HHI", 7000, 40000, 1000)).hex()])
 {repair}
 qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", nic], capture_output=True, text=True).stdout
 flags = json.loads(subprocess.run(["ip", "-j", "link", "show", nic], capture_output=True, text=True).stdout)[0]["flags"]
@@ -55,16 +62,19 @@ print(json.dumps({{"helper_route": route is not None, "helper_pin": pin is not N
                   "saved_up": saved.admin_up, "bonds": saved.bonds, "done": done, "qdiscs": qdiscs, "flags": flags,
                   "miimon": open(f"{{root}}/bond9/bonding/miimon").read().strip(),
                   "downdelay": open(f"{{root}}/bond9/bonding/downdelay").read().strip(),
-                  "image_size": open(size).read().strip(), "pcp": open(pcp).read().strip()}}))
+                  "image_size": open(size).read().strip(), "pcp": open(pcp).read().strip(),
+                  "note_left": os.path.exists(note)}}))
 """
 
 
 #: the agent repairs P itself (its helper died)
-REPAIR_BY_AGENT = "done = hs.restore_host_settings(saved, root=root, image_size_path=size, pcp_path=pcp)"
+REPAIR_BY_AGENT = ("done = hs.restore_host_settings(saved, root=root, image_size_path=size, pcp_path=pcp, "
+                   "peer_note=note)")
 #: the agent died too: what it saw was written down before the hand-over, and a new agent process,
 #: started in the same boot, repairs P from that file alone
 REPAIR_BY_NEXT_AGENT = """
-hs.write_pending(hs.pending_path(root + "/state"), hs.PendingCutover(saved, hs.current_boot_id(), helper_pid=0))
+hs.write_pending(hs.pending_path(root + "/state"), hs.PendingCutover(saved, hs.current_boot_id(), helper_pid=0,
+                                                                     peer_note=note))
 later = subprocess.run([sys.executable, "-c", "import asyncio, json, sys; sys.path.insert(0, " + repr({repo!r}) + "); "
                         "from source_agent import host_settings as hs; "
                         "print(json.dumps(asyncio.run(hs.recover_interrupted_cutover(sys.argv[1], root=sys.argv[2], "
@@ -98,6 +108,8 @@ def test_agent_puts_p_settings_back_after_a_silent_helper(tmp_path, repair: str)
     assert "PERMANENT" not in out["neigh"] and "52:54:00:78:12:02" in out["neigh"], out
     assert f"route to {pair.right_ip} removed" in out["done"], out
     assert f"{pair.right_ip}'s neighbour entry unpinned" in out["done"], out
+    # the peer the helper noted is kicked (raw ICMP to V's side, real sockets), and the note is used up
+    assert "8 ICMP for 1 peer connection(s)" in out["done"] and not out["note_left"], out
 
 
 SNIPPET_OWN_ROUTE = """

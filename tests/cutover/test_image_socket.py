@@ -52,6 +52,8 @@ class PlaybackSnapshot:
         self.image_size_seen = ""
         self.watch_pcp: Path | None = None
         self.pcp_seen = ""
+        self.watch_note: Path | None = None  # a file whose existence at CREATE_IMAGE is recorded
+        self.note_at_snapshot: bool | None = None
 
     def freeze(self) -> None:
         self.calls.append("freeze")
@@ -62,6 +64,8 @@ class PlaybackSnapshot:
             self.image_size_seen = self.watch.read_text().strip()
         if self.watch_pcp is not None:  # ... and as /proc/sys/vm/percpu_pagelist_high_fraction
             self.pcp_seen = self.watch_pcp.read_text().strip()
+        if self.watch_note is not None:  # in the image, or not
+            self.note_at_snapshot = self.watch_note.exists()
         if self.create_errno:
             raise OSError(self.create_errno, "Cannot allocate memory")
         return self.in_suspend
@@ -193,7 +197,7 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                 resume_actions: list[dict] | None = None, resume_runner=None,
                 pending_file: str = "", migration_id: str = "mig1",
                 agent_pid: int = 0, final_pass_source: str = "",
-                dedup_stash: str = "") -> tuple[Helper, RecordingBlock]:
+                dedup_stash: str = "", peer_note: str = "") -> tuple[Helper, RecordingBlock]:
     """P's real cutover helper on a playback snapshot, for V's image socket at `endpoint`."""
     snap.watch, snap.watch_pcp = image_size_file(tmp_path), pcp_fraction_file(tmp_path)
     block = RecordingBlock()
@@ -204,7 +208,7 @@ def make_helper(tmp_path: Path, endpoint: str, snap: PlaybackSnapshot, store: Pa
                        pcp_high_fraction_path=str(pcp_fraction_file(tmp_path)),
                        stream_initcwnd=0,  # the host's routes are not the test's (tests/cutover/test_stream_route.py)
                        resume_actions=list(resume_actions or []), pending_file=pending_file, agent_pid=agent_pid,
-                       final_pass_source=final_pass_source, dedup_stash=dedup_stash)
+                       final_pass_source=final_pass_source, dedup_stash=dedup_stash, peer_note=peer_note)
     held = store.hashes(0, MAX_PFN)
     for pfn, page_hash in (claim_held or {}).items():  # what P believes V holds (tests of bad input)
         held[pfn] = page_hash
@@ -232,7 +236,8 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
              snapshot: PlaybackSnapshot | None = None, rehearse: bool = False,
              expected: ExpectedKernel | None = None, compression: str = "adaptive",
              claim_held: dict[int, int] | None = None, resume_actions: list[dict] | None = None,
-             resume_runner=None, pending_file: str = "", agent_pid: int = 0, final_pass_source: str = ""):
+             resume_runner=None, pending_file: str = "", agent_pid: int = 0, final_pass_source: str = "",
+             peer_note: str = ""):
     feed.go_mark = tmp_path / "go.json"
     receiver = ImageReceiver("mig1", TOKEN, store, feed, tmp_path / "image.bin", expected_kernel=expected,
                              accept_timeout_s=30, io_timeout_s=30, commit_timeout_s=10, go_mark=feed.go_mark,
@@ -244,7 +249,7 @@ def run_pair(tmp_path: Path, image: bytes, store: PageStore, feed: RecordingFeed
     helper, block = make_helper(tmp_path, f"{host}:{port}", snap, store, token=token, rehearse=rehearse,
                                 compression=compression, claim_held=claim_held, resume_actions=resume_actions,
                                 resume_runner=resume_runner, pending_file=pending_file, agent_pid=agent_pid,
-                                final_pass_source=final_pass_source)
+                                final_pass_source=final_pass_source, peer_note=peer_note)
     result = helper.run()
     if result == "aborted" and t.is_alive():
         receiver.close()
@@ -774,24 +779,29 @@ def test_only_an_ack_without_p_s_answer_is_undecided() -> None:
 
 def test_p_running_on_after_freeze_kicks_its_peers(tmp_path: Path) -> None:
     """The peers' TCP backed off while P was frozen: after an abort (here a rehearsal) P kicks them,
-    once unfrozen, as the VM would have; no other resume step runs."""
+    once unfrozen, as the VM would have; no other resume step runs. Their quotes were noted right
+    after the snapshot (not in the image), for the agent should this helper have died."""
     image, pfns, data = make_image(range(10, 200))
     store = precopied_store(tmp_path, pfns, data, 0.5)
     ran: list[tuple[list[str], list[str]]] = []
+    note = tmp_path / "run" / "cutover-peers.json"
+    note.parent.mkdir()
 
     def runner(actions):
         ran.append(([a["name"] for a in actions], list(snap.calls)))
         return []
 
     snap = PlaybackSnapshot(image)
+    snap.watch_note = note
     kick = {"name": "kick-peers", "args": {"quotes": ["00"]}}
     actions = [{"name": "adopt-nic", "args": {}}, kick]
     result, _, _, block, _ = run_pair(tmp_path, image, store, RecordingFeed(), snapshot=snap, rehearse=True,
-                                      resume_actions=actions, resume_runner=runner)
+                                      resume_actions=actions, resume_runner=runner, peer_note=str(note))
     assert result == "rehearsed"
     assert len(ran) == 1 and ran[0][0] == ["kick-peers"]
     assert ran[0][1][-2:] == ["free", "unfreeze"]  # after P runs again
     assert block.lifted
+    assert snap.note_at_snapshot is False and json.loads(note.read_text()) == {"quotes": ["00"]}
 
 
 def test_peers_are_kicked_right_after_the_announce() -> None:

@@ -177,6 +177,8 @@ def run_until_p_runs_on(rig: Rig, dest: cr.Destination, bond: str | None, option
             time.sleep(1)
         print(f"\n{what}: the next agent: {recovered}")
         assert "cutover recovered" in recovered and "V told" in recovered, recovered
+        # the client, blocked all along, is told to resend now (the helper's note), not after its backoff
+        assert "ICMP for 1 peer connection(s)" in recovered, recovered
         before.pop("agent")
         # p2vctl re-attached and heard from the next agent what became of the migration (its journal)
         out = wait_migrate_output(rig, timeout_s=180)
