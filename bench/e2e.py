@@ -20,9 +20,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 
-from rig import workloads
+from rig import observers, workloads
 from rig.config import RigConfig
 from rig.core import Rig
 
@@ -45,25 +44,6 @@ def p_cpu_probe(rig: Rig) -> float | None:
     return round(min(times), 4)
 
 
-def clock_offset(run: Callable[[str], str], tries: int = 5) -> tuple[float, float] | None:
-    """(the guest's wall clock minus the host's, the round trip of that reading) in seconds: the
-    reading with the shortest round trip through the control channel (its error is at most half
-    of it). None if the guest's answer is not a time."""
-    best = None
-    for _ in range(tries):
-        before = time.time()
-        out = run("date +%s.%N")
-        after = time.time()
-        try:
-            guest = float(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return None
-        reading = (guest - (before + after) / 2, after - before)
-        if best is None or reading[1] < best[1]:
-            best = reading
-    return best
-
-
 def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s: float) -> dict:
     from rig import destination as cr
 
@@ -79,7 +59,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
             cr.build_redundancy(rig)
         time.sleep(settle_s)
         probe_s = p_cpu_probe(rig)
-        p_clock = clock_offset(lambda cmd: rig.run(cmd, timeout=30).out)
+        p_clock = observers.guest_clock_offset(lambda cmd: rig.run(cmd, timeout=30).out)
         t_start = time.time()
         cr.start_migration(rig, dest, extra=f"--max-rounds {max_rounds}" if max_rounds else "")
         off_at = cr.wait_p_off(rig, timeout_s=1800)
@@ -90,7 +70,7 @@ def run_p2v(memory_mib: int | None, max_rounds: int, redundancy: bool, settle_s:
             dest, "cat $(ls -t /var/lib/p2v-source/migrations/*.json | head -1)", 60))
         # the move's error on P's wall clock (the restore counts the time it was away in whole
         # seconds of the CMOS clock): P's offset from the host's clock after the move minus before
-        vm_clock = clock_offset(lambda cmd: cr.wait_vm_command(dest, cmd, 60))
+        vm_clock = observers.guest_clock_offset(lambda cmd: cr.wait_vm_command(dest, cmd, 60))
         time.sleep(5)
         tcp = rig.tcp_stats(since=t_start - 2.0)
         figures = journal.get("figures", {})

@@ -301,7 +301,7 @@ class CutoverDesk:
             feed_pci_address=st.vm.feed_pci_address,
             vm_nic_pci_addresses=[address(s) for s in layout.nics] if layout else [],
             vm_disk_pci_addresses=[address(s) for s in layout.disks] if layout else [],
-            commit_gate_address=st.vm.feed.commit_gate_address)
+            commit_gate_address=st.vm.feed.commit_gate_address, dest_wall_ns=time.time_ns())
 
     async def _receive(self, record: MigrationRecord, st: CutoverState, receiver) -> None:
         try:

@@ -244,11 +244,18 @@ class FeedClient:
     def _release_gate(self) -> None:
         if self.gate_record is not None:
             if self.ring is not None:
-                commit_gate.write_record(self.ring.memory, self.gate_record)
+                memory, own = self.ring.memory, False
             elif self.ring_path is not None:
-                commit_gate.write_record_to_file(self.ring_path, self.gate_record)
+                memory, own = commit_gate.open_ring_page(self.ring_path), True
             else:
                 raise FeedError("P's resume waits at the commit gate and V has no ring to release it")
+            try:
+                commit_gate.write_record(memory, self.gate_record)
+            except BaseException:
+                if own:
+                    memory.close()
+                raise
+            commit_gate.clock_beacon(memory, close=own)  # V's clock for P's, whenever the VM looks
         if self.ring_path is not None:  # read no more (QEMU keeps its mapping, the VM becomes P)
             self.ring_path.unlink(missing_ok=True)
 

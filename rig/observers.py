@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,3 +187,22 @@ def tcp_from_log(path: Path, since: float | None = None, until: float | None = N
 
 def power_state(machine: Machine) -> str:
     return machine.power_state()
+
+
+def guest_clock_offset(run: Callable[[str], str], tries: int = 5) -> tuple[float, float] | None:
+    """(the guest's wall clock minus the host's, the round trip of that reading) in seconds: the
+    reading with the shortest round trip through the control channel (its error is at most half
+    of it). None if the guest's answer is not a time."""
+    best = None
+    for _ in range(tries):
+        before = time.time()
+        out = run("date +%s.%N")
+        after = time.time()
+        try:
+            guest = float(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return None
+        reading = (guest - (before + after) / 2, after - before)
+        if best is None or reading[1] < best[1]:
+            best = reading
+    return best

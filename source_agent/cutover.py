@@ -151,13 +151,22 @@ def _live(entries: list, kind: str) -> list:
     return [e for e in entries if e.kind == kind and e.state in ("done", "pending")]
 
 
-def commit_gate_args(address: int, token: bytes, migration_id: str, rehearse: bool) -> dict | None:
+def commit_gate_args(address: int, token: bytes, migration_id: str, rehearse: bool,
+                     p_minus_v_s: float | None = None) -> dict | None:
     """The resume's commit gate (common/commit_gate.py) when V offers one: V then restores the image
     at its ACK, before P's COMMIT. Not for a rehearsal (P aborts after the ACK: the VM must still
-    hold the image, unrestored). Pure."""
+    hold the image, unrestored). `p_minus_v_s`: P's clock minus V's (clock_offset), for the gate to
+    set P's clock from V's. Pure."""
     if rehearse or address <= 0 or address % 4096:
         return None
-    return {"address": address, "token": token.hex(), "migration_id": migration_id}
+    return {"address": address, "token": token.hex(), "migration_id": migration_id,
+            **({"p_minus_v_s": p_minus_v_s} if p_minus_v_s is not None else {})}
+
+
+def clock_offset(replied_at_s: float, dest_wall_ns: int) -> float | None:
+    """P's wall clock minus V's, from V's stamp on its reply and P's clock when the reply was in
+    (None: V sent no stamp). High by the reply's one-way trip, a few ms on a LAN. Pure."""
+    return replied_at_s - dest_wall_ns / 1e9 if dest_wall_ns else None
 
 
 def plan_for(inventory: source_pb2.Inventory, journal_entries: list, blocked: list[str], feed_mac: str,
@@ -454,6 +463,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     lap("load_drivers")
     reply = await stub.Cutover(destination_pb2.CutoverRequest(
         migration_id=remote_id, phase=destination_pb2.CutoverRequest.PHASE_ANNOUNCE), timeout=600)
+    p_minus_v_s = clock_offset(time.time(), reply.dest_wall_ns)
     lap("announce")
     if not reply.ready:
         raise CutoverAborted(f"the destination is not ready for cutover: {reply.detail}")
@@ -462,7 +472,7 @@ async def cutover(stub, remote_id: str, inventory: source_pb2.Inventory, max_pfn
     slot_power = await asyncio.to_thread(resume.slot_power_files, vm_functions) if vm_functions else None
     actions = plan_for(inventory, entries, blocked, reply.feed_mac, reply.feed_pci_address,
                        list(reply.vm_nic_pci_addresses), list(reply.vm_disk_pci_addresses),
-                       commit_gate_args(reply.commit_gate_address, reply.token, remote_id, rehearse),
+                       commit_gate_args(reply.commit_gate_address, reply.token, remote_id, rehearse, p_minus_v_s),
                        {a: str(f) for a, f in (slot_power or {}).items()})
     legs = nbd_legs(entries)
     v_host = reply.endpoint.rpartition(":")[0]

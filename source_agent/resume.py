@@ -377,11 +377,40 @@ def announce(ip: str, interface: str = "", count: int = 3) -> str:
     return f"{count} gratuitous ARP for {ip} from {interface} ({mac})"
 
 
+#: the largest step the gate makes to P's clock: the restore's error is a second or two; a larger
+#: one means something else is off (V's clock jumped since P measured its offset): left alone
+MAX_CLOCK_STEP_S = 60.0
+
+
+def clock_at_gate(v_now_ns: int | None, p_minus_v_s: float | None, since_s: float,
+                  now_s: float) -> tuple[float | None, str]:
+    """What P's wall clock should read now: V's clock as its beacon last wrote it next to the commit
+    record (half a beacon period old on average), plus P's offset from V's clock (taken at
+    ANNOUNCE), plus the time since that reading. The restore advanced P's clocks by the time it was
+    away in whole seconds of the CMOS clock (rig: 0.3-1.5 s short). (None, why) when that is not
+    known to a few ms: no offset, or no live beacon (an older V, or a gate reached after it
+    stopped). Pure."""
+    if p_minus_v_s is None:
+        return None, "no offset from V's clock"
+    if not v_now_ns:
+        return None, "no live clock from V next to its record"
+    target = v_now_ns / 1e9 + commit_gate.BEACON_PERIOD_S / 2 + p_minus_v_s + since_s
+    if abs(target - now_s) > MAX_CLOCK_STEP_S:
+        return None, f"a step of {target - now_s:+.1f} s is more than the restore's error"
+    return target, ""
+
+
+def set_realtime(seconds: float) -> None:
+    time.clock_settime(time.CLOCK_REALTIME, seconds)
+
+
 def await_commit(address: int, token: str, migration_id: str, memory_path: str = "/dev/mem",
-                 retry_s: float = 1.0) -> str:
+                 retry_s: float = 1.0, p_minus_v_s: float | None = None,
+                 set_clock: Callable[[float], None] = set_realtime) -> str:
     """The commit gate (common/commit_gate.py): returns once V's record of P's COMMIT is in the ring.
     Never gives up, not even when the ring cannot be mapped (V checked /dev/mem in the restore
-    kernel, the same build): going on without P's word could make two live copies of the OS."""
+    kernel, the same build): going on without P's word could make two live copies of the OS. Then
+    P's wall clock is set from V's (clock_at_gate), before anything reads it in the VM."""
     if address < 0 or address % mmap.PAGESIZE:
         raise ValueError(f"the ring's address {address:#x} is not a page's")
     t0, faults = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -395,10 +424,23 @@ def await_commit(address: int, token: str, migration_id: str, memory_path: str =
             time.sleep(retry_s)
     try:
         commit_gate.await_record(memory, record)
+        v_now_ns = commit_gate.v_clock_now_ns(memory) if p_minus_v_s is not None else None
+        seen = time.monotonic()
     finally:
         memory.close()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults  # pages read back from disk
-    return f"V's record of P's COMMIT after {(time.monotonic() - t0) * 1000:.0f} ms ({faults} major faults)"
+    said = f"V's record of P's COMMIT after {(time.monotonic() - t0) * 1000:.0f} ms ({faults} major faults)"
+    if p_minus_v_s is None:
+        return said
+    target, why = clock_at_gate(v_now_ns, p_minus_v_s, time.monotonic() - seen, time.time())
+    if target is None:
+        return f"{said}; clock left as restored: {why}"
+    step = target - time.time()
+    try:
+        set_clock(target)
+    except OSError as exc:  # the clock is wrong by the restore's error, as without the gate
+        return f"{said}; clock left as restored (off by {step:+.3f} s): {exc}"
+    return f"{said}; clock set from V's ({step:+.3f} s)"
 
 
 def kick_peers(quotes: list[str]) -> str:

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from rig import Rig, libvirtd, workloads
+from rig import Rig, libvirtd, observers, workloads
 from rig import config as C
 from rig import destination as cr
 from rig.machine import ControlError
@@ -254,6 +254,7 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     counter_before = rig.counter_stats()
     files_before = rig.verify_files()
     assert files_before.ok
+    p_clock = observers.guest_clock_offset(lambda cmd: rig.run(cmd, timeout=30).out)
     t0 = time.time()
     # pre-copy does not converge under TCG (the agent itself dirties ~2000 pages/s): switch over after
     # 5 rounds; the cutover carries the rest
@@ -276,6 +277,17 @@ def test_whole_os_moves_into_the_vm(rig_restarted_after: Rig) -> None:
     assert "p2vctl steps out of P's memory image" in " ".join(out.split()), out
     time.sleep(5)  # the agent unloads itself a moment after completion
     done = time.time()
+
+    # P's wall clock kept its offset from the host's through the move: the resume set it from V's
+    # at the commit gate (the restore alone leaves it 0.3-1.5 s off, whole CMOS seconds)
+    vm_clock = observers.guest_clock_offset(lambda cmd: dest.vm_run(cmd, timeout=30))
+    assert p_clock and vm_clock, (p_clock, vm_clock)
+    receipts = (dest.dir / "state" / "migrations").glob("*/cutover.json")
+    resumed = json.loads(max(receipts, key=lambda p: p.stat().st_mtime).read_text()).get("resumed") or {}
+    gate = next((step for step in resumed.get("steps", []) if step.startswith("await-commit")), "")
+    print(f"\nclock: P {p_clock[0]:+.3f} s before, the VM {vm_clock[0]:+.3f} s after (readings' round trips "
+          f"{p_clock[1]:.3f}, {vm_clock[1]:.3f} s); the gate: {gate}")
+    assert abs(vm_clock[0] - p_clock[0]) < 0.3 + (p_clock[1] + vm_clock[1]) / 2, (p_clock, vm_clock, gate)
 
     # same processes, same PIDs, the counter never reset
     vm = dest.vm_run(f"for n in counter echo filewriter; do echo $n $(cat {C.P_STATE_DIR}/$n.pid) "

@@ -59,3 +59,20 @@ def test_counter_continuity_and_restart() -> None:
 
     inside = parse_counter_file("42 5 10.0\n42 6 10.1\n42 8 10.3\n")
     assert inside.missing_values == 1 and inside.single_pid
+
+
+def test_guest_clock_offset_takes_the_reading_with_the_shortest_round_trip() -> None:
+    import time
+
+    from rig.observers import guest_clock_offset
+
+    delays = iter([0.05, 0.0, 0.03])
+
+    def run(cmd: str) -> str:
+        assert cmd == "date +%s.%N"
+        time.sleep(next(delays))
+        return f"{time.time() + 2.5:.9f}\n"
+
+    offset, rtt = guest_clock_offset(run, tries=3)
+    assert abs(offset - 2.5) < 0.03 and rtt < 0.03
+    assert guest_clock_offset(lambda cmd: "date: not found") is None

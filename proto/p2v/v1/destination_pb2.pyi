@@ -279,7 +279,7 @@ class CutoverRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[_Union[CutoverRequest.Phase, str]] = ...) -> None: ...
 
 class CutoverReply(_message.Message):
-    __slots__ = ("endpoint", "token", "ready", "detail", "feed_mac", "feed_pci_address", "vm_nic_pci_addresses", "vm_disk_pci_addresses", "commit_gate_address")
+    __slots__ = ("endpoint", "token", "ready", "detail", "feed_mac", "feed_pci_address", "vm_nic_pci_addresses", "vm_disk_pci_addresses", "commit_gate_address", "dest_wall_ns")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,7 @@ class CutoverReply(_message.Message):
     VM_NIC_PCI_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     VM_DISK_PCI_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     COMMIT_GATE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEST_WALL_NS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     token: bytes
     ready: bool
@@ -298,7 +299,8 @@ class CutoverReply(_message.Message):
     vm_nic_pci_addresses: _containers.RepeatedScalarFieldContainer[str]
     vm_disk_pci_addresses: _containers.RepeatedScalarFieldContainer[str]
     commit_gate_address: int
-    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ..., feed_pci_address: _Optional[str] = ..., vm_nic_pci_addresses: _Optional[_Iterable[str]] = ..., vm_disk_pci_addresses: _Optional[_Iterable[str]] = ..., commit_gate_address: _Optional[int] = ...) -> None: ...
+    dest_wall_ns: int
+    def __init__(self, endpoint: _Optional[str] = ..., token: _Optional[bytes] = ..., ready: _Optional[bool] = ..., detail: _Optional[str] = ..., feed_mac: _Optional[str] = ..., feed_pci_address: _Optional[str] = ..., vm_nic_pci_addresses: _Optional[_Iterable[str]] = ..., vm_disk_pci_addresses: _Optional[_Iterable[str]] = ..., commit_gate_address: _Optional[int] = ..., dest_wall_ns: _Optional[int] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("migration_id", "source_committed")
