@@ -64,6 +64,12 @@ def test_the_gate_sets_the_clock_from_v_s_beacon(tmp_path: Path) -> None:
         said = await_commit(0, token, "mig", memory_path=str(ring), p_minus_v_s=-2.0, set_clock=set_to.append)
         assert len(set_to) == 1 and abs(set_to[0] - (time.time() - 2.0)) < 0.5, (set_to, said)
         assert "clock set from V's (-" in said, said
+        # a clock that cannot be set (no CAP_SYS_TIME, a seccomp filter) never stops the OS at the gate
+        def refuse(seconds: float) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        said = await_commit(0, token, "mig", memory_path=str(ring), p_minus_v_s=-2.0, set_clock=refuse)
+        assert said.startswith("V's record of P's COMMIT") and "clock left as restored (off by -" in said, said
         # without an offset (an older P agent's plan): as before
         assert "clock" not in await_commit(0, token, "mig", memory_path=str(ring), set_clock=set_to.append)
         beacon.join()
