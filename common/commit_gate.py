@@ -50,12 +50,12 @@ def commit_record(token: bytes, migration_id: str) -> bytes:
     return MAGIC + digest[:RECORD_BYTES - len(MAGIC)]
 
 
-def write_record(memory: mmap.mmap, record: bytes, wall_ns: int | None = None) -> None:
-    """V's clock (`wall_ns`, default now), the digest, the magic last: a reader that sees the magic
-    sees the whole record and the time it was written."""
+def write_record(memory: mmap.mmap, record: bytes) -> None:
+    """V's clock, the digest, the magic last: a reader that sees the magic sees the whole record, and
+    a time next to it (kept fresh by `clock_beacon`)."""
     if len(record) != RECORD_BYTES:
         raise ValueError(f"a commit record has {RECORD_BYTES} bytes, not {len(record)}")
-    memory[WALL_OFFSET:WALL_OFFSET + 8] = struct.pack("<q", time.time_ns() if wall_ns is None else wall_ns)
+    memory[WALL_OFFSET:WALL_OFFSET + 8] = struct.pack("<q", time.time_ns())
     memory[RECORD_OFFSET + len(MAGIC):RECORD_OFFSET + RECORD_BYTES] = record[len(MAGIC):]
     memory[RECORD_OFFSET:RECORD_OFFSET + len(MAGIC)] = record[:len(MAGIC)]
 
@@ -130,18 +130,16 @@ def map_physical(address: int, path: str = "/dev/mem") -> mmap.mmap:
 
 def await_record(memory: mmap.mmap, record: bytes, offset: int = RECORD_OFFSET,
                  timeout_s: float | None = None, poll_s: float = 0.001, max_poll_s: float = 0.005) -> float:
-    """Wait until the record is at `offset`; returns the seconds waited (0.0 exactly: it was there
-    at the first look). Polls (the ring raises no interrupt the resumed kernel would know of), every
-    5 ms at most: the record's time is then V's clock as of at most one poll ago. Raises TimeoutError
-    after `timeout_s` (None: waits for ever — P may be off, and only V's word may release the OS)."""
-    want = bytes(record)
-    if bytes(memory[offset:offset + len(want)]) == want:
-        return 0.0
+    """Wait until the record is at `offset`; returns the seconds waited. Polls (the ring raises no
+    interrupt the resumed kernel would know of), quickly at first, then every 5 ms. Raises
+    TimeoutError after `timeout_s` (None: waits for ever — P may be off, and only V's word may
+    release the OS)."""
     start = time.monotonic()
+    want = bytes(record)
     sleep = poll_s
     while bytes(memory[offset:offset + len(want)]) != want:
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(f"no commit record after {timeout_s:.1f}s")
         time.sleep(sleep)
         sleep = min(max_poll_s, sleep * 1.5)
-    return max(time.monotonic() - start, 1e-9)
+    return time.monotonic() - start
